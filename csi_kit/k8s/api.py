@@ -44,9 +44,7 @@ SECRET = Resource("", "v1", "Secret", "secrets", True, has_status=False)
 NODE = Resource("", "v1", "Node", "nodes", False)
 EVENT = Resource("", "v1", "Event", "events", True, has_status=False)
 LEASE = Resource("coordination.k8s.io", "v1", "Lease", "leases", True, has_status=False)
-VOLUME_SNAPSHOT = Resource(
-    "snapshot.storage.k8s.io", "v1", "VolumeSnapshot", "volumesnapshots", True
-)
+VOLUME_SNAPSHOT = Resource("snapshot.storage.k8s.io", "v1", "VolumeSnapshot", "volumesnapshots", True)
 VOLUME_SNAPSHOT_CONTENT = Resource(
     "snapshot.storage.k8s.io",
     "v1",
@@ -134,9 +132,7 @@ class KubeAPI(Protocol):
     when that version is too old; it ends (without error) on a server timeout.
     """
 
-    async def get(
-        self, res: Resource, name: str, namespace: str | None = None
-    ) -> Obj: ...
+    async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj: ...
 
     async def list(
         self,
@@ -154,9 +150,7 @@ class KubeAPI(Protocol):
         timeout_seconds: int | None = None,
     ) -> AsyncIterator[WatchEvent]: ...
 
-    async def create(
-        self, res: Resource, obj: Obj, namespace: str | None = None
-    ) -> Obj: ...
+    async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj: ...
 
     async def update(self, res: Resource, obj: Obj) -> Obj: ...
 

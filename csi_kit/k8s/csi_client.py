@@ -117,9 +117,7 @@ class CSIClient:
 
     async def driver_info(self) -> DriverInfo:
         """GetPluginInfo + GetPluginCapabilities + ControllerGetCapabilities (+ group ones when offered)."""
-        info = await self._call(
-            "GetPluginInfo", self._identity.GetPluginInfo, pb.GetPluginInfoRequest()
-        )
+        info = await self._call("GetPluginInfo", self._identity.GetPluginInfo, pb.GetPluginInfoRequest())
         caps = await self._call(
             "GetPluginCapabilities",
             self._identity.GetPluginCapabilities,
@@ -136,10 +134,7 @@ class CSIClient:
                 self._controller.ControllerGetCapabilities,
                 pb.ControllerGetCapabilitiesRequest(),
             )
-            controller = {
-                pb.ControllerServiceCapability.RPC.Type.Name(c.rpc.type)
-                for c in cc.capabilities
-            }
+            controller = {pb.ControllerServiceCapability.RPC.Type.Name(c.rpc.type) for c in cc.capabilities}
         group: set[str] = set()
         if "GROUP_CONTROLLER_SERVICE" in plugin:
             gc = await self._call(
@@ -147,10 +142,7 @@ class CSIClient:
                 self._group.GroupControllerGetCapabilities,
                 pb.GroupControllerGetCapabilitiesRequest(),
             )
-            group = {
-                pb.GroupControllerServiceCapability.RPC.Type.Name(c.rpc.type)
-                for c in gc.capabilities
-            }
+            group = {pb.GroupControllerServiceCapability.RPC.Type.Name(c.rpc.type) for c in gc.capabilities}
         return DriverInfo(
             info.name,
             info.vendor_version,
@@ -195,18 +187,14 @@ class CSIClient:
             r = await self._call(
                 "ListSnapshots",
                 self._controller.ListSnapshots,
-                pb.ListSnapshotsRequest(
-                    snapshot_id=snapshot_id, starting_token=token, secrets=secrets or {}
-                ),
+                pb.ListSnapshotsRequest(snapshot_id=snapshot_id, starting_token=token, secrets=secrets or {}),
             )
             out.extend(_snapshot(e.snapshot) for e in r.entries)
             token = r.next_token
             if not token:
                 return out
 
-    async def get_snapshot(
-        self, snapshot_id: str, secrets: dict[str, str]
-    ) -> SnapshotInfo:
+    async def get_snapshot(self, snapshot_id: str, secrets: dict[str, str]) -> SnapshotInfo:
         r = await self._call(
             "GetSnapshot",
             self._controller.GetSnapshot,

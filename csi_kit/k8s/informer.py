@@ -155,9 +155,7 @@ class Informer:
                     await self._watch()
                 except ApiError as e:
                     if is_gone(e):
-                        log.info(
-                            "informer %s: watch expired (410), re-listing", self.res
-                        )
+                        log.info("informer %s: watch expired (410), re-listing", self.res)
                         self.relists += 1
                         need_list = True
                         continue

@@ -72,9 +72,7 @@ class LeaderElector:
             if self.on_change is not None:
                 self.on_change(value)
 
-    def _spec(
-        self, lease: Obj | None, transitions: int, acquire_time: str
-    ) -> dict[str, object]:
+    def _spec(self, lease: Obj | None, transitions: int, acquire_time: str) -> dict[str, object]:
         now = _micro_time()
         return {
             "holderIdentity": self.identity,
@@ -111,11 +109,7 @@ class LeaderElector:
         now = time.monotonic()
         if record != self._observed:
             self._observed, self._observed_at = record, now
-        if (
-            holder
-            and holder != self.identity
-            and now < self._observed_at + self.lease_duration
-        ):
+        if holder and holder != self.identity and now < self._observed_at + self.lease_duration:
             return False
         transitions = int(spec.get("leaseTransitions") or 0)
         acquire_time = str(spec.get("acquireTime") or "")
@@ -154,9 +148,7 @@ class LeaderElector:
             elif time.monotonic() - last_ok >= self.renew_deadline:
                 return
 
-    async def run(
-        self, body: Callable[[], Coroutine[Any, Any, None]], stop: asyncio.Event
-    ) -> None:
+    async def run(self, body: Callable[[], Coroutine[Any, Any, None]], stop: asyncio.Event) -> None:
         """Campaign, run `body` while leading, stop it when the lease is lost; return once `stop` is set."""
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -168,9 +160,7 @@ class LeaderElector:
                 work = asyncio.create_task(body())
                 renew = asyncio.create_task(self._renew_until_lost())
                 try:
-                    await asyncio.wait(
-                        {work, renew, stopper}, return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await asyncio.wait({work, renew, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for t in (work, renew):
                         t.cancel()

@@ -36,9 +36,7 @@ class TokenBucket:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                self._tokens = min(
-                    float(self.burst), self._tokens + (now - self._last) * self.qps
-                )
+                self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps)
                 self._last = now
                 if self._tokens >= 1.0:
                     self._tokens -= 1.0
@@ -80,14 +78,10 @@ class ThrottledAPI:
         timeout_seconds: int | None = None,
     ) -> AsyncIterator[WatchEvent]:
         await self._take("watch")
-        async for ev in self.inner.watch(
-            res, resource_version, namespace, label_selector, timeout_seconds
-        ):
+        async for ev in self.inner.watch(res, resource_version, namespace, label_selector, timeout_seconds):
             yield ev
 
-    async def create(
-        self, res: Resource, obj: Obj, namespace: str | None = None
-    ) -> Obj:
+    async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
         await self._take("create")
         return await self.inner.create(res, obj, namespace)
 

@@ -19,9 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class WorkQueue:
-    def __init__(
-        self, name: str = "", *, base_delay: float = 1.0, max_delay: float = 300.0
-    ) -> None:
+    def __init__(self, name: str = "", *, base_delay: float = 1.0, max_delay: float = 300.0) -> None:
         self.name = name
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -134,7 +132,7 @@ async def run_workers(
             except asyncio.CancelledError:
                 queue.done(key)
                 raise
-            except Exception as e:  # noqa: BLE001 - every failure of one key is retried with backoff
+            except Exception as e:  # every failure of one key is retried with backoff
                 if on_error is not None:
                     on_error(key, e)
                 else:

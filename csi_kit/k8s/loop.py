@@ -1,0 +1,78 @@
+"""What every loop shares: informers feeding work queues drained by workers.
+
+A loop declares its informers and queues, maps informer events to queue keys,
+and implements one `sync` per queue that reads the cache and converges the
+world one step.  Syncs are level-triggered: they look at the current objects,
+never at the event that woke them, which is what makes a restart (or a lost
+event) harmless -- the next sync redoes whatever was not recorded in the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from csi_kit.k8s import metrics
+from csi_kit.k8s.informer import Informer, wait_synced
+from csi_kit.k8s.workqueue import WorkQueue, run_workers
+
+log = logging.getLogger(__name__)
+
+
+class Retry(Exception):
+    """Not a failure: come back later with backoff (e.g. a snapshot that is not ready yet)."""
+
+
+class Loop:
+    name = "loop"
+
+    def __init__(self, *, workers: int = 10, base_delay: float = 1.0, max_delay: float = 300.0) -> None:
+        self.workers = workers
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.informers: list[Informer] = []
+        self.queues: list[tuple[WorkQueue, Callable[[str], Awaitable[None]]]] = []
+        self.started = asyncio.Event()
+
+    def queue(self, name: str, sync: Callable[[str], Awaitable[None]]) -> WorkQueue:
+        q = WorkQueue(f"{self.name}/{name}", base_delay=self.base_delay, max_delay=self.max_delay)
+        self.queues.append((q, sync))
+        return q
+
+    def _timed(
+        self, q: WorkQueue, sync: Callable[[str], Awaitable[None]]
+    ) -> Callable[[str], Awaitable[None]]:
+        async def run(key: str) -> None:
+            metrics.QUEUE_DEPTH.labels(q.name).set(len(q))
+            with metrics.timed(self.name, q.name.rsplit("/", 1)[-1]):
+                await sync(key)
+
+        return run
+
+    def _on_error(self, q: WorkQueue) -> Callable[[str, BaseException], None]:
+        def report(key: str, e: BaseException) -> None:
+            level = logging.DEBUG if isinstance(e, Retry) else logging.WARNING
+            log.log(level, "%s: %s: %s (retry in %.1fs)", q.name, key, e, q.backoff(key))
+
+        return report
+
+    async def run(self) -> None:
+        """Run informers and workers until cancelled; cancellation stops everything cleanly."""
+        tasks = [asyncio.create_task(i.run()) for i in self.informers]
+        try:
+            await wait_synced(self.informers)
+            self.started.set()
+            await asyncio.gather(
+                *tasks,
+                *(
+                    run_workers(q, self._timed(q, sync), self.workers, on_error=self._on_error(q))
+                    for q, sync in self.queues
+                ),
+            )
+        finally:
+            for q, _ in self.queues:
+                q.shutdown()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

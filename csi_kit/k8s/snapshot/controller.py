@@ -1,0 +1,497 @@
+"""The snapshot controller: VolumeSnapshot ↔ VolumeSnapshotContent binding.
+
+What the upstream snapshot-controller does, driver-independent: for a
+VolumeSnapshot of a PVC it resolves the class (or the single default class of
+the PV's driver), protects the PVC with a finalizer, creates the content
+`snapcontent-<snapshot uid>` pointing back at the snapshot, and mirrors the
+content's status (set by the snapshotter, `sidecar.py`) into the snapshot's.
+For a pre-provisioned content it completes the binding.  On deletion it marks
+the content `volumesnapshot-being-deleted`, deletes it when its policy is
+Delete, and lets the snapshot go once the content is gone.
+
+All state lives in the API objects; the deterministic content name is what
+lets a restarted controller find what it created before it crashed.
+
+Request economy (each request costs QPS): the snapshot's two finalizers are
+added in one write, the content is created already carrying its finalizer
+(upstream adds it with a second write), and both snapshot finalizers are
+removed in one write once the content is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from csi_kit.k8s import api as k
+from csi_kit.k8s.api import (
+    PV,
+    PVC,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CLASS,
+    VOLUME_SNAPSHOT_CONTENT,
+    ApiError,
+    KubeAPI,
+    Obj,
+)
+from csi_kit.k8s.csi_client import rfc3339_from_ns
+from csi_kit.k8s.informer import Informer
+from csi_kit.k8s.loop import Loop, Retry
+from csi_kit.k8s.snapshot import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotError(Exception):
+    """A problem worth reporting in the snapshot's status.error (then retried with backoff)."""
+
+
+class SnapshotController(Loop):
+    name = "snapshot-controller"
+
+    def __init__(
+        self,
+        api: KubeAPI,
+        *,
+        workers: int = 10,
+        resync_period: float = 900.0,
+        distributed: bool = False,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+    ) -> None:
+        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        self.api = api
+        self.distributed = distributed
+        self.snapshots = Informer(api, VOLUME_SNAPSHOT, resync_period=resync_period)
+        self.contents = Informer(api, VOLUME_SNAPSHOT_CONTENT, resync_period=resync_period)
+        self.classes = Informer(api, VOLUME_SNAPSHOT_CLASS)
+        self.pvcs = Informer(api, PVC)
+        self.pvs = Informer(api, PV)
+        self.informers = [self.snapshots, self.contents, self.classes, self.pvcs, self.pvs]
+        self.snapshot_queue = self.queue("snapshot", self.sync_snapshot)
+        self.content_queue = self.queue("content", self.sync_content)
+        self.snapshots.add_handler(self._on_snapshot)
+        self.contents.add_handler(self._on_content)
+        self.pvcs.add_handler(self._on_pvc)
+
+    # ------------------------------------------------------------ event routing
+
+    def _on_snapshot(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        obj = new or old
+        assert obj is not None
+        self.snapshot_queue.add(k.key_of(obj))
+        if event == "DELETED":
+            name = p.status(obj).get("boundVolumeSnapshotContentName")
+            if name:
+                self.content_queue.add(str(name))
+
+    def _on_content(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        obj = new or old
+        assert obj is not None
+        self.content_queue.add(k.name_of(obj))
+        ref = p.spec(obj).get("volumeSnapshotRef") or {}
+        if ref.get("name") and ref.get("namespace"):
+            self.snapshot_queue.add(f"{ref['namespace']}/{ref['name']}")
+
+    def _on_pvc(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        """A PVC that becomes bound (or goes) wakes the snapshots waiting for it, instead of their backoff."""
+        if (
+            new is not None
+            and old is not None
+            and (p.spec(old).get("volumeName"), p.status(old).get("phase"))
+            == (p.spec(new).get("volumeName"), p.status(new).get("phase"))
+        ):
+            return
+        obj = new or old
+        assert obj is not None
+        ns, name = k.namespace_of(obj), k.name_of(obj)
+        for snap in self.snapshots.items():
+            if k.namespace_of(snap) == ns and p.source_pvc_name(snap) == name and not p.is_ready(snap):
+                self.snapshot_queue.add(k.key_of(snap))
+
+    # ----------------------------------------------------------------- helpers
+
+    def _content_for(self, snap: Obj) -> Obj | None:
+        """The content bound (or being bound) to this snapshot, if it points back at it."""
+        name = p.status(snap).get("boundVolumeSnapshotContentName") or p.source_content_name(snap)
+        if not name:
+            name = p.content_name_for(snap)
+        content = self.contents.get(str(name))
+        if content is None:
+            return None
+        ref = p.spec(content).get("volumeSnapshotRef") or {}
+        if ref.get("name") != k.name_of(snap) or ref.get("namespace") != k.namespace_of(snap):
+            return None
+        if ref.get("uid") and ref.get("uid") != k.uid_of(snap):
+            return None
+        return content
+
+    async def _patch_snapshot_status(self, snap: Obj, new_status: dict[str, Any]) -> Obj:
+        current = p.status(snap)
+        if all(current.get(f) == v for f, v in new_status.items()):
+            return snap
+        updated = await self.api.patch(
+            VOLUME_SNAPSHOT, k.name_of(snap), {"status": new_status}, k.namespace_of(snap), status=True
+        )
+        self.snapshots.store_update(updated)
+        return updated
+
+    async def _report(self, snap: Obj, message: str, *, ready_false: bool = True) -> None:
+        """Put an error in status.error (what `kubectl describe` shows), keeping other fields."""
+        if (p.status(snap).get("error") or {}).get("message") == message:
+            return
+        st: dict[str, Any] = {"error": p.error_status(message)}
+        if ready_false:
+            st["readyToUse"] = False
+        try:
+            await self._patch_snapshot_status(snap, st)
+        except ApiError as e:
+            log.info("cannot report error on snapshot %s: %s", k.key_of(snap), e)
+
+    async def _set_finalizers(self, res: k.Resource, obj: Obj, add: set[str], remove: set[str]) -> Obj:
+        """One write for any finalizer changes, guarded by resourceVersion (lists are replaced whole)."""
+        current = k.finalizers_of(obj)
+        wanted = [f for f in current if f not in remove] + sorted(add - set(current))
+        if wanted == current:
+            return obj
+        patch = {"metadata": {"finalizers": wanted or None, "resourceVersion": k.rv_of(obj)}}
+        updated = await self.api.patch(res, k.name_of(obj), patch, k.namespace_of(obj))
+        return updated
+
+    def _status_from_content(self, content: Obj) -> dict[str, Any]:
+        cs = p.status(content)
+        st: dict[str, Any] = {"boundVolumeSnapshotContentName": k.name_of(content), "readyToUse": False}
+        if cs.get("creationTime") is not None:
+            st["creationTime"] = rfc3339_from_ns(int(cs["creationTime"]))
+        if cs.get("readyToUse") is not None:
+            st["readyToUse"] = bool(cs["readyToUse"])
+        if cs.get("restoreSize") is not None:
+            st["restoreSize"] = p.quantity(int(cs["restoreSize"]))
+        st["error"] = cs.get("error")
+        return st
+
+    def _class_for_pvc(self, snap: Obj, pv: Obj) -> Obj:
+        """The snapshot's class, or the one default class of the PV's driver."""
+        name = p.spec(snap).get("volumeSnapshotClassName")
+        if name:
+            cls = self.classes.get(str(name))
+            if cls is None:
+                raise SnapshotError(
+                    f'failed to get snapshot class with error volumesnapshotclass "{name}" not found'
+                )
+            return cls
+        driver = (p.spec(pv).get("csi") or {}).get("driver")
+        defaults = [c for c in self.classes.items() if c.get("driver") == driver and p.is_default_class(c)]
+        if not defaults:
+            raise SnapshotError(f"cannot find default snapshot class for snapshot {k.key_of(snap)}")
+        if len(defaults) > 1:
+            raise SnapshotError(f"{len(defaults)} default snapshot classes were found for driver {driver}")
+        return defaults[0]
+
+    def _volume_for(self, snap: Obj) -> tuple[Obj, Obj]:
+        ns = k.namespace_of(snap)
+        pvc_name = p.source_pvc_name(snap)
+        pvc = self.pvcs.get(f"{ns}/{pvc_name}")
+        if pvc is None:
+            raise SnapshotError(
+                f"failed to get input parameters to create snapshot {k.name_of(snap)}: "
+                f'persistentvolumeclaim "{pvc_name}" not found'
+            )
+        pv_name = p.spec(pvc).get("volumeName")
+        if not pv_name or p.status(pvc).get("phase") != "Bound":
+            raise SnapshotError(
+                f"failed to get input parameters to create snapshot {k.name_of(snap)}: "
+                f"the PVC {pvc_name} is not yet bound to a PV, will not attempt to take a snapshot"
+            )
+        pv = self.pvs.get(str(pv_name))
+        if pv is None:
+            raise SnapshotError(f'failed to retrieve PV {pv_name} from the API server: "{pv_name}" not found')
+        if not p.spec(pv).get("csi"):
+            raise SnapshotError(f"cannot find CSI PersistentVolumeSource for volume {pv_name}")
+        return pvc, pv
+
+    def _managed_by(self, pv: Obj) -> str | None:
+        """The node a local PV lives on, from its required node affinity on the hostname label."""
+        terms = (
+            ((p.spec(pv).get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms")
+        ) or []
+        for term in terms:
+            for expr in term.get("matchExpressions") or []:
+                if (
+                    expr.get("key") == "kubernetes.io/hostname"
+                    and expr.get("operator") == "In"
+                    and len(expr.get("values") or []) == 1
+                ):
+                    return str(expr["values"][0])
+        return None
+
+    # ---------------------------------------------------------- snapshot sync
+
+    async def sync_snapshot(self, key: str) -> None:
+        snap = self.snapshots.get(key)
+        if snap is None:
+            return
+        if k.is_deleting(snap):
+            await self._delete_snapshot(snap)
+            return
+        pvc_name, content_name = p.source_pvc_name(snap), p.source_content_name(snap)
+        if bool(pvc_name) == bool(content_name):
+            await self._report(
+                snap,
+                "Exactly one of PersistentVolumeClaimName and VolumeSnapshotContentName should be specified",
+            )
+            return
+        try:
+            if content_name:
+                await self._sync_preprovisioned(snap)
+            else:
+                await self._sync_dynamic(snap)
+        except SnapshotError as e:
+            await self._report(snap, str(e))
+            raise
+
+    async def _ensure_snapshot_finalizers(self, snap: Obj, delete_policy: bool) -> Obj:
+        want = {p.SNAPSHOT_AS_SOURCE_FINALIZER}
+        if delete_policy:
+            want.add(p.SNAPSHOT_BOUND_FINALIZER)
+        if want <= set(k.finalizers_of(snap)):
+            return snap
+        updated = await self._set_finalizers(VOLUME_SNAPSHOT, snap, want, set())
+        self.snapshots.store_update(updated)
+        return updated
+
+    async def _sync_dynamic(self, snap: Obj) -> None:
+        content = self._content_for(snap)
+        if content is None and self.contents.get(p.content_name_for(snap)) is not None:
+            raise SnapshotError(
+                f"VolumeSnapshotContent {p.content_name_for(snap)} is bound to a different snapshot"
+            )
+        if content is None:
+            await self._create_content(snap)
+            return
+        if p.spec(content).get("source", {}).get("snapshotHandle"):
+            raise SnapshotError(
+                f"Snapshot handle should not be set in content {k.name_of(content)} for dynamic provisioning"
+            )
+        snap = await self._ensure_snapshot_finalizers(snap, p.spec(content).get("deletionPolicy") == p.DELETE)
+        snap = await self._patch_snapshot_status(snap, self._status_from_content(content))
+        if p.is_ready(snap):
+            await self._release_pvc(snap)
+
+    async def _create_content(self, snap: Obj) -> None:
+        pvc, pv = self._volume_for(snap)
+        cls = self._class_for_pvc(snap, pv)
+        if not p.spec(snap).get("volumeSnapshotClassName"):
+            # Upstream records the default class it picked in the snapshot's spec.
+            snap = await self.api.patch(
+                VOLUME_SNAPSHOT,
+                k.name_of(snap),
+                {"spec": {"volumeSnapshotClassName": k.name_of(cls)}},
+                k.namespace_of(snap),
+            )
+            self.snapshots.store_update(snap)
+        if cls.get("driver") != (p.spec(pv).get("csi") or {}).get("driver"):
+            raise SnapshotError(
+                f"snapshot class {k.name_of(cls)} is for driver {cls.get('driver')}, "
+                f"the volume belongs to {(p.spec(pv).get('csi') or {}).get('driver')}"
+            )
+        policy = cls.get("deletionPolicy") or p.DELETE
+        name = p.content_name_for(snap)
+        try:
+            ref = p.secret_ref(cls.get("parameters") or {}, name, k.name_of(snap), k.namespace_of(snap))
+        except ValueError as e:
+            raise SnapshotError(
+                f"failed to get secret reference for snapshot {k.key_of(snap)}: {e}"
+            ) from None
+
+        snap = await self._ensure_snapshot_finalizers(snap, policy == p.DELETE)
+        if k.is_deleting(pvc):
+            raise SnapshotError(
+                f"cannot add finalizer on claim [{k.key_of(pvc)}] for snapshot [{k.key_of(snap)}]: "
+                "claim is being deleted"
+            )
+        if p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
+            updated = await self._set_finalizers(PVC, pvc, {p.PVC_AS_SOURCE_FINALIZER}, set())
+            self.pvcs.store_update(updated)
+
+        metadata: dict[str, Any] = {
+            "name": name,
+            "finalizers": [p.CONTENT_BOUND_FINALIZER],
+            # Set at birth so a deletion racing the first CreateSnapshot waits for it
+            # (the snapshotter would set it anyway before calling the driver).
+            "annotations": {p.ANN_BEING_CREATED: "yes"},
+        }
+        if ref is not None:
+            metadata["annotations"][p.ANN_DELETION_SECRET_NAME] = ref[0]
+            metadata["annotations"][p.ANN_DELETION_SECRET_NAMESPACE] = ref[1]
+        if self.distributed:
+            node = self._managed_by(pv)
+            if node:
+                metadata["labels"] = {p.LABEL_MANAGED_BY: node}
+        content: Obj = {
+            "apiVersion": VOLUME_SNAPSHOT_CONTENT.api_version,
+            "kind": VOLUME_SNAPSHOT_CONTENT.kind,
+            "metadata": metadata,
+            "spec": {
+                "volumeSnapshotRef": {
+                    "apiVersion": VOLUME_SNAPSHOT.api_version,
+                    "kind": VOLUME_SNAPSHOT.kind,
+                    "name": k.name_of(snap),
+                    "namespace": k.namespace_of(snap),
+                    "uid": k.uid_of(snap),
+                    "resourceVersion": k.rv_of(snap),
+                },
+                "source": {"volumeHandle": p.spec(pv)["csi"]["volumeHandle"]},
+                "volumeSnapshotClassName": k.name_of(cls),
+                "deletionPolicy": policy,
+                "driver": cls.get("driver"),
+            },
+        }
+        if p.spec(pv).get("volumeMode"):
+            content["spec"]["sourceVolumeMode"] = p.spec(pv)["volumeMode"]
+        try:
+            created = await self.api.create(VOLUME_SNAPSHOT_CONTENT, content)
+        except ApiError as e:
+            if not k.is_already_exists(e):
+                raise SnapshotError(f"Failed to create snapshot content with error {e}") from None
+            created = await self.api.get(VOLUME_SNAPSHOT_CONTENT, name)
+        self.contents.store_update(created)
+        await self._patch_snapshot_status(snap, self._status_from_content(created))
+
+    async def _sync_preprovisioned(self, snap: Obj) -> None:
+        name = str(p.source_content_name(snap))
+        content = self.contents.get(name)
+        if content is None:
+            raise SnapshotError(f"VolumeSnapshotContent {name} is missing")
+        ref = p.spec(content).get("volumeSnapshotRef") or {}
+        if ref.get("name") != k.name_of(snap) or ref.get("namespace") != k.namespace_of(snap):
+            raise SnapshotError(f"VolumeSnapshotContent [{name}] is bound to a different snapshot")
+        if ref.get("uid") and ref["uid"] != k.uid_of(snap):
+            raise SnapshotError(f"VolumeSnapshotContent [{name}] is bound to a different snapshot")
+        if not p.spec(content).get("source", {}).get("snapshotHandle"):
+            raise SnapshotError(
+                f"VolumeSnapshotContent [{name}] has no snapshotHandle for a pre-provisioned snapshot"
+            )
+        if not ref.get("uid") or (
+            p.CONTENT_BOUND_FINALIZER not in k.finalizers_of(content) and not k.is_deleting(content)
+        ):
+            # Bind and protect in one write: the uid completes the two-way binding.
+            patch: Obj = {"spec": {"volumeSnapshotRef": {"uid": k.uid_of(snap)}}}
+            if p.CONTENT_BOUND_FINALIZER not in k.finalizers_of(content) and not k.is_deleting(content):
+                patch["metadata"] = {
+                    "finalizers": [*k.finalizers_of(content), p.CONTENT_BOUND_FINALIZER],
+                    "resourceVersion": k.rv_of(content),
+                }
+            content = await self.api.patch(VOLUME_SNAPSHOT_CONTENT, name, patch)
+            self.contents.store_update(content)
+        snap = await self._ensure_snapshot_finalizers(snap, p.spec(content).get("deletionPolicy") == p.DELETE)
+        await self._patch_snapshot_status(snap, self._status_from_content(content))
+
+    # ----------------------------------------------------------- PVC finalizer
+
+    async def _release_pvc(self, snap: Obj, *, skip_self: bool = False) -> None:
+        """Drop the PVC finalizer once no snapshot of that PVC is still being cut."""
+        pvc_name = p.source_pvc_name(snap)
+        if not pvc_name:
+            return
+        ns = k.namespace_of(snap)
+        pvc = self.pvcs.get(f"{ns}/{pvc_name}")
+        if pvc is None or p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
+            return
+        for other in self.snapshots.items():
+            if k.namespace_of(other) != ns or p.source_pvc_name(other) != pvc_name:
+                continue
+            if skip_self and k.uid_of(other) == k.uid_of(snap):
+                continue
+            if not p.is_ready(other) and not k.is_deleting(other):
+                return
+        updated = await self._set_finalizers(PVC, pvc, set(), {p.PVC_AS_SOURCE_FINALIZER})
+        self.pvcs.store_update(updated)
+
+    # ------------------------------------------------------------- deletion
+
+    def _pvc_restoring_from(self, snap: Obj) -> bool:
+        """Whether a PVC is still being provisioned from this snapshot (then it must stay)."""
+        ns, name = k.namespace_of(snap), k.name_of(snap)
+        for pvc in self.pvcs.items():
+            if k.namespace_of(pvc) != ns or p.status(pvc).get("phase") != "Pending":
+                continue
+            for src in (p.spec(pvc).get("dataSource"), p.spec(pvc).get("dataSourceRef")):
+                if (
+                    src
+                    and src.get("kind") == "VolumeSnapshot"
+                    and src.get("name") == name
+                    and src.get("apiGroup") == p.GROUP
+                    and (src.get("namespace") in (None, ns))
+                ):
+                    return True
+        return False
+
+    async def _delete_snapshot(self, snap: Obj) -> None:
+        ours = {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER}
+        if not ours & set(k.finalizers_of(snap)):
+            await self._release_pvc(snap, skip_self=True)
+            return
+        content = self._content_for(snap)
+        if content is not None and not p.spec(content).get("volumeSnapshotRef", {}).get("uid"):
+            content = None  # pre-bound but never bound: not ours to touch
+        if self._pvc_restoring_from(snap):
+            raise Retry(f"snapshot {k.key_of(snap)} is being used to restore a PVC")
+        await self._release_pvc(snap, skip_self=True)
+        if content is not None:
+            delete_content = p.spec(content).get("deletionPolicy") == p.DELETE
+            if p.ANN_BEING_DELETED not in k.annotations_of(content):
+                content = await self.api.patch(
+                    VOLUME_SNAPSHOT_CONTENT,
+                    k.name_of(content),
+                    {"metadata": {"annotations": {p.ANN_BEING_DELETED: "yes"}}},
+                )
+                self.contents.store_update(content)
+            if delete_content:
+                if not k.is_deleting(content):
+                    try:
+                        await self.api.delete(
+                            VOLUME_SNAPSHOT_CONTENT, k.name_of(content), uid=k.uid_of(content)
+                        )
+                    except ApiError as e:
+                        if not k.is_not_found(e):
+                            raise
+                # The bound finalizer stays until the snapshotter has deleted the
+                # backend snapshot and the content is gone; its event wakes us.
+                return
+        updated = await self._set_finalizers(VOLUME_SNAPSHOT, snap, set(), ours)
+        self.snapshots.store_update(updated)
+
+    # ------------------------------------------------------------ content sync
+
+    async def sync_content(self, name: str) -> None:
+        content = self.contents.get(name)
+        if content is None:
+            return
+        ref = p.spec(content).get("volumeSnapshotRef") or {}
+        if not ref.get("uid"):
+            return  # pre-bound to a snapshot that has not claimed it yet
+        if not k.is_deleting(content) and p.CONTENT_BOUND_FINALIZER not in k.finalizers_of(content):
+            updated = await self._set_finalizers(
+                VOLUME_SNAPSHOT_CONTENT, content, {p.CONTENT_BOUND_FINALIZER}, set()
+            )
+            self.contents.store_update(updated)
+            return
+        snap = self.snapshots.get(f"{ref.get('namespace')}/{ref.get('name')}")
+        if snap is not None and k.uid_of(snap) != ref.get("uid"):
+            snap = None  # deleted and re-created with the same name: treat as missing
+        if snap is not None:
+            candidate = k.is_deleting(snap) and bool(
+                {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER} & set(k.finalizers_of(snap))
+            )
+            if not candidate:
+                return
+        elif not k.is_deleting(content):
+            # Never delete storage because a snapshot is missing: the content may
+            # have been copied from another cluster (upstream's rule too).
+            return
+        if p.ANN_BEING_DELETED not in k.annotations_of(content):
+            updated = await self.api.patch(
+                VOLUME_SNAPSHOT_CONTENT, name, {"metadata": {"annotations": {p.ANN_BEING_DELETED: "yes"}}}
+            )
+            self.contents.store_update(updated)

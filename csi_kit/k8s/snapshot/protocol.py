@@ -1,0 +1,189 @@
+"""The snapshot.storage.k8s.io object protocol shared by the two loops.
+
+Names here are the upstream ones, byte for byte: they are the contract that
+lets our loops and the upstream snapshot-controller / csi-snapshotter take
+over each other's objects on a live cluster.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Any
+
+from csi_kit.k8s.api import Obj, annotations_of
+
+GROUP = "snapshot.storage.k8s.io"
+
+# Finalizers.
+CONTENT_BOUND_FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection"
+SNAPSHOT_BOUND_FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
+SNAPSHOT_AS_SOURCE_FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-as-source-protection"
+PVC_AS_SOURCE_FINALIZER = "snapshot.storage.kubernetes.io/pvc-as-source-protection"
+
+# Annotations.
+ANN_BEING_CREATED = "snapshot.storage.kubernetes.io/volumesnapshot-being-created"
+ANN_BEING_DELETED = "snapshot.storage.kubernetes.io/volumesnapshot-being-deleted"
+ANN_DELETION_SECRET_NAME = "snapshot.storage.kubernetes.io/deletion-secret-name"
+ANN_DELETION_SECRET_NAMESPACE = "snapshot.storage.kubernetes.io/deletion-secret-namespace"
+ANN_IS_DEFAULT_CLASS = "snapshot.storage.kubernetes.io/is-default-class"
+
+# Label the controller puts on contents in distributed (per-node) mode.
+LABEL_MANAGED_BY = "snapshot.storage.kubernetes.io/managed-by"
+
+# Class parameters.
+PARAM_PREFIX = "csi.storage.k8s.io/"
+SECRET_NAME_KEY = PARAM_PREFIX + "snapshotter-secret-name"
+SECRET_NAMESPACE_KEY = PARAM_PREFIX + "snapshotter-secret-namespace"
+LIST_SECRET_NAME_KEY = PARAM_PREFIX + "snapshotter-list-secret-name"
+LIST_SECRET_NAMESPACE_KEY = PARAM_PREFIX + "snapshotter-list-secret-namespace"
+META_SNAPSHOT_NAME = PARAM_PREFIX + "volumesnapshot/name"
+META_SNAPSHOT_NAMESPACE = PARAM_PREFIX + "volumesnapshot/namespace"
+META_CONTENT_NAME = PARAM_PREFIX + "volumesnapshotcontent/name"
+
+DELETE = "Delete"
+RETAIN = "Retain"
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def content_name_for(snapshot: Obj) -> str:
+    """Dynamic contents are named after the snapshot's UID, so a restarted controller finds them again."""
+    return "snapcontent-" + str(snapshot["metadata"]["uid"])
+
+
+def csi_snapshot_name(content: Obj, prefix: str = "snapshot", uuid_length: int = -1) -> str:
+    """The CreateSnapshot name: `snapshot-<VolumeSnapshot UID>`, as upstream, so retries are idempotent."""
+    uid = str(content["spec"]["volumeSnapshotRef"].get("uid", ""))
+    if uuid_length >= 0:
+        uid = uid[:uuid_length]
+    return f"{prefix}-{uid}"
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def error_status(message: str) -> dict[str, str]:
+    return {"time": now_rfc3339(), "message": message}
+
+
+def quantity(n: int) -> str:
+    """Bytes as a canonical binary-SI Kubernetes quantity ("1Gi", "1536")."""
+    if n == 0:
+        return "0"
+    for power, suffix in ((6, "Ei"), (5, "Pi"), (4, "Ti"), (3, "Gi"), (2, "Mi"), (1, "Ki")):
+        unit = 1024**power
+        if n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def strip_prefixed(params: dict[str, str]) -> dict[str, str]:
+    """Class parameters for the driver: `csi.storage.k8s.io/` keys are for the sidecar only.
+
+    Unknown keys under the prefix are rejected as upstream does, so a typo in a
+    secret key is not silently ignored.
+    """
+    out: dict[str, str] = {}
+    known = {SECRET_NAME_KEY, SECRET_NAMESPACE_KEY, LIST_SECRET_NAME_KEY, LIST_SECRET_NAMESPACE_KEY}
+    for k, v in params.items():
+        if k.startswith(PARAM_PREFIX):
+            if k not in known:
+                raise ValueError(f"found unknown parameter key {k!r} with reserved namespace {PARAM_PREFIX}")
+            continue
+        out[k] = v
+    return out
+
+
+def _resolve(template: str, params: dict[str, str]) -> str:
+    missing: list[str] = []
+
+    class _Map(dict[str, str]):
+        def __missing__(self, key: str) -> str:
+            missing.append(key)
+            return ""
+
+    # os.Expand semantics for ${name}: the only form the secret templates use.
+    resolved = re.sub(r"\$\{([^}]*)\}", lambda m: _Map(params)[m.group(1)], template)
+    if missing:
+        raise ValueError(f"invalid tokens: {sorted(set(missing))}")
+    return resolved
+
+
+def secret_ref(
+    params: dict[str, str],
+    content_name: str,
+    snapshot_name: str | None,
+    snapshot_namespace: str | None,
+    *,
+    name_key: str = SECRET_NAME_KEY,
+    namespace_key: str = SECRET_NAMESPACE_KEY,
+) -> tuple[str, str] | None:
+    """Resolve the class's secret templates to (name, namespace), or None when there is no secret.
+
+    Namespace templates may use the content name and the snapshot namespace;
+    name templates also the snapshot name (which the snapshot's user controls).
+    """
+    has_name, has_ns = name_key in params, namespace_key in params
+    if has_name != has_ns:
+        raise ValueError(
+            "either name and namespace for Snapshotter secrets specified, Both must be specified"
+        )
+    if not has_name:
+        return None
+    name_t, ns_t = params[name_key], params[namespace_key]
+    if not name_t or not ns_t:
+        raise ValueError(
+            "Snapshotter secrets specified in parameters but value of either namespace or name is empty"
+        )
+    ns_params = {"volumesnapshotcontent.name": content_name}
+    if snapshot_namespace is not None:
+        ns_params["volumesnapshot.namespace"] = snapshot_namespace
+    ns = _resolve(ns_t, ns_params)
+    if not _DNS1123_LABEL.match(ns) or len(ns) > 63:
+        raise ValueError(f"{ns_t!r} resolved to {ns!r} which is not a valid namespace name")
+    name_params = dict(ns_params)
+    if snapshot_name is not None:
+        name_params["volumesnapshot.name"] = snapshot_name
+    name = _resolve(name_t, name_params)
+    if not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
+        raise ValueError(f"{name_t!r} resolved to {name!r} which is not a valid secret name")
+    return name, ns
+
+
+def is_default_class(cls: Obj) -> bool:
+    return annotations_of(cls).get(ANN_IS_DEFAULT_CLASS) == "true"
+
+
+def sanitize_lease_name(name: str) -> str:
+    """What csi-lib-utils does to a driver name before using it in a Lease name."""
+    out = re.sub(r"[^a-zA-Z0-9-]", "-", name)
+    if out.endswith("-"):
+        out += "X"
+    return out
+
+
+def spec(obj: Obj) -> dict[str, Any]:
+    s: dict[str, Any] = obj.get("spec") or {}
+    return s
+
+
+def status(obj: Obj) -> dict[str, Any]:
+    s: dict[str, Any] = obj.get("status") or {}
+    return s
+
+
+def source_pvc_name(snapshot: Obj) -> str | None:
+    v = (spec(snapshot).get("source") or {}).get("persistentVolumeClaimName")
+    return str(v) if v else None
+
+
+def source_content_name(snapshot: Obj) -> str | None:
+    v = (spec(snapshot).get("source") or {}).get("volumeSnapshotContentName")
+    return str(v) if v else None
+
+
+def is_ready(obj: Obj) -> bool:
+    return status(obj).get("readyToUse") is True

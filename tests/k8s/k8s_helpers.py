@@ -1,0 +1,143 @@
+"""Helpers for the loop tests: objects a cluster user writes, waiting, and a restartable pair of loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from csi_kit.k8s.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT, Obj
+from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.snapshot.controller import SnapshotController
+from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+DRIVER = "scripted.csi-kit.io"
+
+
+async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 10.0) -> Any:
+    """Poll until `pred()` is truthy; the limit only bounds a hang, it is not what the test measures."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        v = pred()
+        if v:
+            return v
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def settle(api: FakeKubeAPI, rounds: int = 40) -> None:
+    """Let the loops run until the API sees no new writes for a while."""
+    last = -1
+    quiet = 0
+    while quiet < rounds:
+        await asyncio.sleep(0.005)
+        now = api.total_requests
+        quiet = quiet + 1 if now == last else 0
+        last = now
+
+
+async def make_volume(
+    api: FakeKubeAPI, name: str = "data", ns: str = "default", *, bound: bool = True
+) -> Obj:
+    pv_name = f"pv-{name}"
+    pvc: Obj = {"metadata": {"name": name, "namespace": ns}, "spec": {"accessModes": ["ReadWriteOnce"]}}
+    if bound:
+        pvc["spec"]["volumeName"] = pv_name
+    created = await api.create(PVC, pvc)
+    if bound:
+        await api.create(
+            PV,
+            {
+                "metadata": {"name": pv_name},
+                "spec": {
+                    "csi": {"driver": DRIVER, "volumeHandle": f"vol-{name}"},
+                    "volumeMode": "Filesystem",
+                },
+            },
+        )
+        created["status"] = {"phase": "Bound"}
+        created = await api.update_status(PVC, created)
+    return created
+
+
+async def make_class(
+    api: FakeKubeAPI, name: str = "csi-snap", *, policy: str = "Delete", default: bool = True, **params: str
+) -> Obj:
+    meta: dict[str, Any] = {"name": name}
+    if default:
+        meta["annotations"] = {"snapshot.storage.kubernetes.io/is-default-class": "true"}
+    return await api.create(
+        VOLUME_SNAPSHOT_CLASS,
+        {"metadata": meta, "driver": DRIVER, "deletionPolicy": policy, "parameters": dict(params)},
+    )
+
+
+async def make_snapshot(
+    api: FakeKubeAPI, name: str = "snap", ns: str = "default", *, pvc: str = "data", cls: str | None = None
+) -> Obj:
+    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": pvc}}
+    if cls:
+        spec["volumeSnapshotClassName"] = cls
+    return await api.create(VOLUME_SNAPSHOT, {"metadata": {"name": name, "namespace": ns}, "spec": spec})
+
+
+def snapshot(api: FakeKubeAPI, name: str = "snap", ns: str = "default") -> Obj | None:
+    return api.peek(VOLUME_SNAPSHOT, name, ns)
+
+
+def contents(api: FakeKubeAPI) -> list[Obj]:
+    return api.objects(VOLUME_SNAPSHOT_CONTENT)
+
+
+def is_ready(api: FakeKubeAPI, name: str = "snap", ns: str = "default") -> bool:
+    s = snapshot(api, name, ns)
+    return bool(s and (s.get("status") or {}).get("readyToUse") is True)
+
+
+class Loops:
+    """The controller and the snapshotter running as tasks; `restart()` kills and recreates both."""
+
+    def __init__(self, api: FakeKubeAPI, endpoint: str, **kw: Any) -> None:
+        self.api = api
+        self.endpoint = endpoint
+        self.kw = kw
+        self.tasks: list[asyncio.Task[None]] = []
+        self.client: CSIClient | None = None
+        self.controller: SnapshotController | None = None
+        self.snapshotter: Snapshotter | None = None
+
+    async def start(self, *, controller: bool = True, snapshotter: bool = True) -> None:
+        self.client = CSIClient(self.endpoint, timeout=5)
+        fast = {"base_delay": 0.01, "max_delay": 0.05}
+        if controller:
+            self.controller = SnapshotController(self.api, **fast, **self.kw.get("controller", {}))
+            self.tasks.append(asyncio.create_task(self.controller.run()))
+            await self.controller.started.wait()
+        if snapshotter:
+            self.snapshotter = Snapshotter(
+                self.api, self.client, DRIVER, **fast, **self.kw.get("snapshotter", {})
+            )
+            self.tasks.append(asyncio.create_task(self.snapshotter.run()))
+            await self.snapshotter.started.wait()
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.tasks.clear()
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+Waiter = Callable[..., Awaitable[Any]]

@@ -1,0 +1,96 @@
+"""Dynamic snapshots end to end on the fake API, against a CSI driver over gRPC."""
+
+from __future__ import annotations
+
+from csi_peer import ScriptedCSI
+from k8s_helpers import (
+    Loops,
+    contents,
+    eventually,
+    is_ready,
+    make_class,
+    make_snapshot,
+    make_volume,
+    settle,
+    snapshot,
+)
+
+from csi_kit.k8s.api import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.snapshot import protocol as p
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+
+async def test_dynamic_snapshot_binds_and_becomes_ready(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    csi, _ = peer
+    await make_volume(api)
+    await make_class(api)
+    snap = await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    await settle(api)
+
+    s = snapshot(api)
+    assert s is not None
+    name = "snapcontent-" + snap["metadata"]["uid"]
+    assert s["status"]["boundVolumeSnapshotContentName"] == name
+    assert s["status"]["restoreSize"] == "1Gi"
+    assert s["status"]["creationTime"].endswith("Z")
+    assert s["spec"]["volumeSnapshotClassName"] == "csi-snap"  # the default class is recorded
+    assert set(s["metadata"]["finalizers"]) == {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER}
+
+    c = api.peek(VOLUME_SNAPSHOT_CONTENT, name)
+    assert c is not None
+    ref = c["spec"]["volumeSnapshotRef"]
+    assert (ref["name"], ref["namespace"], ref["uid"]) == ("snap", "default", snap["metadata"]["uid"])
+    assert c["spec"]["source"] == {"volumeHandle": "vol-data"}
+    assert c["spec"]["deletionPolicy"] == "Delete"
+    assert c["metadata"]["finalizers"] == [p.CONTENT_BOUND_FINALIZER]
+    assert p.ANN_BEING_CREATED not in (c["metadata"].get("annotations") or {})
+    assert c["status"]["snapshotHandle"] == "snap-snapshot-" + snap["metadata"]["uid"]
+    assert c["status"]["readyToUse"] is True
+    assert c["status"]["restoreSize"] == 1 << 30
+
+    # The PVC was protected while the snapshot was cut, and released afterwards.
+    pvc = api.peek(PVC, "data", "default")
+    assert pvc is not None and p.PVC_AS_SOURCE_FINALIZER not in (pvc["metadata"].get("finalizers") or [])
+    assert csi.calls["CreateSnapshot"] == 1
+
+
+async def test_delete_policy_deletes_backend_snapshot_and_objects(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    csi, _ = peer
+    await make_volume(api)
+    await make_class(api)
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    handle = contents(api)[0]["status"]["snapshotHandle"]
+    await api.delete(VOLUME_SNAPSHOT, "snap", "default")
+    await eventually(lambda: snapshot(api) is None and not contents(api), "snapshot and content gone")
+    assert csi.deleted == [handle]
+    assert csi.snapshots == {}
+
+
+async def test_retain_policy_keeps_content_and_backend_snapshot(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    csi, _ = peer
+    await make_volume(api)
+    await make_class(api, policy="Retain")
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    s = snapshot(api)
+    assert s is not None and s["metadata"]["finalizers"] == [p.SNAPSHOT_AS_SOURCE_FINALIZER]
+    await api.delete(VOLUME_SNAPSHOT, "snap", "default")
+    await eventually(lambda: snapshot(api) is None, "snapshot gone")
+    await settle(api)
+    [c] = contents(api)
+    assert c["metadata"]["annotations"][p.ANN_BEING_DELETED] == "yes"
+    assert "deletionTimestamp" not in c["metadata"]
+    assert csi.calls["DeleteSnapshot"] == 0 and len(csi.snapshots) == 1
+
+    # Deleting the retained content releases the object but never the storage.
+    await api.delete(VOLUME_SNAPSHOT_CONTENT, c["metadata"]["name"])
+    await eventually(lambda: not contents(api), "content gone")
+    assert csi.calls["DeleteSnapshot"] == 0 and len(csi.snapshots) == 1
