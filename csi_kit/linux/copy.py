@@ -450,7 +450,10 @@ def _copy_xattrs(src_fd: int, dst_fd: int) -> None:
 
 
 def _set_meta_fd(dst_fd: int, st: os.stat_result, src_fd: int) -> None:
-    """Owner, then mode (chown clears set-id bits), then xattrs/ACLs, then times (last: the others touch ctime only)."""
+    """Owner, then mode (chown clears set-id bits), then xattrs/ACLs, then times.
+
+    Times go last so nothing after them moves mtime.
+    """
     try:
         os.fchown(dst_fd, st.st_uid, st.st_gid)
     except OSError as e:

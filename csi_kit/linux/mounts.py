@@ -301,7 +301,7 @@ def unmount(target: str, *, lazy: bool = False) -> None:
             return
         if e.errno == errno.EBUSY:
             raise FailedPrecondition(
-                f"cannot unmount {target}: it is busy (a process still uses it, or something is mounted below it)"
+                f"cannot unmount {target}: it is busy (a process uses it, or something is mounted below it)"
             ) from e
         raise _mount_error(e, f"unmount {target}") from e
     log.debug("unmounted %s%s", target, " (lazy)" if lazy else "")
