@@ -1,0 +1,1 @@
+"""The engine: validation, per-key locks, idempotency, the durable store, rollback."""

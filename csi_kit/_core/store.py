@@ -1,0 +1,520 @@
+"""The durable metadata store: SQLite in WAL mode, one file per driver.
+
+What lives here is what the spec makes the driver remember between calls:
+name → id (idempotency), the parameters, size, source and topology of each
+volume and snapshot, group snapshots, and the node's stage/publish records.
+
+Crash safety comes from recording *intent* before the backend acts: a row is
+written with state ``creating`` (or ``deleting``) and committed, the backend
+does its work, then the row becomes ``ready`` (or goes).  A restart finds any
+row left half-way and finishes the job (`csi_kit._core.engine.reconcile`).
+An acknowledged object is always a committed ``ready`` row.
+
+All calls are synchronous and thread-safe (one connection behind a lock): the
+engine calls them from its worker threads next to the backend call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import attrs
+
+from csi_kit.types import ContentSource, GroupSnapshot, Snapshot, Topology, Volume
+
+__all__ = ["Store", "VolumeRecord", "SnapshotRecord", "GroupRecord", "PublishRecord", "Attachment", "State"]
+
+State = Literal["creating", "ready", "deleting"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    access_type TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    mutable TEXT NOT NULL,
+    context TEXT NOT NULL,
+    source_kind TEXT,
+    source_id TEXT,
+    topology TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    source_volume_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    ready INTEGER NOT NULL,
+    group_id TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_source ON snapshots (source_volume_id);
+CREATE INDEX IF NOT EXISTS snapshots_by_group ON snapshots (group_id);
+CREATE TABLE IF NOT EXISTS groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    source_volume_ids TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS publishes (
+    target_path TEXT PRIMARY KEY,
+    volume_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    readonly INTEGER NOT NULL,
+    access_type TEXT NOT NULL,
+    access_mode INTEGER NOT NULL,
+    fs_type TEXT NOT NULL,
+    mount_flags TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publishes_by_volume ON publishes (volume_id);
+CREATE TABLE IF NOT EXISTS attachments (
+    volume_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    readonly INTEGER NOT NULL,
+    access_mode INTEGER NOT NULL,
+    context TEXT NOT NULL,
+    PRIMARY KEY (volume_id, node_id)
+);
+"""
+
+
+@attrs.frozen
+class VolumeRecord:
+    volume: Volume
+    state: State
+    mutable_parameters: Mapping[str, str]
+    seq: int
+
+
+@attrs.frozen
+class SnapshotRecord:
+    snapshot: Snapshot
+    state: State
+    seq: int
+
+
+@attrs.frozen
+class GroupRecord:
+    group_snapshot_id: str
+    name: str
+    state: State
+    source_volume_ids: tuple[str, ...]
+    parameters: Mapping[str, str]
+    created_ns: int
+
+
+@attrs.frozen
+class PublishRecord:
+    """A stage (kind "stage") or publish (kind "publish") made on this node."""
+
+    target_path: str
+    volume_id: str
+    kind: Literal["stage", "publish"]
+    readonly: bool
+    access_type: str
+    access_mode: int
+    fs_type: str
+    mount_flags: tuple[str, ...]
+
+
+@attrs.frozen
+class Attachment:
+    volume_id: str
+    node_id: str
+    readonly: bool
+    access_mode: int
+    context: Mapping[str, str]
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class Store:
+    """SQLite-backed metadata.  ``path`` is created with mode 0600."""
+
+    def __init__(self, path: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed row survives power loss, not only a killed process.
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            rows: list[sqlite3.Row] = cur.fetchall()
+            return rows
+
+    def max_seq(self, table: Literal["volumes", "snapshots"]) -> int:
+        """The highest list position ever handed out for a table (validates page tokens)."""
+        rows = self._query("SELECT seq FROM sqlite_sequence WHERE name=?", (table,))
+        return int(rows[0][0]) if rows else 0
+
+    # -- volumes -------------------------------------------------------------
+
+    _VOLUME_COLUMNS = (
+        "seq, id, name, state, capacity, access_type, parameters, mutable, context, "
+        "source_kind, source_id, topology, created_ns"
+    )
+
+    @staticmethod
+    def _volume_row(row: Any) -> VolumeRecord:
+        (seq, vid, name, state, cap, atype, params, mutable, ctx, skind, sid, topo, created) = row
+        source = ContentSource(skind, sid) if skind else None
+        volume = Volume(
+            volume_id=vid,
+            name=name,
+            capacity_bytes=cap,
+            access_type=atype,
+            parameters=json.loads(params),
+            context=json.loads(ctx),
+            source=source,
+            topology=tuple(Topology(t) for t in json.loads(topo)),
+            created_ns=created,
+        )
+        return VolumeRecord(volume, state, json.loads(mutable), seq)
+
+    def begin_volume(self, volume: Volume, mutable_parameters: Mapping[str, str]) -> None:
+        """Record a volume about to be made (state ``creating``)."""
+        src = volume.source
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO volumes ({self._VOLUME_COLUMNS.replace('seq, ', '')}) "
+                "VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    volume.volume_id,
+                    volume.name,
+                    volume.capacity_bytes,
+                    volume.access_type,
+                    _dump(dict(volume.parameters)),
+                    _dump(dict(mutable_parameters)),
+                    _dump(dict(volume.context)),
+                    src.kind if src else None,
+                    src.id if src else None,
+                    _dump([dict(t.segments) for t in volume.topology]),
+                    volume.created_ns,
+                ),
+            )
+
+    def finish_volume(self, volume_id: str, capacity_bytes: int, context: Mapping[str, str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE volumes SET state='ready', capacity=?, context=? WHERE id=?",
+                (capacity_bytes, _dump(dict(context)), volume_id),
+            )
+
+    def set_volume_state(self, volume_id: str, state: State) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET state=? WHERE id=?", (state, volume_id))
+
+    def set_volume_capacity(self, volume_id: str, capacity_bytes: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET capacity=? WHERE id=?", (capacity_bytes, volume_id))
+
+    def set_volume_mutable(self, volume_id: str, mutable: Mapping[str, str]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET mutable=? WHERE id=?", (_dump(dict(mutable)), volume_id))
+
+    def remove_volume(self, volume_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
+
+    def volume(self, volume_id: str) -> VolumeRecord | None:
+        rows = self._query(f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE id=?", (volume_id,))
+        return self._volume_row(rows[0]) if rows else None
+
+    def volume_by_name(self, name: str) -> VolumeRecord | None:
+        rows = self._query(f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE name=?", (name,))
+        return self._volume_row(rows[0]) if rows else None
+
+    def list_volumes(self, after_seq: int, limit: int) -> list[VolumeRecord]:
+        """Ready volumes with seq > after_seq, oldest first (keyset pagination)."""
+        rows = self._query(
+            f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE state='ready' AND seq>? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [self._volume_row(r) for r in rows]
+
+    def volumes_in_state(self, *states: State) -> list[VolumeRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self._query(f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE state IN ({marks})", states)
+        return [self._volume_row(r) for r in rows]
+
+    def volume_ids(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT id FROM volumes")}
+
+    def count_volumes(self) -> int:
+        return int(self._query("SELECT count(*) FROM volumes")[0][0])
+
+    # -- snapshots -----------------------------------------------------------
+
+    _SNAPSHOT_COLUMNS = (
+        "seq, id, name, state, source_volume_id, size, ready, group_id, parameters, created_ns"
+    )
+
+    @staticmethod
+    def _snapshot_row(row: Any) -> SnapshotRecord:
+        seq, sid, name, state, src, size, ready, group, params, created = row
+        snap = Snapshot(
+            snapshot_id=sid,
+            name=name,
+            source_volume_id=src,
+            size_bytes=size,
+            created_ns=created,
+            ready_to_use=bool(ready),
+            group_snapshot_id=group,
+            parameters=json.loads(params),
+        )
+        return SnapshotRecord(snap, state, seq)
+
+    def _insert_snapshot(self, db: sqlite3.Connection, snap: Snapshot) -> None:
+        db.execute(
+            "INSERT INTO snapshots (id, name, state, source_volume_id, size, ready, group_id, parameters, created_ns) "
+            "VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?)",
+            (
+                snap.snapshot_id,
+                snap.name,
+                snap.source_volume_id,
+                snap.size_bytes,
+                int(snap.ready_to_use),
+                snap.group_snapshot_id,
+                _dump(dict(snap.parameters)),
+                snap.created_ns,
+            ),
+        )
+
+    def begin_snapshot(self, snap: Snapshot) -> None:
+        with self._tx() as db:
+            self._insert_snapshot(db, snap)
+
+    def finish_snapshot(self, snapshot_id: str, size_bytes: int, ready: bool) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE snapshots SET state='ready', size=?, ready=? WHERE id=?",
+                (size_bytes, int(ready), snapshot_id),
+            )
+
+    def set_snapshot_state(self, snapshot_id: str, state: State) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, snapshot_id))
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    def snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        rows = self._query(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE id=?", (snapshot_id,))
+        return self._snapshot_row(rows[0]) if rows else None
+
+    def snapshot_by_name(self, name: str) -> SnapshotRecord | None:
+        rows = self._query(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE name=?", (name,))
+        return self._snapshot_row(rows[0]) if rows else None
+
+    def list_snapshots(
+        self, after_seq: int, limit: int, *, snapshot_id: str = "", source_volume_id: str = ""
+    ) -> list[SnapshotRecord]:
+        sql = f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE state='ready' AND seq>?"
+        args: list[Any] = [after_seq]
+        if snapshot_id:
+            sql += " AND id=?"
+            args.append(snapshot_id)
+        if source_volume_id:
+            sql += " AND source_volume_id=?"
+            args.append(source_volume_id)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [self._snapshot_row(r) for r in self._query(sql, tuple(args))]
+
+    def snapshots_in_state(self, *states: State) -> list[SnapshotRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self._query(f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE state IN ({marks})", states)
+        return [self._snapshot_row(r) for r in rows]
+
+    def snapshot_ids(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT id FROM snapshots")}
+
+    def group_members(self, group_id: str) -> list[SnapshotRecord]:
+        rows = self._query(
+            f"SELECT {self._SNAPSHOT_COLUMNS} FROM snapshots WHERE group_id=? ORDER BY seq", (group_id,)
+        )
+        return [self._snapshot_row(r) for r in rows]
+
+    # -- group snapshots -----------------------------------------------------
+
+    @staticmethod
+    def _group_row(row: Any) -> GroupRecord:
+        gid, name, state, sources, params, created = row
+        return GroupRecord(gid, name, state, tuple(json.loads(sources)), json.loads(params), created)
+
+    def begin_group(
+        self,
+        group_id: str,
+        name: str,
+        members: list[Snapshot],
+        parameters: Mapping[str, str],
+        created_ns: int,
+    ) -> None:
+        """Record a group and its member snapshots in one transaction."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO groups (id, name, state, source_volume_ids, parameters, created_ns) "
+                "VALUES (?, ?, 'creating', ?, ?, ?)",
+                (
+                    group_id,
+                    name,
+                    _dump([m.source_volume_id for m in members]),
+                    _dump(dict(parameters)),
+                    created_ns,
+                ),
+            )
+            for snap in members:
+                self._insert_snapshot(db, snap)
+
+    def finish_group(self, group_id: str, sizes: Mapping[str, tuple[int, bool]]) -> None:
+        with self._tx() as db:
+            for sid, (size, ready) in sizes.items():
+                db.execute(
+                    "UPDATE snapshots SET state='ready', size=?, ready=? WHERE id=?", (size, int(ready), sid)
+                )
+            db.execute("UPDATE groups SET state='ready' WHERE id=?", (group_id,))
+
+    def set_group_state(self, group_id: str, state: State) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE groups SET state=? WHERE id=?", (state, group_id))
+            db.execute("UPDATE snapshots SET state=? WHERE group_id=?", (state, group_id))
+
+    def remove_group(self, group_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE group_id=?", (group_id,))
+            db.execute("DELETE FROM groups WHERE id=?", (group_id,))
+
+    def group(self, group_id: str) -> GroupRecord | None:
+        rows = self._query(
+            "SELECT id, name, state, source_volume_ids, parameters, created_ns FROM groups WHERE id=?",
+            (group_id,),
+        )
+        return self._group_row(rows[0]) if rows else None
+
+    def group_by_name(self, name: str) -> GroupRecord | None:
+        rows = self._query(
+            "SELECT id, name, state, source_volume_ids, parameters, created_ns FROM groups WHERE name=?",
+            (name,),
+        )
+        return self._group_row(rows[0]) if rows else None
+
+    def groups_in_state(self, *states: State) -> list[GroupRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self._query(
+            "SELECT id, name, state, source_volume_ids, parameters, created_ns FROM groups "
+            f"WHERE state IN ({marks})",
+            states,
+        )
+        return [self._group_row(r) for r in rows]
+
+    def group_snapshot(self, record: GroupRecord) -> GroupSnapshot:
+        members = tuple(m.snapshot for m in self.group_members(record.group_snapshot_id))
+        return GroupSnapshot(
+            group_snapshot_id=record.group_snapshot_id,
+            name=record.name,
+            snapshots=members,
+            created_ns=record.created_ns,
+            ready_to_use=all(m.ready_to_use for m in members),
+        )
+
+    # -- node stage / publish records ------------------------------------------
+
+    _PUBLISH_COLUMNS = (
+        "target_path, volume_id, kind, readonly, access_type, access_mode, fs_type, mount_flags"
+    )
+
+    @staticmethod
+    def _publish_row(row: Any) -> PublishRecord:
+        target, vid, kind, ro, atype, mode, fs, flags = row
+        return PublishRecord(target, vid, kind, bool(ro), atype, mode, fs, tuple(json.loads(flags)))
+
+    def record_publish(self, rec: PublishRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO publishes ({self._PUBLISH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.target_path,
+                    rec.volume_id,
+                    rec.kind,
+                    int(rec.readonly),
+                    rec.access_type,
+                    rec.access_mode,
+                    rec.fs_type,
+                    _dump(list(rec.mount_flags)),
+                ),
+            )
+
+    def remove_publish(self, target_path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM publishes WHERE target_path=?", (target_path,))
+
+    def publish_at(self, target_path: str) -> PublishRecord | None:
+        rows = self._query(
+            f"SELECT {self._PUBLISH_COLUMNS} FROM publishes WHERE target_path=?", (target_path,)
+        )
+        return self._publish_row(rows[0]) if rows else None
+
+    def publishes_of(self, volume_id: str) -> list[PublishRecord]:
+        rows = self._query(f"SELECT {self._PUBLISH_COLUMNS} FROM publishes WHERE volume_id=?", (volume_id,))
+        return [self._publish_row(r) for r in rows]
+
+    # -- controller attachments ------------------------------------------------
+
+    def record_attachment(self, att: Attachment) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO attachments (volume_id, node_id, readonly, access_mode, context) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (att.volume_id, att.node_id, int(att.readonly), att.access_mode, _dump(dict(att.context))),
+            )
+
+    def remove_attachment(self, volume_id: str, node_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM attachments WHERE volume_id=? AND node_id=?", (volume_id, node_id))
+
+    def attachments(self, volume_id: str) -> list[Attachment]:
+        rows = self._query(
+            "SELECT volume_id, node_id, readonly, access_mode, context FROM attachments WHERE volume_id=?",
+            (volume_id,),
+        )
+        return [Attachment(r[0], r[1], bool(r[2]), r[3], json.loads(r[4])) for r in rows]

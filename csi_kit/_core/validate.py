@@ -1,0 +1,188 @@
+"""Request validation: the one place that checks requests against the spec.
+
+Every check raises a `csi_kit.errors` exception whose message names the field
+and what was wrong with it.  Checks here depend only on the request and the
+backend's static description (class attributes), never on stored state:
+whether an object exists is the engine's business.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+from csi_kit.backend import Backend
+from csi_kit.errors import InvalidArgument, OutOfRange
+from csi_kit.types import AccessMode, CapacityRange, VolumeCapability
+
+__all__ = [
+    "MAX_STRING",
+    "MAX_MAP",
+    "MAX_PATH",
+    "require",
+    "check_name",
+    "check_id",
+    "check_path",
+    "check_map",
+    "check_capabilities",
+    "check_capability",
+    "check_capacity_range",
+    "resolve_capacity",
+    "check_parameters",
+]
+
+#: The spec's general size limits (Field Requirements / Size Limits).
+MAX_STRING = 128
+MAX_MAP = 4096
+#: Paths chosen by the CO: the spec asks plugins to accept at least 128 bytes;
+#: Linux allows PATH_MAX.
+MAX_PATH = 4096
+
+
+def require(value: object, field: str) -> None:
+    """Raise INVALID_ARGUMENT when a REQUIRED field is missing or empty."""
+    if value is None or value == "" or (isinstance(value, (list, tuple, dict)) and not value):
+        raise InvalidArgument(f"{field} is required")
+
+
+def _check_string(value: str, field: str, limit: int = MAX_STRING) -> None:
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} must not contain NUL bytes")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidArgument(f"{field} is {size} bytes long; the limit is {limit} bytes")
+
+
+def check_name(value: str, field: str = "name") -> None:
+    """A CO-chosen name: required, at most 128 bytes, no NUL."""
+    require(value, field)
+    _check_string(value, field)
+
+
+def check_id(value: str, field: str) -> None:
+    """An id from a caller: required and well-formed.
+
+    Ids are looked up in the store, never joined into a path, but an id that
+    could not have been made by any driver (NUL, over-long) is rejected outright.
+    """
+    require(value, field)
+    _check_string(value, field)
+
+
+def check_path(value: str, field: str) -> str:
+    """A CO-chosen absolute path (target, staging, volume path); returns it normalised."""
+    require(value, field)
+    _check_string(value, field, MAX_PATH)
+    if not value.startswith("/"):
+        raise InvalidArgument(f"{field} must be an absolute path, got {value!r}")
+    parts = value.split("/")
+    if ".." in parts:
+        raise InvalidArgument(f"{field} must not contain '..' components, got {value!r}")
+    return os.path.normpath(value)
+
+
+def check_map(value: Mapping[str, str], field: str) -> None:
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+    if size > MAX_MAP:
+        raise InvalidArgument(f"{field} is {size} bytes; the limit is {MAX_MAP} bytes")
+    for key in value:
+        if "\x00" in key:
+            raise InvalidArgument(f"{field} keys must not contain NUL bytes")
+
+
+def check_parameters(
+    backend: type[Backend], parameters: Mapping[str, str], field: str = "parameters"
+) -> None:
+    check_map(parameters, field)
+    allowed = backend.parameter_keys
+    if allowed is None:
+        return
+    # Keys the Kubernetes sidecars add for the driver's information are always accepted.
+    unknown = sorted(k for k in parameters if k not in allowed and not k.startswith("csi.storage.k8s.io/"))
+    if unknown:
+        known = ", ".join(sorted(allowed)) or "none"
+        raise InvalidArgument(f"unsupported {field} {', '.join(unknown)}; this backend accepts: {known}")
+
+
+def check_capability(backend: type[Backend], cap: VolumeCapability, field: str = "volume_capability") -> None:
+    """One capability: an access type this backend serves and a known mode."""
+    if cap.access_type is None:
+        raise InvalidArgument(f"{field}.access_type is required (mount or block)")
+    if cap.access_type not in backend.access_types:
+        served = " and ".join(sorted(backend.access_types))
+        raise InvalidArgument(
+            f"{field}: {cap.access_type} access is not supported; this backend serves {served}"
+        )
+    if cap.access_mode == AccessMode.UNKNOWN:
+        raise InvalidArgument(f"{field}.access_mode is required")
+    try:
+        mode = AccessMode(cap.access_mode)
+    except ValueError:
+        raise InvalidArgument(f"{field}.access_mode {cap.access_mode} is not a known access mode") from None
+    if mode not in backend.access_modes:
+        raise InvalidArgument(f"{field}: access mode {mode.name} is not supported by this backend")
+    if cap.mount is not None:
+        fs = cap.mount.fs_type
+        if fs not in backend.fs_types and not (fs == "" and backend.default_fs_type):
+            accepted = ", ".join(sorted(t for t in backend.fs_types if t)) or "the backend's default"
+            raise InvalidArgument(f"{field}: fs_type {fs!r} is not supported; use {accepted}")
+        for flag in cap.mount.mount_flags:
+            if not flag or "," in flag or "\x00" in flag or "\n" in flag:
+                raise InvalidArgument(f"{field}: mount flag {flag!r} is malformed")
+
+
+def check_capabilities(
+    backend: type[Backend], caps: Iterable[VolumeCapability], field: str = "volume_capabilities"
+) -> None:
+    caps = list(caps)
+    require(caps, field)
+    for i, cap in enumerate(caps):
+        check_capability(backend, cap, f"{field}[{i}]")
+    if len({c.access_type for c in caps}) > 1:
+        raise InvalidArgument(f"{field} mixes block and mount access; a volume is one or the other")
+
+
+def check_capacity_range(capacity: CapacityRange) -> None:
+    if capacity.required_bytes < 0:
+        raise InvalidArgument(
+            f"capacity_range.required_bytes must not be negative, got {capacity.required_bytes}"
+        )
+    if capacity.limit_bytes < 0:
+        raise InvalidArgument(f"capacity_range.limit_bytes must not be negative, got {capacity.limit_bytes}")
+    if capacity.limit_bytes and capacity.required_bytes > capacity.limit_bytes:
+        raise InvalidArgument(
+            f"capacity_range.required_bytes ({capacity.required_bytes}) exceeds "
+            f"limit_bytes ({capacity.limit_bytes})"
+        )
+
+
+def resolve_capacity(backend: Backend, capacity: CapacityRange, minimum: int = 0) -> int:
+    """The size to make: the requested range, the backend's bounds and a floor.
+
+    ``minimum`` is the size of a content source: a restored or cloned volume
+    is never smaller than what it copies.
+    """
+    check_capacity_range(capacity)
+    cls = type(backend)
+    size = capacity.required_bytes or (
+        min(cls.default_volume_bytes, capacity.limit_bytes)
+        if capacity.limit_bytes
+        else cls.default_volume_bytes
+    )
+    size = max(size, minimum, cls.min_volume_bytes)
+    size = backend.round_capacity(size)
+    if capacity.limit_bytes and size > capacity.limit_bytes:
+        if minimum > capacity.limit_bytes:
+            raise OutOfRange(
+                f"the content source holds {minimum} bytes, more than capacity_range.limit_bytes "
+                f"({capacity.limit_bytes})"
+            )
+        raise OutOfRange(
+            f"the smallest volume this backend can make for the request is {size} bytes, above "
+            f"capacity_range.limit_bytes ({capacity.limit_bytes})"
+        )
+    if size > cls.max_volume_bytes:
+        raise OutOfRange(
+            f"{size} bytes requested; this backend's largest volume is {cls.max_volume_bytes} bytes"
+        )
+    return size

@@ -1,0 +1,31 @@
+"""Prometheus metrics for the CSI server (served with ``--metrics-address``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+
+__all__ = ["ServerMetrics"]
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    """Per-method latency by gRPC status code, and calls in flight."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.latency = Histogram(
+            "csi_kit_operation_duration_seconds",
+            "Duration of CSI calls by method and gRPC status code",
+            ["method", "code"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "csi_kit_operations_in_flight", "CSI calls being served", ["method"], registry=self.registry
+        )
+
+    def serve(self, address: str) -> None:
+        """Start the HTTP exporter on ``host:port`` (a daemon thread)."""
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)

@@ -1,0 +1,207 @@
+"""The ``csi-kit`` command: thin — it builds a configuration and calls the public API.
+
+Every ``serve`` flag also reads an environment variable (``CSI_KIT_<FLAG>``),
+so a DaemonSet can configure the driver without a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+import attrs
+
+from csi_kit._version import __version__
+from csi_kit.errors import CSIError
+
+__all__ = ["main", "build_parser"]
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CSI_KIT_{name}", default)
+
+
+def _default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/csi-kit"
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "csi-kit")
+
+
+def _parse_options(values: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        for part in item.split():
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"csi-kit: backend option {part!r} is not KEY=VALUE")
+            out[key] = value
+    return out
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="serve a CSI driver with a backend")
+    p.add_argument("--backend", default=_env("BACKEND", "hostpath"), help="backend name (csi-kit backends)")
+    p.add_argument(
+        "--backend-option",
+        action="append",
+        default=[_env("BACKEND_OPTIONS", "")] if _env("BACKEND_OPTIONS", "") else [],
+        metavar="KEY=VALUE",
+        help="backend configuration, repeatable (env CSI_KIT_BACKEND_OPTIONS: space-separated)",
+    )
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        default=None,
+        help="unix:///path/csi.sock or host:port, repeatable (default unix://STATE_DIR/csi.sock)",
+    )
+    p.add_argument("--node-id", default=_env("NODE_ID", os.uname().nodename))
+    p.add_argument("--driver-name", default=_env("DRIVER_NAME", "hostpath.csi-kit.io"))
+    p.add_argument("--state-dir", default=_env("STATE_DIR", _default_state_dir()))
+    p.add_argument("--mode", choices=["all", "controller", "node"], default=_env("MODE", "all"))
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "16")))
+    p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", ""), help="host:port for Prometheus")
+    p.add_argument("--socket-mode", default=_env("SOCKET_MODE", "0600"), help="octal mode of the unix socket")
+    p.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "30")))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+    _k8s_options(p)
+
+
+def _k8s_options(p: argparse.ArgumentParser) -> None:
+    try:
+        from csi_kit.k8s.cli import add_controller_options
+    except ImportError:
+        return
+    add_controller_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csi-kit", description="CSI drivers in Python")
+    parser.add_argument("--version", action="version", version=f"csi-kit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(sub)
+    sub.add_parser("backends", help="list installed backends")
+    sanity = sub.add_parser("sanity", help="run the conformance suite against a CSI endpoint", add_help=False)
+    sanity.add_argument("args", nargs=argparse.REMAINDER)
+    ctl = sub.add_parser("controllers", help="run the Kubernetes controller loops against a CSI driver")
+    ctl.add_argument("--csi-address", default=_env("CSI_ADDRESS", "unix:///run/csi-kit/csi.sock"))
+    ctl.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    ctl.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+    _k8s_options(ctl)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from csi_kit.driver import Driver, DriverConfig
+    from csi_kit.log import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    endpoints = args.endpoint or [_env("ENDPOINT", f"unix://{os.path.join(args.state_dir, 'csi.sock')}")]
+    config = DriverConfig(
+        backend=args.backend,
+        backend_options=_parse_options(args.backend_option),
+        driver_name=args.driver_name,
+        node_id=args.node_id,
+        endpoints=tuple(endpoints),
+        state_dir=args.state_dir,
+        mode=args.mode,
+        workers=args.workers,
+        metrics_address=args.metrics_address,
+        socket_mode=int(args.socket_mode, 8),
+        drain_seconds=args.drain_seconds,
+    )
+    driver = Driver(config)
+    controllers = getattr(args, "controllers", "") or ""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        tasks = []
+        if controllers:
+            from csi_kit.k8s.cli import run_controllers
+
+            async def loops() -> None:
+                while driver.server is None:
+                    await asyncio.sleep(0.05)
+                await run_controllers(args, str(driver.endpoints[0]), stop)
+
+            tasks.append(asyncio.create_task(loops()))
+        serving = asyncio.create_task(driver.serve_until_signalled(stop))
+        while driver.server is None and not serving.done():
+            await asyncio.sleep(0.02)
+        if driver.server is not None:
+            where = ", ".join(str(e) for e in driver.server.endpoints)
+            print(f"csi-kit: {config.driver_name} ({config.backend}) listening on {where}", flush=True)
+            print(f"csi-kit: state in {config.state_dir}; stop with Ctrl-C", flush=True)
+        await serving
+        for t in tasks:
+            await t
+
+    asyncio.run(main())
+    return 0
+
+
+def _backends() -> int:
+    from csi_kit.backend import capabilities_of
+    from csi_kit.plugin.manager import load_registry
+
+    registry = load_registry()
+    for entry in registry.entries():
+        can = [name for name, ok in attrs.asdict(capabilities_of(entry.backend)).items() if ok]
+        print(f"{entry.name}\t{entry.backend.__module__}.{entry.backend.__qualname__}\t(from {entry.plugin})")
+        print(f"\tcan: {', '.join(can)}")
+        print(f"\taccess: {', '.join(sorted(entry.backend.access_types))}")
+    return 0
+
+
+def _controllers(args: argparse.Namespace) -> int:
+    from csi_kit.log import setup_logging
+
+    try:
+        from csi_kit.k8s.cli import run_controllers
+    except ImportError:
+        print("csi-kit: the Kubernetes loops are not available in this build", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level, args.log_format)
+
+    async def main() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_controllers(args, args.csi_address, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sanity":
+        from csi_kit.testing.sanity.cli import main as sanity_main
+
+        return sanity_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in (None, "serve"):
+            if args.command is None:
+                args = parser.parse_args(["serve", *argv])
+            return _serve(args)
+        if args.command == "backends":
+            return _backends()
+        if args.command == "controllers":
+            return _controllers(args)
+    except CSIError as e:
+        print(f"csi-kit: {e}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Markers that say what a test needs, and skip it with the reason where the
+machine does not have it.  CI runs as root, so privileged tests run there."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _has_device_mapper() -> bool:
+    try:
+        with open("/proc/misc") as f:
+            return any(line.split()[-1] == "device-mapper" for line in f if line.strip())
+    except OSError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    in_vm = os.environ.get("CSI_KIT_IN_VM") == "1"
+    for item in items:
+        if item.get_closest_marker("privileged") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root (real mounts and loop devices)"))
+        if item.get_closest_marker("vm") and not in_vm:
+            item.add_marker(
+                pytest.mark.skip(reason="needs a kernel with quota/device-mapper support: runs in the VM harness")
+            )
+        if item.get_closest_marker("lvm") and not (in_vm or _has_device_mapper()):
+            item.add_marker(pytest.mark.skip(reason="no device-mapper in this kernel: runs in the VM harness"))
