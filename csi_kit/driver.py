@@ -37,12 +37,16 @@ DEFAULT_STATE_DIR = "/var/lib/csi-kit"
 DEFAULT_ENDPOINT = "unix:///run/csi-kit/csi.sock"
 
 
+def _as_dict(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
 @attrs.frozen
 class DriverConfig:
     """Everything a driver process needs; every field has a working default."""
 
     backend: str = "hostpath"
-    backend_options: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    backend_options: Mapping[str, str] = attrs.field(factory=dict, converter=_as_dict)
     driver_name: str = "hostpath.csi-kit.io"
     node_id: str = attrs.field(factory=lambda: os.uname().nodename)
     endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)

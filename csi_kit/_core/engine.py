@@ -346,11 +346,11 @@ class VolumeEngine:
         if rec is None:
             return
         users = []
-        for rec in self.store.publishes_of(volume_id):
-            if mounts.is_mounted(rec.target_path):
-                users.append(rec.target_path)
+        for use in self.store.publishes_of(volume_id):
+            if mounts.is_mounted(use.target_path):
+                users.append(use.target_path)
             else:  # a record outlived its mount (node reboot): forget it
-                self.store.remove_publish(rec.target_path)
+                self.store.remove_publish(use.target_path)
         if users:
             raise FailedPrecondition(
                 f"volume {volume_id!r} is still staged or published at {', '.join(users)}"
@@ -704,7 +704,8 @@ class VolumeEngine:
                 log.exception("rolling back group snapshot %s failed; it will be cleaned up later", group_id)
             raise
         self.store.finish_group(
-            group_id, {m.snapshot_id: (r.size_bytes, r.ready_to_use) for m, r in zip(members, made, strict=False)}
+            group_id,
+            {m.snapshot_id: (r.size_bytes, r.ready_to_use) for m, r in zip(members, made, strict=False)},
         )
         record = self.store.group(group_id)
         assert record is not None

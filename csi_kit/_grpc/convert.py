@@ -179,7 +179,7 @@ def stats_pb(stats: VolumeStats) -> Any:
 
 
 def capability_pb(cap: VolumeCapability) -> Any:
-    msg = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=cap.access_mode))
+    msg = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=cap.access_mode))  # type: ignore[arg-type]
     if cap.access_type == "block":
         msg.block.SetInParent()
     elif cap.access_type == "mount":

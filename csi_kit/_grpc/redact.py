@@ -34,7 +34,8 @@ _ID_FIELDS = (
 
 def is_secret(field: FieldDescriptor) -> bool:
     opts = field.GetOptions()
-    return bool(opts.HasExtension(csi_pb2.csi_secret) and opts.Extensions[csi_pb2.csi_secret])
+    ext: Any = csi_pb2.csi_secret
+    return bool(opts.HasExtension(ext) and opts.Extensions[ext])
 
 
 @cache
@@ -49,14 +50,14 @@ def redacted(msg: Message) -> dict[str, Any]:
     for field, value in msg.ListFields():
         if field.name in secret:
             out[field.name] = REDACTED
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
             if field.message_type.GetOptions().map_entry:
                 out[field.name] = dict(value)
-            elif field.label == FieldDescriptor.LABEL_REPEATED:
+            elif field.is_repeated:
                 out[field.name] = [redacted(v) for v in value]
             else:
                 out[field.name] = redacted(value)
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = list(value)
         else:
             out[field.name] = value

@@ -7,7 +7,7 @@ are derived from the backend (`csi_kit.backend.capabilities_of`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -28,7 +28,7 @@ __all__ = [
     "add_services",
 ]
 
-Ctx = grpc.aio.ServicerContext
+Ctx: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type stubs)
 CCap = pb.ControllerServiceCapability.RPC
 NCap = pb.NodeServiceCapability.RPC
 
@@ -80,7 +80,7 @@ class IdentityServicer(_Base, pb_grpc.IdentityServicer):
 
 
 class ControllerServicer(_Base, pb_grpc.ControllerServicer):
-    def _capabilities(self) -> list[int]:
+    def _capabilities(self) -> list[Any]:
         c = self.caps
         wanted = [
             (c.create_delete_volume, CCap.CREATE_DELETE_VOLUME),
