@@ -115,7 +115,8 @@ class HostPathBackend(Backend):
         self.enforced = wanted != "off" and quota.project_quota_enabled(self.root)
         if wanted == "on" and not self.enforced:
             raise FailedPrecondition(
-                f"quota=on but {self.root} is not on XFS mounted with prjquota (or the kernel lacks quota support)"
+                f"quota=on but {self.root} is not on XFS mounted with prjquota "
+                "(or the kernel lacks quota support)"
             )
         if self.reflink is None:
             self.reflink = copy.reflink_supported(self.root)

@@ -435,7 +435,8 @@ class VolumeEngine:
             current = volume.capacity_bytes
             if capacity.limit_bytes and capacity.limit_bytes < current:
                 raise OutOfRange(
-                    f"limit_bytes {capacity.limit_bytes} is below the volume's size {current}; volumes never shrink"
+                    f"limit_bytes {capacity.limit_bytes} is below the volume's size {current}; "
+                    "volumes never shrink"
                 )
             target = v.resolve_capacity(self.backend, capacity, current)
             result = self.backend.expand_volume(volume, target)

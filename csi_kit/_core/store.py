@@ -305,7 +305,8 @@ class Store:
 
     def _insert_snapshot(self, db: sqlite3.Connection, snap: Snapshot) -> None:
         db.execute(
-            "INSERT INTO snapshots (id, name, state, source_volume_id, size, ready, group_id, parameters, created_ns) "
+            "INSERT INTO snapshots "
+            "(id, name, state, source_volume_id, size, ready, group_id, parameters, created_ns) "
             "VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?)",
             (
                 snap.snapshot_id,
