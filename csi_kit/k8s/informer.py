@@ -23,6 +23,8 @@ from csi_kit.k8s.api import (
     KubeAPI,
     Obj,
     Resource,
+    finalizers_of,
+    is_deleting,
     is_gone,
     key_of,
     rv_newer,
@@ -79,7 +81,11 @@ class Informer:
         key = key_of(obj)
         old = self.cache.get(key)
         if old is None or rv_newer(rv_of(obj), rv_of(old)):
-            self.cache[key] = obj
+            if is_deleting(obj) and not finalizers_of(obj):
+                # The write removed the last finalizer: the object is gone.
+                self.cache.pop(key, None)
+            else:
+                self.cache[key] = obj
 
     def store_delete(self, obj: Obj) -> None:
         self.cache.pop(key_of(obj), None)
@@ -111,6 +117,11 @@ class Informer:
         if event == "DELETED":
             self.cache.pop(key, None)
             self._notify("DELETED", old, obj)
+            return
+        if old is not None and rv_newer(rv_of(old), rv_of(obj)):
+            # This process already wrote a newer version (store_update); an event
+            # for an older one must not roll the cache back.
+            self._notify("MODIFIED", old, old)
             return
         self.cache[key] = obj
         self._notify("ADDED" if old is None else "MODIFIED", old, obj)
