@@ -1,0 +1,1 @@
+"""An example third-party csi_kit backend (see README.md)."""
