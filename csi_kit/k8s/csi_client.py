@@ -17,7 +17,9 @@ import grpc
 import grpc.aio
 
 from csi_kit._pb import csi_pb2 as pb
-from csi_kit._pb import csi_pb2_grpc as pbg
+from csi_kit._pb import csi_pb2_grpc as _pbg
+
+pbg: Any = _pbg  # generated, untyped
 
 
 class CSIError(Exception):
@@ -96,9 +98,9 @@ class CSIClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(grpc_target(endpoint))
-        self._identity = pbg.IdentityStub(self._channel)  # type: ignore[no-untyped-call]
-        self._controller = pbg.ControllerStub(self._channel)  # type: ignore[no-untyped-call]
-        self._group = pbg.GroupControllerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._identity = pbg.IdentityStub(self._channel)
+        self._controller = pbg.ControllerStub(self._channel)
+        self._group = pbg.GroupControllerStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()

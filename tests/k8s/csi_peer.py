@@ -34,6 +34,7 @@ class ScriptedCSI(pbg.IdentityServicer, pbg.ControllerServicer):
         self.secrets_seen: list[dict[str, str]] = []
         self.params_seen: list[dict[str, str]] = []
         self.deleted: list[str] = []
+        self.names: set[str] = set()  # every CreateSnapshot name ever asked for
 
     # Identity
     async def GetPluginInfo(self, request: Any, context: Any) -> Any:
@@ -59,6 +60,7 @@ class ScriptedCSI(pbg.IdentityServicer, pbg.ControllerServicer):
 
     async def CreateSnapshot(self, request: Any, context: Any) -> Any:
         self.calls["CreateSnapshot"] += 1
+        self.names.add(request.name)
         self.secrets_seen.append(dict(request.secrets))
         self.params_seen.append(dict(request.parameters))
         self.create_started.set()

@@ -62,6 +62,7 @@ class SnapshotController(Loop):
         super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         self.distributed = distributed
+        self._deleted_contents: set[str] = set()
         self.snapshots = Informer(api, VOLUME_SNAPSHOT, resync_period=resync_period)
         self.contents = Informer(api, VOLUME_SNAPSHOT_CONTENT, resync_period=resync_period)
         self.classes = Informer(api, VOLUME_SNAPSHOT_CLASS)
@@ -250,13 +251,24 @@ class SnapshotController(Loop):
             await self._report(snap, str(e))
             raise
 
-    async def _ensure_snapshot_finalizers(self, snap: Obj, delete_policy: bool) -> Obj:
+    async def _ensure_snapshot_finalizers(
+        self, snap: Obj, delete_policy: bool, default_class: str | None = None
+    ) -> Obj:
         want = {p.SNAPSHOT_AS_SOURCE_FINALIZER}
         if delete_policy:
             want.add(p.SNAPSHOT_BOUND_FINALIZER)
-        if want <= set(k.finalizers_of(snap)):
+        current = k.finalizers_of(snap)
+        if want <= set(current) and default_class is None:
             return snap
-        updated = await self._set_finalizers(VOLUME_SNAPSHOT, snap, want, set())
+        patch: Obj = {
+            "metadata": {
+                "finalizers": current + sorted(want - set(current)),
+                "resourceVersion": k.rv_of(snap),
+            }
+        }
+        if default_class is not None:
+            patch["spec"] = {"volumeSnapshotClassName": default_class}
+        updated = await self.api.patch(VOLUME_SNAPSHOT, k.name_of(snap), patch, k.namespace_of(snap))
         self.snapshots.store_update(updated)
         return updated
 
@@ -281,15 +293,6 @@ class SnapshotController(Loop):
     async def _create_content(self, snap: Obj) -> None:
         pvc, pv = self._volume_for(snap)
         cls = self._class_for_pvc(snap, pv)
-        if not p.spec(snap).get("volumeSnapshotClassName"):
-            # Upstream records the default class it picked in the snapshot's spec.
-            snap = await self.api.patch(
-                VOLUME_SNAPSHOT,
-                k.name_of(snap),
-                {"spec": {"volumeSnapshotClassName": k.name_of(cls)}},
-                k.namespace_of(snap),
-            )
-            self.snapshots.store_update(snap)
         if cls.get("driver") != (p.spec(pv).get("csi") or {}).get("driver"):
             raise SnapshotError(
                 f"snapshot class {k.name_of(cls)} is for driver {cls.get('driver')}, "
@@ -304,7 +307,10 @@ class SnapshotController(Loop):
                 f"failed to get secret reference for snapshot {k.key_of(snap)}: {e}"
             ) from None
 
-        snap = await self._ensure_snapshot_finalizers(snap, policy == p.DELETE)
+        # Upstream records the default class it picked in the snapshot's spec; we
+        # do it in the same write that adds the finalizers.
+        default_class = None if p.spec(snap).get("volumeSnapshotClassName") else k.name_of(cls)
+        snap = await self._ensure_snapshot_finalizers(snap, policy == p.DELETE, default_class)
         if k.is_deleting(pvc):
             raise SnapshotError(
                 f"cannot add finalizer on claim [{k.key_of(pvc)}] for snapshot [{k.key_of(snap)}]: "
@@ -448,7 +454,7 @@ class SnapshotController(Loop):
                 )
                 self.contents.store_update(content)
             if delete_content:
-                if not k.is_deleting(content):
+                if not k.is_deleting(content) and k.uid_of(content) not in self._deleted_contents:
                     try:
                         await self.api.delete(
                             VOLUME_SNAPSHOT_CONTENT, k.name_of(content), uid=k.uid_of(content)
@@ -456,6 +462,9 @@ class SnapshotController(Loop):
                     except ApiError as e:
                         if not k.is_not_found(e):
                             raise
+                    # The delete answer carries no version to put in the cache; remember
+                    # it so a sync running before the watch event does not delete twice.
+                    self._deleted_contents.add(k.uid_of(content))
                 # The bound finalizer stays until the snapshotter has deleted the
                 # backend snapshot and the content is gone; its event wakes us.
                 return
@@ -468,6 +477,8 @@ class SnapshotController(Loop):
         content = self.contents.get(name)
         if content is None:
             return
+        if k.is_deleting(content):
+            self._deleted_contents.discard(k.uid_of(content))
         ref = p.spec(content).get("volumeSnapshotRef") or {}
         if not ref.get("uid"):
             return  # pre-bound to a snapshot that has not claimed it yet

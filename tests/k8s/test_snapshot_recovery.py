@@ -1,0 +1,154 @@
+"""Crash and hand-over: state must come back from the API objects alone.
+
+The loops are killed right when they attempt their N-th write (the write
+does not happen), for every N along the whole create-to-delete path, then
+started again from nothing.  Whatever step was interrupted, the end state is
+the same: the snapshot became ready, exactly one backend snapshot was cut,
+and after deletion nothing is left -- in the API or on the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+from csi_peer import ScriptedCSI
+from k8s_helpers import (
+    Loops,
+    contents,
+    eventually,
+    is_ready,
+    make_class,
+    make_snapshot,
+    make_volume,
+    snapshot,
+)
+
+from csi_kit.k8s.api import PVC, VOLUME_SNAPSHOT, ApiError, Obj, Resource, conflict
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+USER = contextvars.ContextVar("user", default=False)
+WRITES = {"create", "update", "update_status", "patch", "patch_status", "delete"}
+
+
+class Crash:
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.writes = 0
+        self.crashed = asyncio.Event()
+
+    def __call__(self, verb: str, res: Resource, name: str, body: Obj | None) -> None:
+        if verb not in WRITES or USER.get() or self.crashed.is_set():
+            return
+        self.writes += 1
+        if self.writes == self.at:
+            self.crashed.set()
+            raise ApiError(503, "ServiceUnavailable", "process killed here")
+
+
+async def as_user(coro_fn, *args, **kw):  # type: ignore[no-untyped-def]
+    token = USER.set(True)
+    try:
+        return await coro_fn(*args, **kw)
+    finally:
+        USER.reset(token)
+
+
+async def run_flow(api: FakeKubeAPI, csi: ScriptedCSI, endpoint: str, crash: Crash | None) -> None:
+    lp = Loops(api, endpoint)
+    if crash is not None:
+        api.reactors.append(crash)
+    await lp.start()
+    try:
+        await as_user(make_volume, api)
+        await as_user(make_class, api)
+        await as_user(make_snapshot, api)
+
+        async def until(pred, what):  # type: ignore[no-untyped-def]
+            # Wait for `pred`, restarting the loops once if the crash fires first.
+            while True:
+                if (
+                    crash is not None
+                    and crash.crashed.is_set()
+                    and lp.tasks
+                    and not getattr(lp, "_restarted", False)
+                ):
+                    await lp.stop()
+                    lp._restarted = True  # type: ignore[attr-defined]
+                    await lp.start()
+                if pred():
+                    return
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(until(lambda: is_ready(api), "ready"), 30)
+        await as_user(api.delete, VOLUME_SNAPSHOT, "snap", "default")
+        await asyncio.wait_for(until(lambda: snapshot(api) is None and not contents(api), "gone"), 30)
+    finally:
+        await lp.stop()
+
+
+async def test_flow_without_crash_counts_the_writes(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
+    csi, endpoint = peer
+    counter = Crash(at=10**9)
+    await run_flow(api, csi, endpoint, counter)
+    # The parametrisation below must cover every write of the flow.
+    assert counter.writes == 12, counter.writes
+    assert csi.snapshots == {}
+
+
+@pytest.mark.parametrize("at", range(1, 13))
+async def test_crash_at_every_write_recovers_without_leak_or_duplicate(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], at: int
+) -> None:
+    csi, endpoint = peer
+    await run_flow(api, csi, endpoint, Crash(at))
+    assert len(csi.names) == 1, f"one backend snapshot name, got {csi.names}"
+    assert csi.snapshots == {}, "nothing leaked on the backend"
+    assert len(csi.deleted) >= 1
+    pvc = api.peek(PVC, "data", "default")
+    assert pvc is not None and not pvc["metadata"].get("finalizers"), "PVC released"
+
+
+async def test_restart_while_create_snapshot_in_flight(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    csi, endpoint = peer
+    csi.create_gate = asyncio.Event()
+    lp = Loops(api, endpoint)
+    await lp.start()
+    try:
+        await make_volume(api)
+        await make_class(api)
+        await make_snapshot(api)
+        await eventually(lambda: csi.create_started.is_set(), "CreateSnapshot sent")
+        await lp.stop()  # the process dies with the call in flight; the driver finishes it anyway
+        csi.create_gate.set()
+        await lp.start()
+        await eventually(lambda: is_ready(api), "ready after restart")
+        assert len(csi.snapshots) == 1, "the retried CreateSnapshot reused the same name"
+    finally:
+        await lp.stop()
+
+
+async def test_watch_expiry_relists_and_converges(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    await make_volume(api)
+    await make_class(api)
+    api.expire_watches()
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "ready after re-list")
+    assert loops.controller is not None and loops.controller.snapshots.relists >= 1
+    assert loops.snapshotter is not None and loops.snapshotter.contents.relists >= 1
+
+
+async def test_conflicts_are_retried(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops) -> None:
+    api.fail("patch", VOLUME_SNAPSHOT, conflict("the object has been modified"), times=3)
+    api.fail("patch", PVC, conflict("the object has been modified"), times=2)
+    await make_volume(api)
+    await make_class(api)
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "ready despite conflicts")
+    s = snapshot(api)
+    assert s is not None and len(s["metadata"]["finalizers"]) == 2
