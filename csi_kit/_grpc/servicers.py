@@ -53,7 +53,7 @@ class IdentityServicer(_Base, pb_grpc.IdentityServicer):
         return pb.GetPluginInfoResponse(
             name=self.driver_name,
             vendor_version=__version__,
-            manifest={"backend": self.engine.backend_type.__name__},
+            manifest={"backend": self.engine.backend_type.__name__, **self.engine.backend.describe()},
         )
 
     @rpc("GetPluginCapabilities")
