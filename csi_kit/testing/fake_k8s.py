@@ -311,6 +311,8 @@ class FakeKubeAPI:
         if m.get("resourceVersion"):
             raise invalid("resourceVersion should not be set on objects to be created")
         m.pop("deletionTimestamp", None)
+        if res.has_status:
+            new.pop("status", None)  # status is a subresource: only its own endpoint writes it
         m["uid"] = str(uuid.uuid4())
         m["creationTimestamp"] = _now()
         m["generation"] = 1
