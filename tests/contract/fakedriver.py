@@ -1,0 +1,571 @@
+"""A small, spec-following CSI driver written straight against the generated
+servicers, with switchable faults — the suite's own test subject.
+
+It is independent of csi_kit's server so that the suite can be shown to
+pass a correct driver and to fail the right tests for each planted fault,
+whatever state the real server is in.  Volumes are directories under a
+root; publish/stage are bind mounts when running as root and symlinks
+otherwise.  Sizes are advisory.  Run as a process:
+
+    python fakedriver.py --endpoint unix:///tmp/x.sock --root DIR [--fault NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from csi_kit._pb import csi_pb2 as pb
+from csi_kit._pb import csi_pb2_grpc as pbg
+
+FAULTS = {
+    "create-not-idempotent": "CreateVolume with a known name makes another volume",
+    "notfound-for-invalid": "missing required fields answer NOT_FOUND instead of INVALID_ARGUMENT",
+    "traversal": "DeleteVolume joins the id to its root unchecked and removes what it points at",
+    "keep-target": "NodeUnpublishVolume leaves the target directory behind",
+    "ignore-bad-token": "ListVolumes/ListSnapshots accept any starting_token",
+    "snapshot-any-source": "CreateSnapshot with a known name ignores a different source",
+    "racy-create": "CreateVolume checks and inserts without a lock",
+    "empty-restore": "a volume restored from a snapshot starts empty",
+    "shallow-clone": "a clone shares its source's directory",
+    "crash-on-nul": "an id holding NUL kills the driver",
+    "shrink": "ControllerExpandVolume sets the size even when smaller",
+}
+
+GiB = 1024**3
+MAX_SIZE = 1024 * GiB
+_BANNED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_ID = re.compile(r"^[0-9a-f]{32}$")
+MS_BIND, MS_REMOUNT, MS_RDONLY = 4096, 32, 1
+_libc = ctypes.CDLL(None, use_errno=True)
+ROOT = os.geteuid() == 0
+C = grpc.StatusCode
+
+
+def _mount(src: str, dst: str, readonly: bool) -> None:
+    if _libc.mount(src.encode(), dst.encode(), None, MS_BIND, None) != 0:
+        raise OSError(ctypes.get_errno(), f"bind mount {src} on {dst}")
+    if readonly and _libc.mount(None, dst.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) != 0:
+        err = ctypes.get_errno()
+        _libc.umount2(dst.encode(), 0)
+        raise OSError(err, f"remount {dst} read-only")
+
+
+def _is_mount(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, msg: str) -> None:
+        super().__init__(msg)
+        self.code, self.msg = code, msg
+
+
+def _wrap(fn: Any) -> Any:
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Abort as a:
+            context.abort(a.code, a.msg)
+
+    return call
+
+
+class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
+    def __init__(self, root: str, faults: set[str], node_id: str = "fake-node-1") -> None:
+        self.root = root
+        self.faults = faults
+        self.node_id = node_id
+        self.lock = threading.RLock()
+        self.vols: dict[str, dict[str, Any]] = {}
+        self.names: dict[str, str] = {}
+        self.snaps: dict[str, dict[str, Any]] = {}
+        self.snap_names: dict[str, str] = {}
+        self.staged: dict[tuple[str, str], Any] = {}
+        self.published: dict[str, dict[str, Any]] = {}
+        os.makedirs(os.path.join(root, "vols"), exist_ok=True)
+        os.makedirs(os.path.join(root, "snaps"), exist_ok=True)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _missing(self, what: str) -> Abort:
+        code = C.NOT_FOUND if "notfound-for-invalid" in self.faults else C.INVALID_ARGUMENT
+        return Abort(code, f"{what} is required")
+
+    def _vol(self, vid: str) -> dict[str, Any]:
+        if "\x00" in vid and "crash-on-nul" in self.faults:
+            os.kill(os.getpid(), signal.SIGKILL)
+        v = self.vols.get(vid)
+        if v is None:
+            raise Abort(C.NOT_FOUND, f"volume {vid!r} not found")
+        return v
+
+    def _check_name(self, name: str) -> None:
+        if len(name.encode()) > 128 or _BANNED.search(name):
+            raise Abort(C.INVALID_ARGUMENT, "name longer than 128 bytes or holding control characters")
+
+    def _check_cap(self, cap: Any) -> None:
+        if not cap.HasField("access_mode") or cap.access_mode.mode not in (1, 2, 3, 4, 5):
+            raise Abort(C.INVALID_ARGUMENT, f"unsupported access mode {cap.access_mode.mode}")
+        if cap.WhichOneof("access_type") != "mount":
+            raise Abort(C.INVALID_ARGUMENT, "only mount volumes")
+
+    def _size(self, cr: Any, default: int) -> int:
+        req, lim = cr.required_bytes, cr.limit_bytes
+        if req < 0 or lim < 0:
+            raise Abort(C.INVALID_ARGUMENT, "negative capacity")
+        if lim and req > lim:
+            raise Abort(C.INVALID_ARGUMENT, "required_bytes above limit_bytes")
+        size = req or default
+        if lim and size > lim:
+            size = lim
+        if size > MAX_SIZE:
+            raise Abort(C.OUT_OF_RANGE, f"at most {MAX_SIZE} bytes")
+        return size
+
+    @staticmethod
+    def _abs(path: str, what: str) -> None:
+        if not path:
+            raise Abort(C.INVALID_ARGUMENT, f"{what} is required")
+        if not os.path.isabs(path) or "\x00" in path:
+            raise Abort(C.INVALID_ARGUMENT, f"{what} must be an absolute path")
+
+    def _volume_msg(self, v: dict[str, Any]) -> Any:
+        vol = pb.Volume(volume_id=v["id"], capacity_bytes=v["size"], volume_context={"fake": "1"})
+        if v["source"]:
+            kind, sid = v["source"]
+            if kind == "snapshot":
+                vol.content_source.snapshot.snapshot_id = sid
+            else:
+                vol.content_source.volume.volume_id = sid
+        return vol
+
+    def _snap_msg(self, s: dict[str, Any]) -> Any:
+        snap = pb.Snapshot(
+            snapshot_id=s["id"], source_volume_id=s["source"], size_bytes=s["size"], ready_to_use=True
+        )
+        snap.creation_time.FromNanoseconds(s["created"])
+        return snap
+
+    # -- identity -----------------------------------------------------------
+
+    def GetPluginInfo(self, request: Any, context: Any) -> Any:
+        return pb.GetPluginInfoResponse(name="fake.csi-kit.io", vendor_version="0.0.1")
+
+    def GetPluginCapabilities(self, request: Any, context: Any) -> Any:
+        r = pb.GetPluginCapabilitiesResponse()
+        r.capabilities.add().service.type = pb.PluginCapability.Service.CONTROLLER_SERVICE
+        r.capabilities.add().volume_expansion.type = pb.PluginCapability.VolumeExpansion.ONLINE
+        return r
+
+    def Probe(self, request: Any, context: Any) -> Any:
+        r = pb.ProbeResponse()
+        r.ready.value = True
+        return r
+
+    # -- controller ---------------------------------------------------------
+
+    def ControllerGetCapabilities(self, request: Any, context: Any) -> Any:
+        r = pb.ControllerGetCapabilitiesResponse()
+        R = pb.ControllerServiceCapability.RPC
+        for t in (
+            R.CREATE_DELETE_VOLUME,
+            R.LIST_VOLUMES,
+            R.GET_CAPACITY,
+            R.CREATE_DELETE_SNAPSHOT,
+            R.LIST_SNAPSHOTS,
+            R.CLONE_VOLUME,
+            R.EXPAND_VOLUME,
+            R.GET_VOLUME,
+            R.GET_SNAPSHOT,
+        ):
+            r.capabilities.add().rpc.type = t
+        return r
+
+    @_wrap
+    def CreateVolume(self, request: Any, context: Any) -> Any:
+        if not request.name:
+            raise self._missing("name")
+        self._check_name(request.name)
+        if not request.volume_capabilities:
+            raise self._missing("volume_capabilities")
+        for cap in request.volume_capabilities:
+            self._check_cap(cap)
+        for k in request.parameters:
+            if k != "fake":
+                raise Abort(C.INVALID_ARGUMENT, f"unknown parameter {k!r}")
+        size = self._size(request.capacity_range, GiB)
+        key = (
+            request.capacity_range.SerializeToString(),
+            tuple(sorted(request.parameters.items())),
+            request.volume_content_source.SerializeToString(),
+        )
+        with self.lock:
+            existing = self.names.get(request.name)
+            if existing and "create-not-idempotent" not in self.faults:
+                v = self.vols[existing]
+                if v["key"] != key:
+                    raise Abort(C.ALREADY_EXISTS, f"volume {request.name!r} exists with other arguments")
+                return pb.CreateVolumeResponse(volume=self._volume_msg(v))
+        source = None
+        src_dir = None
+        if request.HasField("volume_content_source"):
+            kind = request.volume_content_source.WhichOneof("type")
+            if kind is None:
+                raise Abort(C.INVALID_ARGUMENT, "volume_content_source without a source")
+            if kind == "snapshot":
+                sid = request.volume_content_source.snapshot.snapshot_id
+                s = self.snaps.get(sid)
+                if s is None:
+                    raise Abort(C.NOT_FOUND, f"snapshot {sid!r} not found")
+                if request.capacity_range.limit_bytes and request.capacity_range.limit_bytes < s["size"]:
+                    raise Abort(C.OUT_OF_RANGE, "smaller than the snapshot")
+                source, src_dir = ("snapshot", sid), s["dir"]
+                size = max(size, s["size"])
+            else:
+                vid = request.volume_content_source.volume.volume_id
+                v = self.vols.get(vid)
+                if v is None:
+                    raise Abort(C.NOT_FOUND, f"volume {vid!r} not found")
+                source, src_dir = ("volume", vid), v["dir"]
+                size = max(size, v["size"])
+        racy = "racy-create" in self.faults
+        with threading.Lock() if racy else self.lock:
+            existing = self.names.get(request.name)
+            if existing and "create-not-idempotent" not in self.faults:
+                v = self.vols[existing]
+                if v["key"] != key:
+                    raise Abort(C.ALREADY_EXISTS, f"volume {request.name!r} exists with other arguments")
+                return pb.CreateVolumeResponse(volume=self._volume_msg(v))
+            if racy:
+                time.sleep(0.05)  # widen the check-then-insert window
+            vid = uuid.uuid4().hex
+            d = os.path.join(self.root, "vols", vid)
+            if src_dir and "shallow-clone" in self.faults and source and source[0] == "volume":
+                d = src_dir
+            elif src_dir and not (source and source[0] == "snapshot" and "empty-restore" in self.faults):
+                shutil.copytree(src_dir, d, symlinks=True)
+            else:
+                os.mkdir(d)
+            v = {"id": vid, "name": request.name, "size": size, "dir": d, "source": source, "key": key}
+            self.vols[vid] = v
+            self.names[request.name] = vid
+            return pb.CreateVolumeResponse(volume=self._volume_msg(v))
+
+    @_wrap
+    def DeleteVolume(self, request: Any, context: Any) -> Any:
+        vid = request.volume_id
+        if not vid:
+            raise self._missing("volume_id")
+        if "traversal" in self.faults:
+            target = os.path.realpath(os.path.join(self.root, "vols", vid))
+            # The planted bug, fenced so it can only ever hit the suite's canary.
+            if target.startswith(tempfile.gettempdir() + "/csi-sanity-") and os.path.isdir(target):
+                shutil.rmtree(target)
+        with self.lock:
+            v = self.vols.pop(vid, None)
+            if v is not None:
+                self.names.pop(v["name"], None)
+                if not any(o["dir"] == v["dir"] for o in self.vols.values()):
+                    shutil.rmtree(v["dir"], ignore_errors=True)
+        return pb.DeleteVolumeResponse()
+
+    @_wrap
+    def ValidateVolumeCapabilities(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        if not request.volume_capabilities:
+            raise self._missing("volume_capabilities")
+        self._vol(request.volume_id)
+        r = pb.ValidateVolumeCapabilitiesResponse()
+        try:
+            for cap in request.volume_capabilities:
+                self._check_cap(cap)
+        except Abort as a:
+            r.message = a.msg
+            return r
+        r.confirmed.volume_capabilities.extend(request.volume_capabilities)
+        return r
+
+    def _page(self, items: list[Any], max_entries: int, token: str) -> tuple[list[Any], str]:
+        if max_entries < 0:
+            raise Abort(C.INVALID_ARGUMENT, "negative max_entries")
+        start = 0
+        if token:
+            if not token.isdigit() or int(token) > len(items):
+                if "ignore-bad-token" in self.faults:
+                    token = "0"
+                else:
+                    raise Abort(C.ABORTED, f"invalid starting_token {token!r}")
+            start = int(token)
+        end = len(items) if not max_entries else min(len(items), start + max_entries)
+        return items[start:end], (str(end) if end < len(items) else "")
+
+    @_wrap
+    def ListVolumes(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            vols = [self.vols[k] for k in sorted(self.vols)]
+        page, nxt = self._page(vols, request.max_entries, request.starting_token)
+        r = pb.ListVolumesResponse(next_token=nxt)
+        for v in page:
+            r.entries.add().volume.CopyFrom(self._volume_msg(v))
+        return r
+
+    @_wrap
+    def GetCapacity(self, request: Any, context: Any) -> Any:
+        for cap in request.volume_capabilities:
+            self._check_cap(cap)
+        st = os.statvfs(self.root)
+        return pb.GetCapacityResponse(available_capacity=st.f_bavail * st.f_frsize)
+
+    @_wrap
+    def ControllerGetVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        v = self._vol(request.volume_id)
+        return pb.ControllerGetVolumeResponse(volume=self._volume_msg(v))
+
+    @_wrap
+    def ControllerExpandVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        if not request.HasField("capacity_range"):
+            raise self._missing("capacity_range")
+        v = self._vol(request.volume_id)
+        size = self._size(request.capacity_range, 0)
+        with self.lock:
+            v["size"] = size if "shrink" in self.faults else max(v["size"], size)
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=v["size"], node_expansion_required=False)
+
+    @_wrap
+    def CreateSnapshot(self, request: Any, context: Any) -> Any:
+        if not request.name:
+            raise self._missing("name")
+        if not request.source_volume_id:
+            raise self._missing("source_volume_id")
+        self._check_name(request.name)
+        v = self._vol(request.source_volume_id)
+        with self.lock:
+            existing = self.snap_names.get(request.name)
+            if existing:
+                s = self.snaps[existing]
+                if s["source"] != request.source_volume_id and "snapshot-any-source" not in self.faults:
+                    raise Abort(C.ALREADY_EXISTS, f"snapshot {request.name!r} exists for another volume")
+                return pb.CreateSnapshotResponse(snapshot=self._snap_msg(s))
+            sid = uuid.uuid4().hex
+            d = os.path.join(self.root, "snaps", sid)
+            shutil.copytree(v["dir"], d, symlinks=True)
+            s = {
+                "id": sid,
+                "name": request.name,
+                "source": v["id"],
+                "size": v["size"],
+                "dir": d,
+                "created": time.time_ns(),
+            }
+            self.snaps[sid] = s
+            self.snap_names[request.name] = sid
+            return pb.CreateSnapshotResponse(snapshot=self._snap_msg(s))
+
+    @_wrap
+    def DeleteSnapshot(self, request: Any, context: Any) -> Any:
+        if not request.snapshot_id:
+            raise self._missing("snapshot_id")
+        with self.lock:
+            s = self.snaps.pop(request.snapshot_id, None)
+            if s is not None:
+                self.snap_names.pop(s["name"], None)
+                shutil.rmtree(s["dir"], ignore_errors=True)
+        return pb.DeleteSnapshotResponse()
+
+    @_wrap
+    def ListSnapshots(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            snaps = [self.snaps[k] for k in sorted(self.snaps)]
+        if request.snapshot_id:
+            snaps = [s for s in snaps if s["id"] == request.snapshot_id]
+        if request.source_volume_id:
+            snaps = [s for s in snaps if s["source"] == request.source_volume_id]
+        page, nxt = self._page(snaps, request.max_entries, request.starting_token)
+        r = pb.ListSnapshotsResponse(next_token=nxt)
+        for s in page:
+            r.entries.add().snapshot.CopyFrom(self._snap_msg(s))
+        return r
+
+    @_wrap
+    def GetSnapshot(self, request: Any, context: Any) -> Any:
+        if not request.snapshot_id:
+            raise self._missing("snapshot_id")
+        s = self.snaps.get(request.snapshot_id)
+        if s is None:
+            raise Abort(C.NOT_FOUND, f"snapshot {request.snapshot_id!r} not found")
+        return pb.GetSnapshotResponse(snapshot=self._snap_msg(s))
+
+    # -- node -----------------------------------------------------------------
+
+    def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
+        r = pb.NodeGetCapabilitiesResponse()
+        R = pb.NodeServiceCapability.RPC
+        for t in (R.STAGE_UNSTAGE_VOLUME, R.GET_VOLUME_STATS, R.EXPAND_VOLUME):
+            r.capabilities.add().rpc.type = t
+        return r
+
+    def NodeGetInfo(self, request: Any, context: Any) -> Any:
+        return pb.NodeGetInfoResponse(node_id=self.node_id)
+
+    @_wrap
+    def NodeStageVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        self._abs(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise self._missing("volume_capability")
+        self._check_cap(request.volume_capability)
+        v = self._vol(request.volume_id)
+        key = (v["id"], request.staging_target_path)
+        with self.lock:
+            if key in self.staged:
+                return pb.NodeStageVolumeResponse()
+            if ROOT:
+                _mount(v["dir"], request.staging_target_path, False)
+            self.staged[key] = request.volume_capability
+        return pb.NodeStageVolumeResponse()
+
+    @_wrap
+    def NodeUnstageVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        self._abs(request.staging_target_path, "staging_target_path")
+        with self.lock:
+            if self.staged.pop((request.volume_id, request.staging_target_path), None) is not None and ROOT:
+                _libc.umount2(request.staging_target_path.encode(), 0)
+        return pb.NodeUnstageVolumeResponse()
+
+    @_wrap
+    def NodePublishVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        self._abs(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):
+            raise self._missing("volume_capability")
+        if not request.staging_target_path:
+            raise Abort(C.FAILED_PRECONDITION, "staging_target_path is required (STAGE_UNSTAGE_VOLUME)")
+        self._check_cap(request.volume_capability)
+        v = self._vol(request.volume_id)
+        if (v["id"], request.staging_target_path) not in self.staged:
+            raise Abort(C.FAILED_PRECONDITION, f"volume not staged at {request.staging_target_path}")
+        args = (request.staging_target_path, request.readonly, request.volume_capability.SerializeToString())
+        mode = request.volume_capability.access_mode.mode
+        with self.lock:
+            p = self.published.get(request.target_path)
+            if p is not None:
+                if p["volume"] == v["id"] and p["args"] == args:
+                    return pb.NodePublishVolumeResponse()
+                raise Abort(C.ALREADY_EXISTS, f"{request.target_path} published with other arguments")
+            others = [o for o in self.published.values() if o["volume"] == v["id"]]
+            if others and mode in (1, 2):
+                raise Abort(C.FAILED_PRECONDITION, "single-node volume already published elsewhere")
+            if ROOT:
+                os.mkdir(request.target_path)
+                try:
+                    _mount(request.staging_target_path, request.target_path, request.readonly)
+                except OSError:
+                    os.rmdir(request.target_path)
+                    raise
+            else:
+                os.symlink(v["dir"], request.target_path)
+            self.published[request.target_path] = {"volume": v["id"], "args": args}
+        return pb.NodePublishVolumeResponse()
+
+    @_wrap
+    def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        self._abs(request.target_path, "target_path")
+        with self.lock:
+            p = self.published.get(request.target_path)
+            if p is None or p["volume"] != request.volume_id:
+                return pb.NodeUnpublishVolumeResponse()
+            del self.published[request.target_path]
+            if ROOT:
+                _libc.umount2(request.target_path.encode(), 0)
+                if "keep-target" not in self.faults:
+                    os.rmdir(request.target_path)
+            elif "keep-target" not in self.faults:
+                os.unlink(request.target_path)
+        return pb.NodeUnpublishVolumeResponse()
+
+    def _path_of(self, vid: str, path: str) -> dict[str, Any]:
+        v = self._vol(vid)
+        known = {t for t, p in self.published.items() if p["volume"] == vid}
+        known |= {s for (i, s) in self.staged if i == vid}
+        if path not in known:
+            raise Abort(C.NOT_FOUND, f"volume {vid} is not at {path}")
+        return v
+
+    @_wrap
+    def NodeGetVolumeStats(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        self._abs(request.volume_path, "volume_path")
+        self._path_of(request.volume_id, request.volume_path)
+        st = os.statvfs(request.volume_path)
+        r = pb.NodeGetVolumeStatsResponse()
+        r.usage.add(
+            unit=pb.VolumeUsage.BYTES,
+            total=st.f_blocks * st.f_frsize,
+            available=st.f_bavail * st.f_frsize,
+            used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+        )
+        return r
+
+    @_wrap
+    def NodeExpandVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise self._missing("volume_id")
+        self._abs(request.volume_path, "volume_path")
+        v = self._path_of(request.volume_id, request.volume_path)
+        return pb.NodeExpandVolumeResponse(capacity_bytes=v["size"])
+
+
+def serve(endpoint: str, root: str, faults: set[str]) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    d = Driver(root, faults)
+    pbg.add_IdentityServicer_to_server(d, server)
+    pbg.add_ControllerServicer_to_server(d, server)
+    pbg.add_NodeServicer_to_server(d, server)
+    server.add_insecure_port(endpoint)
+    server.start()
+    return server
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--fault", action="append", default=[], choices=sorted(FAULTS))
+    ns = ap.parse_args()
+    server = serve(ns.endpoint, ns.root, set(ns.fault))
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    print("ready", flush=True)
+    server.wait_for_termination()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
