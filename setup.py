@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
@@ -61,4 +61,11 @@ class SDist(sdist):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPy, "sdist": SDist})
+def packages() -> list[str]:
+    """csi_kit's packages, plus backends/ installed as csi_kit_backends."""
+    ours = find_packages(HERE, include=["csi_kit", "csi_kit.*"])
+    backends = [f"csi_kit_backends.{p}" for p in find_packages(os.path.join(HERE, "backends"))]
+    return [*ours, "csi_kit_backends", *backends]
+
+
+setup(packages=packages(), cmdclass={"build_py": BuildPy, "sdist": SDist})
