@@ -1,0 +1,191 @@
+"""The production `KubeAPI`: lightkube's async client.
+
+Why lightkube: async-native (httpx), small, maintained, reads in-cluster and
+kubeconfig credentials the standard way, and has generic resources for CRDs.
+Every kind is addressed through a generic (dict-shaped) resource class built
+here and *not* registered in lightkube's global registry, so the loops see the
+JSON the server sent -- the same shape the fake API gives -- and our classes
+cannot collide with typed models another library in the process registered.
+
+lightkube's watch re-opens itself from the last version when the server ends
+a stream; a 410 surfaces as `ApiError(410)` for the informer to re-list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core import resource as lk_res
+from lightkube.core.exceptions import ApiError as LKApiError
+from lightkube.generic_resource import (
+    GenericGlobalResource,
+    GenericGlobalStatus,
+    GenericNamespacedResource,
+    GenericNamespacedStatus,
+    create_api_info,
+)
+from lightkube.types import PatchType
+
+from csi_kit.k8s.api import ApiError, Obj, ObjectList, Resource, WatchEvent
+
+_classes: dict[Resource, Any] = {}
+
+
+def _cls(res: Resource) -> Any:
+    """A dict-shaped lightkube resource class for `res` (cached, unregistered)."""
+    cached = _classes.get(res)
+    if cached is not None:
+        return cached
+    info = create_api_info(res.group, res.version, res.kind, res.plural)
+    base, status_base = (
+        (GenericNamespacedResource, GenericNamespacedStatus)
+        if res.namespaced
+        else (GenericGlobalResource, GenericGlobalStatus)
+    )
+    status_info = lk_res.ApiInfo(
+        resource=info.resource,
+        parent=info.resource,
+        plural=res.plural,
+        verbs=["get", "patch", "put"],
+        action="status",
+    )
+    c: Any = type(res.kind, (base,), {"_api_info": info})
+    c.Status = type(res.kind + "Status", (status_base,), {"_api_info": status_info})
+    _classes[res] = c
+    return c
+
+
+def _plain(obj: Any) -> Obj:
+    d: Obj = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return d
+
+
+def _labels(selector: str | None) -> dict[str, str] | None:
+    if not selector:
+        return None
+    out: dict[str, str] = {}
+    for term in selector.split(","):
+        k, _, v = term.partition("=")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _convert(e: BaseException) -> BaseException:
+    if isinstance(e, LKApiError):
+        st = e.status
+        return ApiError(int(st.code or 0), str(st.reason or ""), str(st.message or ""))
+    if isinstance(e, httpx2.HTTPStatusError):
+        return ApiError(e.response.status_code, e.response.reason_phrase, e.response.text[:500])
+    if isinstance(e, httpx2.HTTPError):
+        return ConnectionError(str(e))
+    return e
+
+
+class LightkubeAPI:
+    def __init__(self, client: AsyncClient) -> None:
+        # Typed as Any: lightkube's overloads are keyed on its resource base
+        # classes, which our runtime-built classes satisfy but mypy cannot see.
+        self.client: Any = client
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None = None, *, timeout: float = 30.0) -> LightkubeAPI:
+        """In-cluster service account when no kubeconfig is given (then $KUBECONFIG, ~/.kube/config)."""
+        config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
+        return cls(AsyncClient(config, timeout=httpx2.Timeout(timeout), field_manager="csi-kit"))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj:
+        try:
+            kw = {"namespace": namespace} if res.namespaced else {}
+            return _plain(await self.client.get(_cls(res), name, **kw))
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def list(
+        self, res: Resource, namespace: str | None = None, label_selector: str | None = None
+    ) -> ObjectList:
+        try:
+            kw: dict[str, Any] = {"labels": _labels(label_selector)}
+            if res.namespaced:
+                kw["namespace"] = namespace or "*"
+            it = self.client.list(_cls(res), **kw)
+            items = [_plain(o) async for o in it]
+            try:
+                rv = it.resourceVersion
+            except Exception:  # an empty answer may carry no version in lightkube's iterator
+                rv = ""
+            return ObjectList(items, rv)
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def watch(
+        self,
+        res: Resource,
+        resource_version: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        timeout_seconds: int | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        kw: dict[str, Any] = {
+            "labels": _labels(label_selector),
+            "resource_version": resource_version or None,
+            "server_timeout": timeout_seconds,
+        }
+        if res.namespaced:
+            kw["namespace"] = namespace or "*"
+        try:
+            async for ev_type, obj in self.client.watch(_cls(res), **kw):
+                yield WatchEvent(str(ev_type), _plain(obj))
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
+        try:
+            kw = (
+                {"namespace": namespace or (obj.get("metadata") or {}).get("namespace")}
+                if res.namespaced
+                else {}
+            )
+            return _plain(await self.client.create(_cls(res)(obj), **kw))
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def update(self, res: Resource, obj: Obj) -> Obj:
+        try:
+            kw = {"namespace": obj["metadata"].get("namespace")} if res.namespaced else {}
+            return _plain(await self.client.replace(_cls(res)(obj), **kw))
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def update_status(self, res: Resource, obj: Obj) -> Obj:
+        try:
+            kw = {"namespace": obj["metadata"].get("namespace")} if res.namespaced else {}
+            return _plain(await self.client.replace(_cls(res).Status(obj), obj["metadata"]["name"], **kw))
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def patch(
+        self, res: Resource, name: str, patch: Obj, namespace: str | None = None, *, status: bool = False
+    ) -> Obj:
+        try:
+            target = _cls(res).Status if status else _cls(res)
+            kw = {"namespace": namespace} if res.namespaced else {}
+            return _plain(await self.client.patch(target, name, patch, patch_type=PatchType.MERGE, **kw))
+        except Exception as e:
+            raise _convert(e) from None
+
+    async def delete(
+        self, res: Resource, name: str, namespace: str | None = None, *, uid: str | None = None
+    ) -> None:
+        # lightkube's delete takes no body, so the uid precondition cannot be sent;
+        # the loops only delete objects they just read, by their unique name.
+        try:
+            kw = {"namespace": namespace} if res.namespaced else {}
+            await self.client.delete(_cls(res), name, **kw)
+        except Exception as e:
+            raise _convert(e) from None
