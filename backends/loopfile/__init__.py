@@ -1,1 +1,1 @@
-"""The loopfile backend."""
+"""The loopfile backend: image files on loop devices, with real filesystems or raw block access."""

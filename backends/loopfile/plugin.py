@@ -1,16 +1,11 @@
-"""Entry point (``csi_kit`` group) for the loopfile backend."""
+"""Entry point (``csi_kit`` group): registers the loopfile backend."""
 
 from __future__ import annotations
 
 from csi_kit.plugin import BackendRegistry, hookimpl
+from csi_kit_backends.loopfile.backend import LoopfileBackend, LoopfileConfig
 
 
 @hookimpl
 def csi_kit_register_backends(registry: BackendRegistry) -> None:
-    # Registered once the backend module lands; kept importable meanwhile so
-    # the entry point never breaks discovery of the other backends.
-    try:
-        from csi_kit_backends.loopfile.backend import BACKEND, CONFIG
-    except ImportError:
-        return
-    registry.add("loopfile", BACKEND, config=CONFIG)
+    registry.add("loopfile", LoopfileBackend, config=LoopfileConfig)

@@ -11,7 +11,11 @@ storage: no discard at mkfs time (``-E nodiscard`` / ``-K``: the blocks are
 fresh and a discard of a large sparse file only costs time), lazy inode table
 init on ext4 (the kernel zeroes them in the background after mount) and no
 root-reserved blocks (``-m 0``: a volume is all data, nobody logs in as root
-to repair it).
+to repair it).  Block and sector size are 4 KiB whatever the device reports
+today: a filesystem made with 1 KiB blocks (mkfs.ext4's choice below 512 MiB)
+or 512-byte XFS sectors cannot be mounted once the device's logical block
+size grows to 4 KiB — which a loop device with direct I/O over a reflinked
+image does, or an LVM volume moved to a 4Kn disk.
 
 Sizes come from the superblock (`filesystem_size`), read from the device
 before it is mounted, so the node side can tell "the device grew, the
@@ -40,6 +44,7 @@ __all__ = [
     "device_size",
     "filesystem_size",
     "grow_filesystem",
+    "grow_unmounted",
     "make_filesystem",
     "min_size",
     "probe",
@@ -53,8 +58,18 @@ FILESYSTEMS = frozenset({"ext4", "xfs"})
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
 
 _MKFS: dict[str, tuple[str, ...]] = {
-    "ext4": ("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"),
-    "xfs": ("mkfs.xfs", "-q", "-f", "-K"),
+    "ext4": (
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        "-m",
+        "0",
+        "-E",
+        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+    ),
+    "xfs": ("mkfs.xfs", "-q", "-f", "-K", "-s", "size=4096"),
 }
 
 #: Smallest device each mkfs accepts (mkfs.xfs refuses below 300 MiB since xfsprogs 5.19).
@@ -203,16 +218,58 @@ def filesystem_size(device: str, fs_type: str) -> int | None:
         os.close(fd)
 
 
+def _has_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return True  # cannot tell: let the tool say
+
+
+_CAP_SYS_RESOURCE = 24
+
+
 def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
     """Grow a mounted filesystem to fill its device (online).
 
     ext4 takes the device (``resize2fs DEV``; it finds the mount itself),
     XFS the mount point (``xfs_growfs -d MNT``).  Both are no-ops when the
-    filesystem already fills the device, so a retry is harmless.
+    filesystem already fills the device, so a retry is harmless.  Online
+    ext4 resizing needs CAP_SYS_RESOURCE, which some container runtimes
+    drop: that is reported as such (`grow_unmounted` needs no capability).
     """
     _check_fs_type(fs_type)
     if fs_type == "xfs":
         run(["xfs_growfs", "-d", "--", mount_point], timeout=600.0)
     else:
+        if not _has_capability(_CAP_SYS_RESOURCE):
+            raise FailedPrecondition(
+                f"growing the mounted ext4 on {device} needs CAP_SYS_RESOURCE, which this process lacks; "
+                "it is grown when next staged"
+            )
         run(["resize2fs", device], timeout=600.0)
     log.info("grew %s on %s (%s)", fs_type, device, mount_point)
+
+
+def grow_unmounted(device: str, fs_type: str) -> bool:
+    """Grow an unmounted filesystem to fill its device; False if it can only grow mounted (XFS).
+
+    resize2fs wants a freshly checked filesystem, hence the forced
+    ``e2fsck -f -p`` first.
+    """
+    _check_fs_type(fs_type)
+    if fs_type == "xfs":
+        return False
+    result = run(["e2fsck", "-f", "-p", "--", device], check=False, timeout=600.0)
+    if result.returncode not in (0, 1, 2):
+        detail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+        raise FailedPrecondition(
+            f"{device}: e2fsck -f before resizing failed (status {result.returncode}): "
+            f"{'; '.join(detail) or 'no output'}"
+        )
+    run(["resize2fs", device], timeout=600.0)
+    log.info("grew %s on %s (unmounted)", fs_type, device)
+    return True

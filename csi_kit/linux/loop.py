@@ -274,13 +274,18 @@ class LoopAttachment:
             os.close(self._fd)
 
 
-def _configure(device_fd: int, backing_fd: int, flags: int) -> None:
+def _configure(device_fd: int, backing_fd: int, flags: int, block_size: int) -> None:
     info = LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, b"", b"", b"", 0, 0)
-    fcntl.ioctl(device_fd, LOOP_CONFIGURE, LOOP_CONFIG.pack(backing_fd, 0, info))
+    fcntl.ioctl(device_fd, LOOP_CONFIGURE, LOOP_CONFIG.pack(backing_fd, block_size, info))
 
 
 def attach(
-    image: str, *, autoclear: bool = False, direct_io: bool = True, read_only: bool = False
+    image: str,
+    *,
+    autoclear: bool = False,
+    direct_io: bool = True,
+    read_only: bool = False,
+    block_size: int = 0,
 ) -> LoopAttachment:
     """Bind a free loop device to `image`; return it, still held open by us.
 
@@ -288,6 +293,13 @@ def attach(
     image may already be attached (two devices on one image mounted twice
     would corrupt it).  Close the returned handle when done with it; with
     `autoclear` that is what lets the kernel detach the device later.
+
+    `block_size` sets the device's logical block size (512..4096); 0 lets
+    the kernel choose, and with direct I/O it chooses the backing file's
+    direct-I/O alignment, which can change from one attach to the next (on
+    XFS a reflinked file needs whole-block alignment): a filesystem made
+    with 1 KiB blocks then no longer mounts.  Give a fixed size for a stable
+    device geometry.
     """
     mode = os.O_RDONLY if read_only else os.O_RDWR
     try:
@@ -312,12 +324,12 @@ def attach(
                 raise Internal(f"open {path}: {errno_name(e.errno)} ({e.strerror})") from e
             try:
                 try:
-                    _configure(fd, backing_fd, flags | (LO_FLAGS_DIRECT_IO if want_dio else 0))
+                    _configure(fd, backing_fd, flags | (LO_FLAGS_DIRECT_IO if want_dio else 0), block_size)
                 except OSError as e:
                     if e.errno == errno.EINVAL and want_dio:
                         # The backing filesystem cannot do O_DIRECT (or not at this alignment).
                         want_dio = False
-                        _configure(fd, backing_fd, flags)
+                        _configure(fd, backing_fd, flags, block_size)
                     else:
                         raise
             except OSError as e:

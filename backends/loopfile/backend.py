@@ -1,0 +1,456 @@
+"""The loopfile backend: each volume is an image file under a root, served
+through a loop device, holding a real filesystem (ext4, xfs) or used raw.
+
+* **Layout.**  ``ROOT/volumes/<id>.img`` and ``ROOT/snapshots/<id>.img``.
+  Images are made or copied under ``ROOT/.incoming/`` and renamed into
+  place, so a crash never leaves a half-written image under a real name;
+  `start` empties ``.incoming``.  Deletes rename out of the way first.
+* **Allocation.**  Images are sparse unless the StorageClass parameter
+  ``allocation: preallocated`` asks for every block up front (fallocate),
+  so a thick volume can never hit ENOSPC on the root later.  GetCapacity
+  follows the same parameter: thin volumes are offered the root's free
+  space, thick ones the free space minus what existing sparse volumes may
+  still claim.
+* **Node side** is `csi_kit.block.BlockDeviceBackend`: attach, blkid, mkfs
+  only on a blank device, fsck, mount; binds for publish.  Loop devices are
+  attached with ioctls (`csi_kit.linux.loop`), found again from sysfs after a
+  restart, and a device attached for a filesystem is autoclear: unmounting
+  the staging path frees it even without the driver.
+* **Snapshots, restores, clones** are reflinks (FICLONE) of the image where
+  the root's filesystem has them (XFS reflink=1, btrfs): metadata only,
+  independent of the data size.  Elsewhere an in-kernel sparse-aware copy.
+  A staged volume is made consistent first: its filesystem is frozen
+  (FIFREEZE) around the copy, a raw device is flushed (fsync).
+* **Expansion.**  The controller grows the image (and the loop device, if
+  attached); the node grows the filesystem online.  Raw block volumes need
+  no node step and say so.
+* **Leaks.**  A volume still in use (mounted, bound, or block-staged) is
+  never deleted; deleting it detaches its idle loop devices.  At start-up,
+  loop devices whose image under the root is gone (or is in .incoming) are
+  detached and reported (`describe()["detached-at-start"]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import attrs
+
+from csi_kit.backend import BackendContext, GiB, MiB
+from csi_kit.block import BlockDeviceBackend
+from csi_kit.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from csi_kit.linux import blockfs, copy, fs, loop
+from csi_kit.linux._libc import errno_name
+from csi_kit.types import (
+    AccessType,
+    CreatedSnapshot,
+    CreatedVolume,
+    ExpandResult,
+    Inventory,
+    Snapshot,
+    Volume,
+    VolumeCapability,
+    VolumeCondition,
+    VolumeRequest,
+)
+
+__all__ = ["LoopfileBackend", "LoopfileConfig"]
+
+log = logging.getLogger("csi_kit.loopfile")
+
+ALLOCATION_KEY = "allocation"
+ALLOCATIONS = ("sparse", "preallocated")
+CONTEXT_ALLOCATION = "csi-kit.io/allocation"
+SUFFIX = ".img"
+#: Logical block size of every loop device: fixed, so the geometry a volume's
+#: filesystem was made for never changes with the backing file's direct-I/O alignment.
+BLOCK_SIZE = 4096
+
+
+@attrs.frozen
+class LoopfileConfig:
+    """Options (``--backend-option key=value``)."""
+
+    #: Directory holding the images; default ``STATE_DIR/loopfile``.
+    root: str = ""
+    #: Use reflinks for snapshots and clones when the filesystem has them (``auto``), never (``off``).
+    reflink: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "off")))
+    #: Ask the loop driver for direct I/O (``auto``: where the root's filesystem allows it) or not (``off``).
+    direct_io: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "off")))
+
+
+def _allocation(parameters: Mapping[str, str]) -> str:
+    value = parameters.get(ALLOCATION_KEY, "sparse")
+    if value not in ALLOCATIONS:
+        raise InvalidArgument(f"parameter {ALLOCATION_KEY}={value!r}: use one of {', '.join(ALLOCATIONS)}")
+    return value
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _space_error(e: OSError, what: str) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"{what}: not enough space under the root ({errno_name(e.errno)})")
+    return Internal(f"{what}: {errno_name(e.errno)} ({e.strerror})")
+
+
+class LoopfileBackend(BlockDeviceBackend):
+    parameter_keys = frozenset({ALLOCATION_KEY})
+    default_volume_bytes = GiB
+    min_volume_bytes = MiB
+    max_volume_bytes = 1 << 50
+
+    def __init__(self, config: LoopfileConfig | None, context: BackendContext) -> None:
+        config = config or LoopfileConfig()
+        super().__init__(config, context)
+        self.root = os.path.realpath(config.root or os.path.join(context.state_dir, "loopfile"))
+        self.volumes_dir = os.path.join(self.root, "volumes")
+        self.snapshots_dir = os.path.join(self.root, "snapshots")
+        self.incoming_dir = os.path.join(self.root, ".incoming")
+        self.reflink: bool | None = False if config.reflink == "off" else None
+        self.direct_io = config.direct_io == "auto"
+        self.detached_at_start: tuple[str, ...] = ()
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        for d in (self.root, self.volumes_dir, self.snapshots_dir, self.incoming_dir):
+            os.makedirs(d, mode=0o700 if d == self.root else 0o755, exist_ok=True)
+        self.detached_at_start = tuple(self._detach_strays())
+        # Anything left in .incoming is a copy or delete a crash interrupted:
+        # never acknowledged, never named — safe to remove.
+        for name in os.listdir(self.incoming_dir):
+            leftover = os.path.join(self.incoming_dir, name)
+            log.warning("removing interrupted work %s", leftover)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        if self.reflink is None:
+            self.reflink = copy.reflink_supported(self.root)
+        log.info("loopfile root %s: copies by %s", self.root, "reflink" if self.reflink else "in-kernel copy")
+
+    def _detach_strays(self) -> list[str]:
+        """Detach loop devices serving images under the root that are gone or unfinished."""
+        below = self.root + "/"
+        incoming = self.incoming_dir + "/"
+        found = []
+        for device in loop.list_devices():
+            backing = device.backing_file
+            if not backing.startswith(below):
+                continue
+            if device.deleted or backing.startswith(incoming) or not os.path.exists(backing):
+                gone = loop.detach(device)
+                what = f"{device.path} ({backing}{' (deleted)' if device.deleted else ''})"
+                log.warning(
+                    "start-up: %s serves an image that is gone; %s",
+                    what,
+                    "detached" if gone else "it is in use and will detach when its last user closes it",
+                )
+                found.append(what)
+        return found
+
+    def describe(self) -> Mapping[str, str]:
+        facts = {
+            "root": self.root,
+            "copy": "reflink" if self.reflink else "copy_file_range",
+            "direct-io": "auto" if self.direct_io else "off",
+        }
+        if self.detached_at_start:
+            facts["detached-at-start"] = ", ".join(self.detached_at_start)
+        return facts
+
+    def probe(self) -> bool:
+        return os.path.isdir(self.volumes_dir) and os.access(self.volumes_dir, os.W_OK)
+
+    def inventory(self) -> Inventory:
+        def ids(directory: str) -> frozenset[str]:
+            return frozenset(n[: -len(SUFFIX)] for n in os.listdir(directory) if n.endswith(SUFFIX))
+
+        return Inventory(ids(self.volumes_dir), ids(self.snapshots_dir))
+
+    # -- paths ----------------------------------------------------------------------
+
+    @staticmethod
+    def _path(base: str, object_id: str) -> str:
+        if (
+            not object_id
+            or "/" in object_id
+            or "\x00" in object_id
+            or object_id.startswith(".")
+            or len(object_id) > 128
+        ):
+            raise InvalidArgument(f"{object_id!r} is not a valid id")
+        return os.path.join(base, object_id + SUFFIX)
+
+    def image_path(self, volume_id: str) -> str:
+        return self._path(self.volumes_dir, volume_id)
+
+    def snapshot_path(self, snapshot_id: str) -> str:
+        return self._path(self.snapshots_dir, snapshot_id)
+
+    def _incoming(self, kind: str, object_id: str) -> str:
+        return self._path(self.incoming_dir, f"{kind}-{object_id}")
+
+    # -- sizes ------------------------------------------------------------------------
+
+    def round_capacity(self, capacity_bytes: int) -> int:
+        # Loop devices count 512-byte sectors; whole MiB keep filesystems aligned too.
+        return -(-capacity_bytes // MiB) * MiB
+
+    def _size_for(self, request: VolumeRequest) -> int:
+        """The request's size, raised to what its filesystem needs (XFS: 300 MiB)."""
+        size = request.capacity_bytes
+        if request.access_type == "mount":
+            fs_types = {c.fs_type or self.default_fs_type for c in request.capabilities}
+            floor = max(blockfs.min_size(t) for t in fs_types) if fs_types else 0
+            if size < floor:
+                limit = request.capacity.limit_bytes
+                if limit and floor > limit:
+                    raise OutOfRange(
+                        f"{', '.join(sorted(fs_types))} needs at least {floor} bytes; limit_bytes is {limit}"
+                    )
+                size = floor
+        return size
+
+    # -- images -------------------------------------------------------------------------
+
+    def _finish_image(self, staged: str, capacity_bytes: int, allocation: str, final: str) -> None:
+        """Size a prepared image, allocate it if thick, make it durable and give it its name."""
+        try:
+            fd = os.open(staged, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_size < capacity_bytes:
+                    os.ftruncate(fd, capacity_bytes)
+                if allocation == "preallocated":
+                    os.posix_fallocate(fd, 0, capacity_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(staged, final)
+            _fsync_dir(os.path.dirname(final))
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            if isinstance(e, OSError):
+                raise _space_error(e, f"preparing {final}") from e
+            raise
+
+    def _context(self, allocation: str) -> dict[str, str]:
+        return {CONTEXT_ALLOCATION: allocation}
+
+    def create_volume(self, volume_id: str, request: VolumeRequest) -> CreatedVolume:
+        allocation = _allocation(request.parameters)
+        size = self._size_for(request)
+        if allocation == "preallocated":
+            free = fs.statvfs_usage(self.root).available_bytes
+            if size > free:
+                raise ResourceExhausted(
+                    f"{size} bytes requested; only {free} bytes are free under {self.root}"
+                )
+        staged = self._incoming("vol", volume_id)
+        try:
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            os.unlink(staged)
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        self._finish_image(staged, size, allocation, self.image_path(volume_id))
+        return CreatedVolume(size, self._context(allocation))
+
+    @contextlib.contextmanager
+    def _quiesced(self, volume_id: str) -> Iterator[None]:
+        """Hold the volume still for a copy: freeze its filesystem if mounted,
+        flush its device if attached raw; nothing if it is not attached."""
+        device = loop.device_for(self.image_path(volume_id))
+        if device is None:
+            yield
+            return
+        mounted = [m for m in self.filesystem_mounts(device.path) if m.root == "/"]
+        mounted = mounted or self.filesystem_mounts(device.path)
+        if mounted:
+            with fs.frozen(mounted[0].mount_point):
+                yield
+            return
+        fd = os.open(device.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # a raw volume's writes may still sit in the device's page cache
+        finally:
+            os.close(fd)
+        yield
+
+    def _copy_image(self, source: str, staged: str, what: str) -> str:
+        if not os.path.isfile(source):
+            raise NotFound(f"the image of {what} is missing: {source}")
+        try:
+            return copy.copy_file(source, staged, reflink=self.reflink)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            raise
+
+    def restore_snapshot(self, volume_id: str, request: VolumeRequest, snapshot: Snapshot) -> CreatedVolume:
+        allocation = _allocation(request.parameters)
+        size = max(self._size_for(request), snapshot.size_bytes)
+        staged = self._incoming("vol", volume_id)
+        self._copy_image(
+            self.snapshot_path(snapshot.snapshot_id), staged, f"snapshot {snapshot.snapshot_id!r}"
+        )
+        self._finish_image(staged, size, allocation, self.image_path(volume_id))
+        return CreatedVolume(size, self._context(allocation))
+
+    def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
+        allocation = _allocation(request.parameters)
+        size = max(self._size_for(request), source.capacity_bytes)
+        staged = self._incoming("vol", volume_id)
+        with self._quiesced(source.volume_id):
+            self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
+        self._finish_image(staged, size, allocation, self.image_path(volume_id))
+        return CreatedVolume(size, self._context(allocation))
+
+    def _discard(self, path: str, kind: str, object_id: str) -> None:
+        """Remove an image so that it disappears at once: rename away, then unlink."""
+        if not os.path.lexists(path):
+            return
+        doomed = self._incoming(f"del-{kind}", object_id)
+        os.rename(path, doomed)
+        os.unlink(doomed)
+
+    def delete_volume(self, volume_id: str) -> None:
+        image = self.image_path(volume_id)
+        devices = loop.devices_of(image)
+        for device in devices:
+            users = self.device_users(volume_id, device.path)
+            if users:
+                raise FailedPrecondition(f"volume {volume_id!r} is still in use at {', '.join(users)}")
+        for device in devices:
+            if not loop.detach(device):
+                raise FailedPrecondition(f"volume {volume_id!r}: {device.path} is held open by a process")
+        self._discard(image, "volume", volume_id)
+
+    def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
+        image = self.image_path(volume.volume_id)
+        allocation = _allocation(volume.parameters)
+        try:
+            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise NotFound(f"volume {volume.volume_id!r}: image {image} is missing") from None
+        try:
+            current = os.fstat(fd).st_size
+            if capacity_bytes > current:
+                if allocation == "preallocated":
+                    os.posix_fallocate(fd, current, capacity_bytes - current)
+                os.ftruncate(fd, capacity_bytes)
+                os.fsync(fd)
+        except OSError as e:
+            raise _space_error(e, f"growing {image}") from e
+        finally:
+            os.close(fd)
+        device = loop.device_for(image)
+        if device is not None:
+            loop.set_capacity(device)  # node-local: the device is on this machine
+        return ExpandResult(
+            max(capacity_bytes, current), node_expansion_required=volume.access_type == "mount"
+        )
+
+    def get_capacity(self, parameters: Mapping[str, str], capabilities: Sequence[VolumeCapability]) -> int:
+        free = fs.statvfs_usage(self.root).available_bytes
+        if _allocation(parameters) == "sparse":
+            return free
+        # Thick accounting: space sparse volumes may still claim is not free to promise.
+        claimable = 0
+        for name in os.listdir(self.volumes_dir):
+            try:
+                st = os.stat(os.path.join(self.volumes_dir, name))
+            except FileNotFoundError:
+                continue
+            claimable += max(0, st.st_size - st.st_blocks * 512)
+        return max(0, free - claimable)
+
+    def volume_condition(self, volume: Volume) -> VolumeCondition:
+        return self.device_condition(volume.volume_id) or VolumeCondition(False, "")
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def create_snapshot(
+        self, snapshot_id: str, source: Volume, parameters: Mapping[str, str]
+    ) -> CreatedSnapshot:
+        staged = self._incoming("snap", snapshot_id)
+        with self._quiesced(source.volume_id):
+            self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
+        try:
+            fs.sync_path(staged)
+            os.rename(staged, self.snapshot_path(snapshot_id))
+            _fsync_dir(self.snapshots_dir)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            raise
+        return CreatedSnapshot(size_bytes=source.capacity_bytes, ready_to_use=True)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._discard(self.snapshot_path(snapshot_id), "snapshot", snapshot_id)
+
+    # -- node hooks (csi_kit.block) --------------------------------------------------------------
+
+    def volume_exists(self, volume_id: str) -> bool:
+        return os.path.isfile(self.image_path(volume_id))
+
+    def device_of(self, volume_id: str) -> str | None:
+        device = loop.device_for(self.image_path(volume_id))
+        return device.path if device is not None else None
+
+    def attach(self, volume_id: str) -> str:
+        image = self.image_path(volume_id)
+        device = loop.device_for(image)
+        if device is not None:
+            return device.path
+        with loop.attach(image, direct_io=self.direct_io, block_size=BLOCK_SIZE) as handle:
+            return handle.path
+
+    @contextlib.contextmanager
+    def attached(self, volume_id: str, access_type: AccessType) -> Iterator[str]:
+        image = self.image_path(volume_id)
+        if not os.path.isfile(image):
+            raise NotFound(f"volume {volume_id!r}: image {image} is missing")
+        if access_type == "block":
+            yield self.attach(volume_id)
+            return
+        device = loop.device_for(image)
+        if device is not None:
+            yield device.path
+            return
+        # For a filesystem: autoclear, held by us until the mount holds it.
+        with loop.attach(image, autoclear=True, direct_io=self.direct_io, block_size=BLOCK_SIZE) as handle:
+            yield handle.path
+
+    def detach(self, volume_id: str) -> None:
+        for device in loop.devices_of(self.image_path(volume_id)):
+            loop.detach(device)
+
+    def refresh_capacity(self, volume_id: str, device: str) -> None:
+        found = loop.device_for(self.image_path(volume_id))
+        if found is None or found.path != device:
+            raise FailedPrecondition(f"volume {volume_id!r} is not attached at {device}")
+        loop.set_capacity(found)
+
+    def device_condition(self, volume_id: str) -> VolumeCondition | None:
+        image = self.image_path(volume_id)
+        if not os.path.isfile(image):
+            return VolumeCondition(True, f"image file {image} is missing")
+        return None
