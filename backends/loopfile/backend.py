@@ -333,7 +333,7 @@ class LoopfileBackend(BlockDeviceBackend):
 
     def delete_volume(self, volume_id: str) -> None:
         image = self.image_path(volume_id)
-        devices = loop.devices_of(image)
+        devices = loop.devices_of(image, include_deleted=True)
         for device in devices:
             users = self.device_users(volume_id, device.path)
             if users:
@@ -409,10 +409,14 @@ class LoopfileBackend(BlockDeviceBackend):
     # -- node hooks (csi_kit.block) --------------------------------------------------------------
 
     def volume_exists(self, volume_id: str) -> bool:
-        return os.path.isfile(self.image_path(volume_id))
+        # An image unlinked while attached still serves its data: the volume is
+        # there (and reported abnormal), so stats and clean-up keep working.
+        image = self.image_path(volume_id)
+        return os.path.isfile(image) or loop.device_for(image, include_deleted=True) is not None
 
     def device_of(self, volume_id: str) -> str | None:
-        device = loop.device_for(self.image_path(volume_id))
+        # Volume ids are never reused, so a device whose image was unlinked is still this volume's.
+        device = loop.device_for(self.image_path(volume_id), include_deleted=True)
         return device.path if device is not None else None
 
     def attach(self, volume_id: str) -> str:
@@ -440,11 +444,11 @@ class LoopfileBackend(BlockDeviceBackend):
             yield handle.path
 
     def detach(self, volume_id: str) -> None:
-        for device in loop.devices_of(self.image_path(volume_id)):
+        for device in loop.devices_of(self.image_path(volume_id), include_deleted=True):
             loop.detach(device)
 
     def refresh_capacity(self, volume_id: str, device: str) -> None:
-        found = loop.device_for(self.image_path(volume_id))
+        found = loop.device_for(self.image_path(volume_id), include_deleted=True)
         if found is None or found.path != device:
             raise FailedPrecondition(f"volume {volume_id!r} is not attached at {device}")
         loop.set_capacity(found)

@@ -168,19 +168,21 @@ def list_devices() -> list[LoopDevice]:
     return found
 
 
-def devices_of(image: str) -> list[LoopDevice]:
+def devices_of(image: str, *, include_deleted: bool = False) -> list[LoopDevice]:
     """Loop devices bound to the file at `image` (normally zero or one).
 
     Matched by the kernel's path for the open file, compared with the
-    image's real path: symlinks in `image` do not hide a device.
+    image's real path: symlinks in `image` do not hide a device.  With
+    `include_deleted`, devices still serving a file that was unlinked from
+    that path count too (only safe when paths are never reused).
     """
     wanted = os.path.realpath(image)
-    return [d for d in list_devices() if not d.deleted and d.backing_file == wanted]
+    return [d for d in list_devices() if d.backing_file == wanted and (include_deleted or not d.deleted)]
 
 
-def device_for(image: str) -> LoopDevice | None:
+def device_for(image: str, *, include_deleted: bool = False) -> LoopDevice | None:
     """The loop device serving `image`, or None (the lowest number if several)."""
-    found = devices_of(image)
+    found = devices_of(image, include_deleted=include_deleted)
     return found[0] if found else None
 
 

@@ -1,0 +1,258 @@
+"""The node path on real loop devices: format once, stage/publish/unpublish/
+unstage idempotently, nothing left behind, correct after a driver restart,
+online expansion, stats and conditions, and refusal to delete a volume in use."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from loopfile_helpers import Csi, MiB, cleanup_leaks, no_leaks, read_file, serve, write_file
+
+from csi_kit.linux import blockfs, loop
+from csi_kit.linux.mounts import mounts_at
+
+pytestmark = pytest.mark.privileged
+
+C = grpc.StatusCode
+
+
+def _code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return err.value.code()  # type: ignore[no-any-return]
+
+
+def _image(root: Path, volume_id: str) -> str:
+    return str(root / "volumes" / f"{volume_id}.img")
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_stage_formats_once_and_unstage_leaves_nothing(
+    csi: Csi, driver_root: Path, work: Path, fs_type: str
+) -> None:
+    vol = csi.create(300 * MiB if fs_type == "xfs" else 32 * MiB, fs_type=fs_type)
+    image = _image(driver_root, vol.volume_id)
+    assert os.stat(image).st_blocks == 0  # sparse until formatted
+    staging = csi.stage(vol.volume_id, fs_type=fs_type)
+    csi.stage(vol.volume_id, fs_type=fs_type)  # idempotent
+    devices = loop.devices_of(image)
+    assert len(devices) == 1 and devices[0].autoclear
+    assert mounts_at(staging)[-1].fs_type == fs_type
+    assert blockfs.probe(devices[0].path) == blockfs.Signature(fs_type, "filesystem")
+
+    target = csi.publish(vol.volume_id, fs_type=fs_type)
+    csi.publish(vol.volume_id, fs_type=fs_type)  # idempotent
+    write_file(f"{target}/keep", b"kept across stages")
+    csi.unpublish(vol.volume_id)
+    csi.unpublish(vol.volume_id)  # idempotent
+    assert not os.path.exists(target)
+    csi.unstage(vol.volume_id)
+    csi.unstage(vol.volume_id)  # idempotent
+    assert no_leaks(driver_root, work) == []
+
+    # Staged again (without naming the fs type): the filesystem is reused, not remade.
+    target = csi.mount(vol.volume_id)
+    assert read_file(f"{target}/keep") == b"kept across stages"
+    csi.umount(vol.volume_id)
+    csi.delete(vol.volume_id)
+    assert not os.path.exists(image)
+
+
+def test_stage_refuses_a_different_filesystem_than_the_volume_holds(csi: Csi) -> None:
+    vol = csi.create(300 * MiB, fs_type="ext4")
+    csi.stage(vol.volume_id, fs_type="ext4")
+    csi.unstage(vol.volume_id)
+    with pytest.raises(grpc.RpcError) as err:
+        csi.stage(vol.volume_id, fs_type="xfs")
+    assert _code(err) == C.FAILED_PRECONDITION
+    assert "ext4" in err.value.details()
+    csi.delete(vol.volume_id)
+
+
+def test_readonly_publish_refuses_writes(csi: Csi) -> None:
+    vol = csi.create(32 * MiB)
+    csi.stage(vol.volume_id)
+    rw = csi.publish(vol.volume_id, tag="rw")
+    ro = csi.publish(vol.volume_id, readonly=True, tag="ro")
+    write_file(f"{rw}/file", b"x")
+    assert read_file(f"{ro}/file") == b"x"
+    with pytest.raises(OSError) as err:
+        write_file(f"{ro}/other", b"y")
+    assert err.value.errno == errno.EROFS
+    csi.unpublish(vol.volume_id, tag="ro")
+    csi.unpublish(vol.volume_id, tag="rw")
+    csi.unstage(vol.volume_id)
+    csi.delete(vol.volume_id)
+
+
+def test_block_stage_keeps_the_device_attached_until_unstage(csi: Csi, driver_root: Path, work: Path) -> None:
+    vol = csi.create(16 * MiB, block=True)
+    image = _image(driver_root, vol.volume_id)
+    staging = csi.stage(vol.volume_id, block=True)
+    csi.stage(vol.volume_id, block=True)  # idempotent
+    devices = loop.devices_of(image)
+    assert len(devices) == 1 and not devices[0].autoclear  # nobody holds it open: no autoclear
+    assert mounts_at(staging)[-1].source == f"csi-kit-block:{vol.volume_id}"
+    target = csi.publish(vol.volume_id, block=True)
+    assert os.stat(target).st_rdev == os.stat(devices[0].path).st_rdev
+    assert blockfs.probe(devices[0].path) is None  # block volumes are never formatted
+    csi.unpublish(vol.volume_id)
+    assert not os.path.exists(target)
+    csi.unstage(vol.volume_id)
+    assert no_leaks(driver_root, work) == []
+    csi.delete(vol.volume_id)
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
+def test_delete_of_a_staged_volume_is_refused(csi: Csi, driver_root: Path, block: bool) -> None:
+    vol = csi.create(16 * MiB, block=block)
+    csi.stage(vol.volume_id, block=block)
+    with pytest.raises(grpc.RpcError) as err:
+        csi.delete(vol.volume_id)
+    assert _code(err) == C.FAILED_PRECONDITION
+    assert os.path.exists(_image(driver_root, vol.volume_id))
+    csi.unstage(vol.volume_id)
+    csi.delete(vol.volume_id)
+    assert not os.path.exists(_image(driver_root, vol.volume_id))
+
+
+def test_a_restarted_driver_finds_its_stages_and_publishes(driver_root: Path, work: Path) -> None:
+    try:
+        with serve(driver_root, work) as csi:
+            vol = csi.create(32 * MiB)
+            blk = csi.create(16 * MiB, block=True)
+            target = csi.mount(vol.volume_id)
+            write_file(f"{target}/file", b"before the restart")
+            csi.mount(blk.volume_id, block=True)
+        # The driver is gone; its mounts and devices stay, as on a real node.
+        assert len(loop.devices_of(_image(driver_root, vol.volume_id))) == 1
+        with serve(driver_root, work) as csi:
+            # Retries of what the CO may not have seen answered: same result, nothing doubled.
+            assert csi.mount(vol.volume_id) == target
+            csi.mount(blk.volume_id, block=True)
+            assert len(loop.devices_of(_image(driver_root, vol.volume_id))) == 1
+            assert len(loop.devices_of(_image(driver_root, blk.volume_id))) == 1
+            assert read_file(f"{target}/file") == b"before the restart"
+            stats = csi.stats(vol.volume_id, target)
+            assert not stats.volume_condition.abnormal
+            csi.umount(vol.volume_id)
+            csi.umount(blk.volume_id)
+            assert no_leaks(driver_root, work) == []
+            csi.delete(vol.volume_id)
+            csi.delete(blk.volume_id)
+    finally:
+        leaks = cleanup_leaks(driver_root, work)
+    assert leaks == []
+
+
+def test_expand_a_published_xfs_volume_online(csi: Csi) -> None:
+    vol = csi.create(300 * MiB, fs_type="xfs")
+    target = csi.mount(vol.volume_id, fs_type="xfs")
+    write_file(f"{target}/data", b"d" * MiB)
+    before = os.statvfs(target)
+    reply = csi.expand(vol.volume_id, 600 * MiB)
+    assert reply.capacity_bytes == 600 * MiB and reply.node_expansion_required
+    node = csi.node_expand(vol.volume_id, target, 600 * MiB)
+    assert node.capacity_bytes == 600 * MiB
+    after = os.statvfs(target)
+    assert after.f_blocks * after.f_frsize > before.f_blocks * before.f_frsize + 250 * MiB
+    assert read_file(f"{target}/data") == b"d" * MiB
+    csi.node_expand(vol.volume_id, target, 600 * MiB)  # idempotent
+    csi.umount(vol.volume_id)
+    csi.delete(vol.volume_id)
+
+
+def _has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+def test_expand_a_published_ext4_volume_online(csi: Csi) -> None:
+    if not _has_cap_sys_resource():
+        pytest.skip("online ext4 resize needs CAP_SYS_RESOURCE, which this machine's root lacks")
+    vol = csi.create(64 * MiB)
+    target = csi.mount(vol.volume_id)
+    csi.expand(vol.volume_id, 128 * MiB)
+    csi.node_expand(vol.volume_id, target, 128 * MiB)
+    st = os.statvfs(target)
+    assert st.f_blocks * st.f_frsize > 100 * MiB
+    csi.umount(vol.volume_id)
+    csi.delete(vol.volume_id)
+
+
+def test_an_ext4_volume_expanded_while_unstaged_grows_at_the_next_stage(csi: Csi) -> None:
+    vol = csi.create(64 * MiB)
+    target = csi.mount(vol.volume_id)
+    write_file(f"{target}/data", b"still here")
+    csi.umount(vol.volume_id)
+    reply = csi.expand(vol.volume_id, 192 * MiB)
+    assert reply.node_expansion_required
+    target = csi.mount(vol.volume_id)
+    st = os.statvfs(target)
+    assert st.f_blocks * st.f_frsize > 160 * MiB
+    assert read_file(f"{target}/data") == b"still here"
+    csi.umount(vol.volume_id)
+    csi.delete(vol.volume_id)
+
+
+def test_expand_a_published_block_volume_needs_no_node_step(csi: Csi) -> None:
+    vol = csi.create(16 * MiB, block=True)
+    target = csi.mount(vol.volume_id, block=True)
+    reply = csi.expand(vol.volume_id, 48 * MiB, block=True)
+    assert reply.capacity_bytes == 48 * MiB and not reply.node_expansion_required
+    assert blockfs.device_size(target) == 48 * MiB  # the controller refreshed the loop device
+    assert csi.node_expand(vol.volume_id, target, 48 * MiB, block=True).capacity_bytes == 48 * MiB
+    stats = csi.stats(vol.volume_id, target)
+    assert [(u.unit, u.total) for u in stats.usage] == [(1, 48 * MiB)]  # BYTES
+    csi.unpublish(vol.volume_id)
+    csi.unstage(vol.volume_id)
+    csi.delete(vol.volume_id)
+
+
+def test_stats_and_a_missing_image_reported_as_abnormal(csi: Csi, driver_root: Path) -> None:
+    vol = csi.create(32 * MiB)
+    target = csi.mount(vol.volume_id)
+    stats = csi.stats(vol.volume_id, target)
+    units = {u.unit: u for u in stats.usage}
+    assert set(units) == {1, 2}  # BYTES, INODES
+    assert 20 * MiB < units[1].total <= 32 * MiB
+    assert units[1].available <= units[1].total
+    assert not stats.volume_condition.abnormal
+    assert not csi.get_volume(vol.volume_id).status.volume_condition.abnormal
+
+    os.unlink(_image(driver_root, vol.volume_id))  # lost behind the driver's back
+    stats = csi.stats(vol.volume_id, target)
+    assert stats.volume_condition.abnormal
+    assert "missing" in stats.volume_condition.message
+    condition = csi.get_volume(vol.volume_id).status.volume_condition
+    assert condition.abnormal and "missing" in condition.message
+    # Cleaning up still works, and the orphaned loop device goes with the mount.
+    csi.umount(vol.volume_id)
+    assert [d for d in loop.list_devices() if d.backing_file.startswith(str(driver_root) + "/")] == []
+    csi.delete(vol.volume_id)
+
+
+def test_get_capacity_thin_and_thick(csi: Csi, driver_root: Path) -> None:
+    free = os.statvfs(driver_root)
+    thin_before = csi.capacity()
+    assert abs(thin_before - free.f_bavail * free.f_frsize) < 16 * MiB
+    sparse = csi.create(512 * MiB)
+    # A sparse volume costs (almost) nothing now but may claim its size later.
+    assert csi.capacity() > thin_before - 16 * MiB
+    assert csi.capacity({"allocation": "preallocated"}) < thin_before - 500 * MiB
+    thick = csi.create(128 * MiB, parameters={"allocation": "preallocated"})
+    assert os.stat(_image(driver_root, thick.volume_id)).st_blocks * 512 >= 128 * MiB
+    assert csi.capacity() < thin_before - 120 * MiB
+    with pytest.raises(grpc.RpcError) as err:
+        csi.capacity({"allocation": "sometimes"})
+    assert _code(err) == C.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        csi.create(8 << 30, parameters={"allocation": "preallocated"})
+    assert _code(err) == C.RESOURCE_EXHAUSTED
+    csi.delete(sparse.volume_id)
+    csi.delete(thick.volume_id)
