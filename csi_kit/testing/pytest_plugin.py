@@ -127,7 +127,9 @@ def csi_sanity(csi_sanity_config: SanityConfig) -> Iterator[SanityContext]:
     except RuntimeError as err:
         pytest.fail(str(err), pytrace=False)
     yield ctx
-    ctx.close()
+    problems = ctx.close()
+    if problems:
+        pytest.fail("session cleanup failed:\n  " + "\n  ".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -137,7 +139,11 @@ def csi_resources(csi_sanity: SanityContext) -> Iterator[Resources]:
     from csi_kit.testing.sanity._support import Resources
 
     res = Resources(csi_sanity)
-    yield res
+    csi_sanity.tracker = res
+    try:
+        yield res
+    finally:
+        csi_sanity.tracker = None
     problems = res.cleanup()
     csi_sanity.canary.assert_intact()
     if problems:

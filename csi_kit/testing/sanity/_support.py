@@ -135,22 +135,31 @@ def _rpc_name(call: Callable[..., Any]) -> str:
     return str(name).rsplit("/", 1)[-1] or repr(call)
 
 
+#: RPCs whose success makes something that must be cleaned up.
+_CREATING = frozenset({"CreateVolume", "CreateSnapshot", "CreateVolumeGroupSnapshot"})
+
+
 class _TimedStub:
     """Wraps a generated stub so every call carries the configured deadline
     and a readable RPC name (for error messages)."""
 
-    def __init__(self, stub: Any, timeout: float) -> None:
+    def __init__(self, stub: Any, timeout: float, on_created: Callable[[str, Any], None]) -> None:
         self._stub = stub
         self._timeout = timeout
+        self._on_created = on_created
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self._stub, name)
         timeout = self._timeout
+        on_created = self._on_created if name in _CREATING else None
 
         def call(request: Any, **kw: Any) -> Any:
             kw.setdefault("timeout", timeout)
             try:
-                return method(request, **kw)
+                response = method(request, **kw)
+                if on_created is not None:
+                    on_created(name, response)
+                return response
             except grpc.RpcError as err:
                 if err.code() == C.UNAVAILABLE:
                     # The driver went away: every later test would fail the
@@ -214,14 +223,31 @@ class SanityContext:
                 raise RuntimeError(
                     f"cannot connect to the CSI driver at {config.endpoint} within {config.connect_timeout}s"
                 ) from None
-        t = config.rpc_timeout
-        self.identity: Any = _TimedStub(pbg.IdentityStub(self.channel), t)
-        self.controller_identity: Any = _TimedStub(pbg.IdentityStub(self.controller_channel), t)
-        self.controller: Any = _TimedStub(pbg.ControllerStub(self.controller_channel), t)
-        self.group: Any = _TimedStub(pbg.GroupControllerStub(self.controller_channel), t)
-        self.node: Any = _TimedStub(pbg.NodeStub(self.channel), t)
+        t, hook = config.rpc_timeout, self._created
+        self.identity: Any = _TimedStub(pbg.IdentityStub(self.channel), t, hook)
+        self.controller_identity: Any = _TimedStub(pbg.IdentityStub(self.controller_channel), t, hook)
+        self.controller: Any = _TimedStub(pbg.ControllerStub(self.controller_channel), t, hook)
+        self.group: Any = _TimedStub(pbg.GroupControllerStub(self.controller_channel), t, hook)
+        self.node: Any = _TimedStub(pbg.NodeStub(self.channel), t, hook)
         self._tmp_base: str | None = None
+        #: Where objects made by any call are recorded for cleanup: the
+        #: running test's Resources, else a session-wide one.
+        self.tracker: Resources | None = None
+        self.session_resources = Resources(self)
         self.canary = Canary.create(self.scratch("canary-"))
+
+    def _created(self, rpc: str, response: Any) -> None:
+        """Record whatever a successful create made — also when a test
+        expected an error — so that nothing the suite causes is leaked."""
+        res = self.tracker or self.session_resources
+        if rpc == "CreateVolume":
+            res.track_volume(response.volume.volume_id)
+        elif rpc == "CreateSnapshot":
+            res.track_snapshot(response.snapshot.snapshot_id)
+        else:
+            g = response.group_snapshot
+            if g.group_snapshot_id and all(g.group_snapshot_id != gid for gid, _ in res.groups):
+                res.groups.append((g.group_snapshot_id, [s.snapshot_id for s in g.snapshots]))
 
     # -- capabilities ---------------------------------------------------
 
@@ -297,13 +323,19 @@ class SanityContext:
         os.makedirs(parent, exist_ok=True)
         return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
-    def close(self) -> None:
-        self.canary.assert_intact()
+    def close(self) -> list[str]:
+        """Undo what no test tracked; returns what could not be undone."""
+        problems = self.session_resources.cleanup()
+        try:
+            self.canary.assert_intact()
+        except AssertionError as err:
+            problems.append(str(err))
         if self._tmp_base is not None and not mounts_under(self._tmp_base):
             shutil.rmtree(self._tmp_base, ignore_errors=True)
         self.channel.close()
         if self.controller_channel is not self.channel:
             self.controller_channel.close()
+        return problems
 
     # -- request builders -------------------------------------------------
 

@@ -31,7 +31,8 @@ def create_group(
     )
     group = ctx.group.CreateVolumeGroupSnapshot(req).group_snapshot
     assert group.group_snapshot_id, "group snapshot without group_snapshot_id"
-    res.groups.append((group.group_snapshot_id, [s.snapshot_id for s in group.snapshots]))
+    if all(gid != group.group_snapshot_id for gid, _ in res.groups):
+        res.groups.append((group.group_snapshot_id, [s.snapshot_id for s in group.snapshots]))
     return req, group
 
 

@@ -102,6 +102,7 @@ def machine_for(ctx: SanityContext, *, node: bool) -> type[RuleBasedStateMachine
         def __init__(self) -> None:
             super().__init__()
             self.res = Resources(ctx)
+            ctx.tracker = self.res
             self.vols: dict[str, VolModel] = {}
             self.snapshots: dict[str, SnapModel] = {}
             self.names: dict[str, str] = {}
@@ -302,6 +303,7 @@ def machine_for(ctx: SanityContext, *, node: bool) -> type[RuleBasedStateMachine
                 )
 
         def teardown(self) -> None:
+            ctx.tracker = None
             problems = self.res.cleanup()
             assert not problems, "teardown failed:\n  " + "\n  ".join(problems)
 
