@@ -23,7 +23,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs root (real mounts and loop devices)"))
         if item.get_closest_marker("vm") and not in_vm:
             item.add_marker(
-                pytest.mark.skip(reason="needs a kernel with quota/device-mapper support: runs in the VM harness")
+                pytest.mark.skip(
+                    reason="needs a kernel with quota/device-mapper support: runs in the VM harness"
+                )
             )
         if item.get_closest_marker("lvm") and not (in_vm or _has_device_mapper()):
-            item.add_marker(pytest.mark.skip(reason="no device-mapper in this kernel: runs in the VM harness"))
+            item.add_marker(
+                pytest.mark.skip(reason="no device-mapper in this kernel: runs in the VM harness")
+            )
