@@ -1,4 +1,4 @@
-"""Build hook: generate csi_kit/_pb from proto/csi.proto (never committed).
+"""Build hook: generate csi_kit/_pb from proto/*.proto (never committed).
 
 All metadata lives in setup.cfg; this file only adds the protoc step so that
 every build (wheel, sdist install, editable) carries code made from the
@@ -20,17 +20,19 @@ OUT = os.path.join(HERE, "csi_kit", "_pb")
 
 
 def generate_protos() -> None:
-    """Run protoc (from grpcio-tools) on proto/csi.proto into csi_kit/_pb."""
+    """Run protoc (from grpcio-tools) on every proto/*.proto into csi_kit/_pb."""
     import grpc_tools
     from grpc_tools import protoc
 
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    protos = sorted(f for f in os.listdir(os.path.join(HERE, "proto")) if f.endswith(".proto"))
     with tempfile.TemporaryDirectory() as tmp:
-        # The proto is placed at csi_kit/_pb/csi.proto inside the include root
-        # so the generated gRPC module imports its messages package-relative.
+        # Each proto is placed at csi_kit/_pb/NAME.proto inside the include root
+        # so the generated gRPC modules import their messages package-relative.
         pkg = os.path.join(tmp, "csi_kit", "_pb")
         os.makedirs(pkg)
-        shutil.copy(os.path.join(HERE, "proto", "csi.proto"), pkg)
+        for name in protos:
+            shutil.copy(os.path.join(HERE, "proto", name), pkg)
         rc = protoc.main(
             [
                 "grpc_tools.protoc",
@@ -39,14 +41,15 @@ def generate_protos() -> None:
                 f"--python_out={tmp}",
                 f"--pyi_out={tmp}",
                 f"--grpc_python_out={tmp}",
-                "csi_kit/_pb/csi.proto",
+                *[f"csi_kit/_pb/{name}" for name in protos],
             ]
         )
         if rc != 0:
             raise RuntimeError(f"protoc failed with exit code {rc}")
         os.makedirs(OUT, exist_ok=True)
-        for name in ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"):
-            shutil.copy(os.path.join(pkg, name), os.path.join(OUT, name))
+        for name in os.listdir(pkg):
+            if name.endswith((".py", ".pyi")):
+                shutil.copy(os.path.join(pkg, name), os.path.join(OUT, name))
 
 
 class BuildPy(build_py):
