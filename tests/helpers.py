@@ -2,9 +2,9 @@
 request builders, short state directories, and backends whose calls a test
 can hold inside the backend.
 
-Run as a script (``python tests/helpers.py STATE_DIR GATE_FIFO [serve args]``)
+Run as a script (``python tests/helpers.py STATE_DIR GATE_DIR [--log-level L]``)
 it serves a hostPath driver whose CreateVolume and CreateSnapshot stop inside
-the backend until something is written to GATE_FIFO: the crash and drain tests
+the backend until a line is written to a FIFO in GATE_DIR: the crash and drain tests
 use it to act on a driver *process* at a known moment, without sleeping.
 """
 
@@ -235,16 +235,17 @@ class GatedHostPath(HostPathBackend):
 
 
 class _FifoGated(HostPathBackend):
-    """hostPath that blocks inside CreateVolume / CreateSnapshot until a line is
-    written to the FIFO named by CSI_KIT_TEST_GATE (opening the FIFO for writing
-    returns once the call is inside the backend)."""
+    """hostPath whose CreateVolume and CreateSnapshot block inside the backend
+    until a line is written to the FIFO ``GATE_DIR/volume`` or
+    ``GATE_DIR/snapshot`` (GATE_DIR from CSI_KIT_TEST_GATE).  A test opening
+    the FIFO for writing (non-blocking, retried) succeeds once a call is inside."""
 
-    def _wait(self) -> None:
-        with open(os.environ["CSI_KIT_TEST_GATE"], "rb") as f:
+    def _wait(self, kind: str) -> None:
+        with open(os.path.join(os.environ["CSI_KIT_TEST_GATE"], kind), "rb") as f:
             f.readline()
 
     def _place(self, staged: str, volume_id: str, capacity_bytes: int, *, recursive: bool) -> CreatedVolume:
-        self._wait()  # the directory exists in .incoming; the row says 'creating'
+        self._wait("volume")  # the directory exists in .incoming; the row says 'creating'
         return super()._place(staged, volume_id, capacity_bytes, recursive=recursive)
 
     def create_snapshot(
@@ -252,13 +253,44 @@ class _FifoGated(HostPathBackend):
     ) -> CreatedSnapshot:
         staged = self._incoming("snap", snapshot_id)
         os.mkdir(staged)
-        self._wait()
+        self._wait("snapshot")
         os.rmdir(staged)
         return super().create_snapshot(snapshot_id, source, parameters)
 
 
-def gated_process_argv(state_dir: str, fifo: str, *extra: str) -> list[str]:
-    return [sys.executable, HERE, state_dir, fifo, *extra]
+def make_gates(gate_dir: str) -> None:
+    os.makedirs(gate_dir, exist_ok=True)
+    for kind in ("volume", "snapshot"):
+        os.mkfifo(os.path.join(gate_dir, kind))
+
+
+def enter_gate(gate_dir: str, kind: str, attempts: int = 1200) -> int:
+    """Wait until a call is blocked inside the backend at ``kind``; return the
+    FIFO's write end (write a line to let the call go on, or keep it open)."""
+    import errno
+    import time
+
+    path = os.path.join(gate_dir, kind)
+    for _ in range(attempts):
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        time.sleep(0.025)
+    raise TimeoutError(f"no call reached the {kind} gate")
+
+
+def pass_gate(gate_dir: str, kind: str) -> None:
+    fd = enter_gate(gate_dir, kind)
+    try:
+        os.write(fd, b"go\n")
+    finally:
+        os.close(fd)
+
+
+def gated_process_argv(state_dir: str, gate_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, HERE, state_dir, gate_dir, *extra]
 
 
 def _serve_gated(argv: list[str]) -> int:
@@ -267,8 +299,8 @@ def _serve_gated(argv: list[str]) -> int:
     from csi_kit.driver import Driver, DriverConfig
     from csi_kit.log import setup_logging
 
-    state_dir, fifo, *rest = argv
-    os.environ["CSI_KIT_TEST_GATE"] = fifo
+    state_dir, gate_dir, *rest = argv
+    os.environ["CSI_KIT_TEST_GATE"] = gate_dir
     level = rest[rest.index("--log-level") + 1] if "--log-level" in rest else "info"
     setup_logging(level)
     config = DriverConfig(
