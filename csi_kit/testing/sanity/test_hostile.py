@@ -19,6 +19,7 @@ import pytest
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.testing.sanity._support import (
     C,
+    Canary,
     CtrlCap,
     NodeCap,
     Resources,
@@ -53,9 +54,15 @@ def hostile(ctx: SanityContext, kind: str) -> str:
 class _Alive:
     @pytest.fixture(autouse=True)
     def _driver_survives(self, csi_sanity: SanityContext) -> Iterator[None]:
-        """After each hostile call the driver still answers Probe."""
+        """After each hostile call the driver still answers Probe and the
+        canary is intact (checked here, so the guilty test is the one named)."""
         yield
         csi_sanity.identity.Probe(pb.ProbeRequest())
+        try:
+            csi_sanity.canary.assert_intact()
+        except AssertionError:
+            csi_sanity.canary = Canary.create(csi_sanity.scratch("canary-"))  # for the tests after this one
+            raise
 
 
 @pytest.mark.parametrize("kind", ID_KINDS)
