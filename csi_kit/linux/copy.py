@@ -475,6 +475,17 @@ def _set_meta_path(dir_fd: int, name: str, st: os.stat_result, *, symlink: bool)
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
+def _open_dir(path: str, what: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{what} does not exist") from None
+    except NotADirectoryError:
+        raise InvalidArgument(f"{what} is not a directory") from None
+    except OSError as e:
+        raise _os_error(e, f"open {what}") from e
+
+
 def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
@@ -491,25 +502,19 @@ def copy_tree(src: str, dst: str, *, reflink: bool | None = None) -> CopyStats:
         raise InvalidArgument(f"invalid copy destination {dst!r}")
     if _inside(dst_abs, src_abs):
         raise InvalidArgument(f"cannot copy {src} into itself ({dst})")
-    try:
-        src_fd = os.open(src_abs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound(f"copy source {src} does not exist") from None
-    except NotADirectoryError:
-        raise InvalidArgument(f"copy source {src} is not a directory") from None
+    src_fd = _open_dir(src_abs, f"copy source {src}")
     try:
         parent, name = os.path.split(dst_abs)
         if reflink is True and not reflink_supported(parent):
             raise FailedPrecondition(f"the filesystem of {parent} does not support reflinks")
-        try:
-            parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"parent directory of {dst} does not exist") from None
+        parent_fd = _open_dir(parent, f"parent directory of {dst}")
         try:
             try:
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
             except FileExistsError:
                 raise AlreadyExists(f"copy destination {dst} already exists") from None
+            except OSError as e:
+                raise _os_error(e, f"create {dst}") from e
             try:
                 dst_fd = os.open(
                     name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd

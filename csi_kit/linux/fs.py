@@ -81,6 +81,9 @@ def tree_usage(path: str) -> tuple[int, int]:
             it = os.scandir(directory)
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except PermissionError:
+            log.warning("tree_usage: cannot read %s; its contents are not counted", directory)
+            continue
         with it:
             for entry in it:
                 try:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from csi_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from csi_kit.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from csi_kit.linux.copy import (
     clone_file,
     copy_file,
@@ -17,6 +25,7 @@ from csi_kit.linux.copy import (
     copy_tree,
     reflink_supported,
 )
+from csi_kit.linux.mounts import bind_mount
 
 pytestmark = pytest.mark.privileged
 
@@ -256,3 +265,14 @@ def test_copy_file_rejects_directories_and_missing_sources(xfs_dir: Path) -> Non
     with pytest.raises(NotFound):
         copy_file(str(xfs_dir / "missing"), str(xfs_dir / "dst"))
     assert not (xfs_dir / "dst").exists()
+
+
+def test_read_only_destination_is_a_csi_error(xfs_dir: Path, unmount_after: Callable[[Path], Path]) -> None:
+    src = xfs_dir / "src"
+    src.mkdir()
+    (xfs_dir / "ro-origin").mkdir()
+    read_only = unmount_after(xfs_dir / "ro")
+    read_only.mkdir()
+    bind_mount(str(xfs_dir / "ro-origin"), str(read_only), readonly=True)
+    with pytest.raises(Internal, match="EROFS"):
+        copy_tree(str(src), str(read_only / "dst"))
