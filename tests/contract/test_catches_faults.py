@@ -21,7 +21,7 @@ import pytest
 from csi_kit.linux.run import run
 
 sys.path.insert(0, os.path.dirname(__file__))
-import fakedriver  # noqa: E402
+import fakedriver
 
 _LINE = re.compile(r"^(PASS|FAIL|SKIP) (\S+)")
 _TALLY = re.compile(r"^(\d+) passed, (\d+) failed, (\d+) skipped$")
@@ -202,7 +202,7 @@ def test_correct_driver_passes_the_whole_suite(tmp_path: object) -> None:
 
 def test_exit_status_and_tally_when_nothing_listens(tmp_path: object) -> None:
     """No driver at the endpoint: every test fails, the exit status says so."""
-    outcomes, out, rc = run_suite(f"unix://{tmp_path}/nobody.sock", "probe_succeeds")
+    _outcomes, out, rc = run_suite(f"unix://{tmp_path}/nobody.sock", "probe_succeeds")
     assert rc != 0
     assert out.strip().splitlines()[-1] == "0 passed, 1 failed, 0 skipped", out
     assert "cannot connect" in out
