@@ -394,7 +394,12 @@ class LoopfileBackend(BlockDeviceBackend):
         with self._quiesced(source.volume_id):
             self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
         try:
-            fs.sync_path(staged)
+            # Durable when acknowledged: the copy's data and metadata, then its name.
+            fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.rename(staged, self.snapshot_path(snapshot_id))
             _fsync_dir(self.snapshots_dir)
         except BaseException:
