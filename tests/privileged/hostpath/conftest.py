@@ -42,7 +42,7 @@ def filesystem(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     tool = f"mkfs.{fs_type}"
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed")
-    size = 320 if fs_type == "xfs" else 128
+    size = int(getattr(request.module, "FS_SIZE_MB", 320 if fs_type == "xfs" else 128))
     options = list(getattr(request.module, "FS_OPTIONS", ()))
     with loop_mounted_fs(
         str(tmp_path_factory.mktemp(fs_type)), fs_type, size, options=options

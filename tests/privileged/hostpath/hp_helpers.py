@@ -37,9 +37,9 @@ def fill(directory: str, seed: int = 0) -> None:
     with open(os.path.join(directory, "sub", "deeper", "text.txt"), "w") as f:
         f.write(f"seed {seed}\n" * 1000)
     with open(os.path.join(directory, "sparse.img"), "wb") as f:
-        f.truncate(64 << 20)
-        f.seek(10 << 20)
-        f.write(os.urandom(1 << 20))
+        f.truncate(16 << 20)
+        f.seek(4 << 20)
+        f.write(os.urandom(512 << 10))
     open(os.path.join(directory, "empty"), "w").close()
     os.chmod(os.path.join(directory, "sub", "deeper", "text.txt"), 0o640)
     os.symlink("sub/deeper/text.txt", os.path.join(directory, "link"))

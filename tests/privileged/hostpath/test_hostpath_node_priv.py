@@ -156,7 +156,8 @@ def test_volume_stats_bytes_and_inodes(hostpath: HostPath, targets: str) -> None
     publish(hostpath, vol.volume_id, target)
     with open(os.path.join(target, "data"), "wb") as f:
         f.write(os.urandom(1 << 20))
-    os.sync()
+        f.flush()
+        os.fsync(f.fileno())
     resp = hostpath.csi.node.NodeGetVolumeStats(
         pb.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=target)
     )
