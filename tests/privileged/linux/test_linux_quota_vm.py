@@ -78,3 +78,22 @@ def test_recursive_set_project_moves_existing_files(prjquota_mount: Path) -> Non
 @pytest.mark.vm
 def test_unused_project_reports_zero(prjquota_mount: Path) -> None:
     assert quota.project_usage(str(prjquota_mount), 4_000_000) == (0, 0)
+
+
+@pytest.mark.vm
+def test_quotactl_on_the_block_device_when_quotactl_fd_is_missing(
+    prjquota_mount: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_quotactl_fd(*args: object) -> None:
+        raise OSError(errno.ENOSYS, "quotactl_fd")
+
+    monkeypatch.setattr(quota, "_quotactl_fd", no_quotactl_fd)
+    volume = prjquota_mount / "old-kernel"
+    volume.mkdir()
+    quota.set_project(str(volume), 1003)
+    assert quota.project_quota_enabled(str(volume))
+    quota.set_project_limit(str(volume), 1003, 2 * MiB)
+    assert quota.get_project_quota(str(volume), 1003).hard_bytes == 2 * MiB
+    (volume / "f").write_bytes(b"x" * 8192)
+    used, inodes = quota.project_usage(str(volume), 1003)
+    assert used >= 8192 and inodes == 2
