@@ -227,6 +227,10 @@ def test_random_kill_9_rounds(state: str) -> None:
             if round_no:
                 out = _new_log(log, offset)
                 assert "orphan" not in out, out
+                cleaned = [
+                    ln.split("reconcile: ", 1)[1] for ln in out.splitlines() if "reconcile: cleaned" in ln
+                ]
+                print(f"round {round_no}: {ledger.acks()} acknowledged; reconcile {cleaned or 'had nothing'}")
                 _check(csi, state, ledger)
             if round_no == rounds:
                 break
