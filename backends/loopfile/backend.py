@@ -26,8 +26,9 @@ through a loop device, holding a real filesystem (ext4, xfs) or used raw.
   no node step and say so.
 * **Leaks.**  A volume still in use (mounted, bound, or block-staged) is
   never deleted; deleting it detaches its idle loop devices.  At start-up,
-  loop devices whose image under the root is gone (or is in .incoming) are
-  detached and reported (`describe()["detached-at-start"]`).
+  loop devices whose image under the root is gone (or is in .incoming), and
+  devices left attached but used by nothing (a stage a crash interrupted),
+  are detached and reported (`describe()["detached-at-start"]`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import attrs
 from csi_kit.backend import BackendContext, GiB, MiB
 from csi_kit.block import BlockDeviceBackend
 from csi_kit.errors import (
+    Aborted,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -163,6 +165,14 @@ class LoopfileBackend(BlockDeviceBackend):
                     "detached" if gone else "it is in use and will detach when its last user closes it",
                 )
                 found.append(what)
+            elif os.path.dirname(backing) == self.volumes_dir and backing.endswith(SUFFIX):
+                # Attached for a stage that a crash interrupted before anything used it.
+                volume_id = os.path.basename(backing)[: -len(SUFFIX)]
+                if not device.autoclear and not self.device_users(volume_id, device.path):
+                    loop.detach(device)
+                    what = f"{device.path} ({backing}, idle)"
+                    log.warning("start-up: %s was attached but used by nothing; detached", what)
+                    found.append(what)
         return found
 
     def describe(self) -> Mapping[str, str]:
@@ -287,6 +297,9 @@ class LoopfileBackend(BlockDeviceBackend):
             with fs.frozen(mounted[0].mount_point):
                 yield
             return
+        if device.autoclear:
+            # Attached for a filesystem that is not mounted yet: a stage (maybe mkfs) is running.
+            raise Aborted(f"volume {volume_id!r} is being staged; retry the copy when it is done")
         fd = os.open(device.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)  # a raw volume's writes may still sit in the device's page cache

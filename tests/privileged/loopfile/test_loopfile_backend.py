@@ -11,7 +11,7 @@ import pytest
 from loopfile_helpers import MiB
 
 from csi_kit.backend import BackendContext
-from csi_kit.errors import FailedPrecondition, InvalidArgument
+from csi_kit.errors import Aborted, FailedPrecondition, InvalidArgument
 from csi_kit.linux import loop
 from csi_kit.linux.mounts import is_mounted
 from csi_kit.types import (
@@ -19,6 +19,7 @@ from csi_kit.types import (
     MountAccess,
     PublishRequest,
     StageRequest,
+    Volume,
     VolumeCapability,
     VolumeRequest,
 )
@@ -45,35 +46,44 @@ def _request(size: int, block: bool = False) -> VolumeRequest:
     return VolumeRequest("v", size, CapacityRange(size), (_cap(block),))
 
 
-def test_start_detaches_devices_whose_image_is_gone(driver_root: Path) -> None:
+def test_start_detaches_devices_whose_image_is_gone_or_that_nothing_uses(
+    driver_root: Path, work: Path
+) -> None:
     backend = _backend(driver_root)
-    kept = backend.create_volume("kept", _request(8 * MiB))
-    assert kept.capacity_bytes == 8 * MiB
+    backend.create_volume("idle", _request(8 * MiB, True))
+    backend.create_volume("staged", _request(8 * MiB, True))
+    staging = work / "staging"
+    staging.mkdir()
+    backend.node_stage(StageRequest("staged", str(staging), _cap(True)))
     gone = backend.image_path("gone")
     with open(gone, "wb") as f:
         f.truncate(8 * MiB)
     leftover = os.path.join(backend.incoming_dir, "vol-interrupted.img")
     with open(leftover, "wb") as f:
         f.truncate(8 * MiB)
-    attached = [loop.attach(path) for path in (gone, leftover, backend.image_path("kept"))]
+    attached = [loop.attach(path) for path in (gone, leftover, backend.image_path("idle"))]
     try:
         for a in attached:
             a.close()  # not autoclear: they stay
         os.unlink(gone)
         restarted = _backend(driver_root)
-        assert len(restarted.detached_at_start) == 2
+        assert len(restarted.detached_at_start) == 3
         assert any("(deleted)" in what for what in restarted.detached_at_start)
+        assert any("idle" in what for what in restarted.detached_at_start)
         assert "detached-at-start" in restarted.describe()
         assert loop.device_for(gone, include_deleted=True) is None
         assert loop.device_for(leftover) is None
+        assert loop.device_for(backend.image_path("idle")) is None
         assert not os.path.exists(leftover)
-        # A device on an image that still exists is not a stray.
-        assert loop.device_for(backend.image_path("kept")) is not None
-        assert restarted.inventory().volume_ids == frozenset({"kept"})
+        # A block-staged volume's device is in use: it stays.
+        assert loop.device_for(backend.image_path("staged")) is not None
+        assert restarted.inventory().volume_ids == frozenset({"idle", "staged"})
     finally:
         for a in attached:
             loop.detach(a.device)
-    backend.delete_volume("kept")
+        backend.node_unstage("staged", str(staging))
+    backend.delete_volume("idle")
+    backend.delete_volume("staged")
 
 
 @pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
@@ -123,3 +133,17 @@ def test_xfs_volumes_are_made_big_enough_for_mkfs_xfs(driver_root: Path) -> None
     with pytest.raises(InvalidArgument):
         backend.image_path("../escape")
     backend.delete_volume("x")
+
+
+def test_a_snapshot_during_a_stage_in_progress_is_aborted(driver_root: Path) -> None:
+    backend = _backend(driver_root)
+    backend.create_volume("vol", _request(8 * MiB))
+    volume = Volume("vol", "vol", 8 * MiB)
+    # What NodeStage holds between attach and mount (mkfs may be running): copying now is not safe.
+    with loop.attach(backend.image_path("vol"), autoclear=True), pytest.raises(Aborted, match="being staged"):
+        backend.create_snapshot("snap", volume, {})
+    assert loop.device_for(backend.image_path("vol")) is None  # autoclear: gone with our handle
+    backend.create_snapshot("snap", volume, {})
+    assert backend.inventory().snapshot_ids == frozenset({"snap"})
+    backend.delete_snapshot("snap")
+    backend.delete_volume("vol")
