@@ -154,7 +154,10 @@ class Informer:
                 self._notify("SYNC", obj, obj)
 
     async def run(self) -> None:
-        """Run until cancelled."""
+        """Run until cancelled; each run starts from an empty cache, so every object is seen as added."""
+        self.cache.clear()
+        self.synced.clear()
+        self._last_rv = ""
         resync = asyncio.create_task(self._resync()) if self.resync_period > 0 else None
         try:
             need_list = True

@@ -58,7 +58,15 @@ class Loop:
         return report
 
     async def run(self) -> None:
-        """Run informers and workers until cancelled; cancellation stops everything cleanly."""
+        """Run informers and workers until cancelled; cancellation stops everything cleanly.
+
+        A loop may be run again after it stopped (leader election does that when
+        the lease comes back): queues and caches start empty, and the initial
+        list hands every object to the syncs again.
+        """
+        self.started.clear()
+        for q, _ in self.queues:
+            q.reset()
         tasks = [asyncio.create_task(i.run()) for i in self.informers]
         try:
             await wait_synced(self.informers)

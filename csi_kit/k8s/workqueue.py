@@ -101,6 +101,16 @@ class WorkQueue:
             self._queue.append(key)
             self._wakeup.set()
 
+    def reset(self) -> None:
+        """Empty and re-open the queue, for a loop that starts again (e.g. after regaining its lease)."""
+        self.shutdown()
+        self._queue.clear()
+        self._dirty.clear()
+        self._processing.clear()
+        self._failures.clear()
+        self._wakeup = asyncio.Event()
+        self._shutdown = False
+
     def shutdown(self) -> None:
         self._shutdown = True
         for _, handle in self._timers.values():

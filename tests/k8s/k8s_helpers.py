@@ -29,13 +29,20 @@ async def eventually(pred: Callable[[], Any], what: str = "condition", limit: fl
         await asyncio.sleep(0.005)
 
 
-async def settle(api: FakeKubeAPI, rounds: int = 40) -> None:
-    """Let the loops run until the API sees no new writes for a while."""
+async def settle(api: FakeKubeAPI, rounds: int = 40, limit: float = 3.0) -> None:
+    """Let the loops run until the API sees no new writes for a while (or `limit` seconds pass)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    writes = {"create", "update", "update_status", "patch", "patch_status", "delete"}
+
+    def count() -> int:
+        return sum(n for (verb, _), n in api.requests.items() if verb in writes)
+
     last = -1
     quiet = 0
-    while quiet < rounds:
+    while quiet < rounds and loop.time() < deadline:
         await asyncio.sleep(0.005)
-        now = api.total_requests
+        now = count()
         quiet = quiet + 1 if now == last else 0
         last = now
 

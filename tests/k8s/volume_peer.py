@@ -516,4 +516,44 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
 
 
 Waiter = Callable[..., Awaitable[Any]]
-__all__ = ["GiB", "format_quantity"]
+
+
+async def make_bound(
+    api: FakeKubeAPI,
+    name: str = "data",
+    ns: str = "default",
+    *,
+    size: str = "1Gi",
+    driver: str = DRIVER,
+    handle: str | None = None,
+    csi_extra: dict[str, Any] | None = None,
+) -> tuple[Obj, Obj]:
+    """A claim bound to a PV of `driver`, as after provisioning and binding."""
+    pvc = await api.create(
+        PVC,
+        {
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "fast",
+                "resources": {"requests": {"storage": size}},
+                "volumeName": f"pv-{name}",
+            },
+        },
+    )
+    pv = await api.create(
+        PV,
+        {
+            "metadata": {"name": f"pv-{name}"},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": ["ReadWriteOnce"],
+                "volumeMode": "Filesystem",
+                "claimRef": {"namespace": ns, "name": name, "uid": k.uid_of(pvc)},
+                "csi": {"driver": driver, "volumeHandle": handle or f"vol-{name}", **(csi_extra or {})},
+            },
+        },
+    )
+    pvc["status"] = {"phase": "Bound", "capacity": {"storage": size}}
+    pvc = await api.update_status(PVC, pvc)
+    return pvc, pv

@@ -1,0 +1,267 @@
+"""Command-line hooks for the Kubernetes loops, called by `csi_kit.cli`.
+
+`add_controller_options` adds the options (each with a `CSI_KIT_<NAME>`
+environment default, the way a Deployment usually configures a container);
+`run_controllers` connects to the driver over CSI, discovers what it can do,
+and runs the selected loops -- each under its own Lease when leader election
+is on -- until told to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from csi_kit.k8s import metrics
+from csi_kit.k8s.api import KubeAPI
+from csi_kit.k8s.csi_client import CSIClient, CSIError, DriverInfo
+from csi_kit.k8s.leader import LeaderElector
+from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
+from csi_kit.k8s.snapshot.controller import SnapshotController
+from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
+from csi_kit.k8s.snapshot.sidecar import Snapshotter
+
+log = logging.getLogger(__name__)
+
+# Loop names accepted by --controllers.  "snapshot" is both halves; pick one
+# half when the other runs elsewhere (e.g. the cluster already has the
+# upstream snapshot-controller: then run only "snapshotter").
+CONTROLLERS = {
+    "snapshot": ("snapshot-controller", "snapshotter"),
+    "snapshot-controller": ("snapshot-controller",),
+    "snapshotter": ("snapshotter",),
+    "all": ("snapshot-controller", "snapshotter"),
+}
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get("CSI_KIT_" + name.upper().replace("-", "_"), default)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    v = _env(name, None)
+    return default if v is None else str(v).lower() in ("1", "true", "yes", "on")
+
+
+def _default_namespace() -> str:
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def add_controller_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Kubernetes loops")
+    g.add_argument(
+        "--controllers",
+        default=_env("controllers", ""),
+        help="comma list of loops to run: snapshot (= snapshot-controller + snapshotter), "
+        "snapshot-controller, snapshotter, all; empty runs none",
+    )
+    g.add_argument(
+        "--kubeconfig",
+        default=_env("kubeconfig", None),
+        help="kubeconfig file; in-cluster service account when not given",
+    )
+    g.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("leader-election", False),
+        help="run each loop only while holding its Lease (needed with more than one replica)",
+    )
+    g.add_argument("--leader-election-namespace", default=_env("leader-election-namespace", None))
+    g.add_argument(
+        "--leader-election-identity", default=_env("leader-election-identity", socket.gethostname())
+    )
+    g.add_argument(
+        "--leader-election-lease-duration",
+        type=float,
+        default=float(_env("leader-election-lease-duration", 15)),
+    )
+    g.add_argument(
+        "--leader-election-renew-deadline",
+        type=float,
+        default=float(_env("leader-election-renew-deadline", 10)),
+    )
+    g.add_argument(
+        "--leader-election-retry-period", type=float, default=float(_env("leader-election-retry-period", 5))
+    )
+    g.add_argument(
+        "--kube-api-qps",
+        type=float,
+        default=float(_env("kube-api-qps", 5)),
+        help="client-side request rate limit (0 lifts it)",
+    )
+    g.add_argument("--kube-api-burst", type=int, default=int(_env("kube-api-burst", 10)))
+    g.add_argument(
+        "--node-deployment",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("node-deployment", False),
+        help="per-node mode: the snapshotter handles only contents labelled for --node-name",
+    )
+    g.add_argument("--node-name", default=_env("node-name", os.environ.get("NODE_NAME")))
+    g.add_argument(
+        "--distributed-snapshotting",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("distributed-snapshotting", False),
+        help="snapshot-controller labels contents with the node of their local volume",
+    )
+    g.add_argument(
+        "--extra-create-metadata",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("extra-create-metadata", False),
+        help="pass the VolumeSnapshot/VolumeSnapshotContent names to CreateSnapshot as parameters",
+    )
+    g.add_argument("--resync-period", type=float, default=float(_env("resync-period", 900)), help="seconds")
+    g.add_argument("--workers", type=int, default=int(_env("workers", 10)))
+    g.add_argument("--retry-interval-start", type=float, default=float(_env("retry-interval-start", 1)))
+    g.add_argument("--retry-interval-max", type=float, default=float(_env("retry-interval-max", 300)))
+    g.add_argument(
+        "--csi-timeout", type=float, default=float(_env("csi-timeout", 60)), help="seconds per CSI call"
+    )
+
+
+def selected(args: argparse.Namespace) -> set[str]:
+    out: set[str] = set()
+    for item in (args.controllers or "").split(","):
+        item = item.strip()
+        if not item or item == "none":
+            continue
+        if item not in CONTROLLERS:
+            raise ValueError(f"unknown controller {item!r}; choose from {', '.join(sorted(CONTROLLERS))}")
+        out.update(CONTROLLERS[item])
+    return out
+
+
+async def _discover(client: CSIClient, stop: asyncio.Event) -> DriverInfo | None:
+    """Wait for the driver to answer (it may still be starting), as the sidecars do."""
+    while not stop.is_set():
+        try:
+            return await client.driver_info()
+        except CSIError as e:
+            log.info("waiting for the CSI driver at %s: %s", client.endpoint, e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    return None
+
+
+def _connect(args: argparse.Namespace) -> KubeAPI:
+    from csi_kit.k8s.lightkube_api import LightkubeAPI
+
+    return LightkubeAPI.connect(args.kubeconfig)
+
+
+async def run_controllers(
+    args: argparse.Namespace,
+    csi_endpoint: str,
+    stop: asyncio.Event,
+    *,
+    connect: Callable[[argparse.Namespace], KubeAPI] = _connect,
+) -> None:
+    """Run the loops selected by `args` against the driver at `csi_endpoint` until `stop` is set.
+
+    `connect` builds an API client (the lightkube adapter by default; tests
+    pass the fake).  It is called twice when leader election is on: the
+    Lease gets its own client, outside the loops' QPS budget.
+    """
+    wanted = selected(args)
+    if not wanted:
+        return
+    client = CSIClient(csi_endpoint, timeout=args.csi_timeout)
+    clients: list[Any] = []
+    try:
+        info = await _discover(client, stop)
+        if info is None:
+            return
+        log.info(
+            "CSI driver %s %s, controller capabilities %s",
+            info.name,
+            info.vendor_version,
+            sorted(info.controller_capabilities),
+        )
+        raw = connect(args)
+        clients.append(raw)
+        api = ThrottledAPI(raw, TokenBucket(args.kube_api_qps, args.kube_api_burst))
+        timing = {"base_delay": args.retry_interval_start, "max_delay": args.retry_interval_max}
+        loops: list[tuple[Loop, str | None]] = []
+        if "snapshot-controller" in wanted:
+            ctrl = SnapshotController(
+                api,
+                workers=args.workers,
+                resync_period=args.resync_period,
+                distributed=args.distributed_snapshotting,
+                **timing,
+            )
+            loops.append((ctrl, "snapshot-controller-leader"))
+        if "snapshotter" in wanted:
+            if "CREATE_DELETE_SNAPSHOT" not in info.controller_capabilities:
+                log.warning(
+                    "driver %s does not offer CREATE_DELETE_SNAPSHOT: not running the snapshotter", info.name
+                )
+            else:
+                node = None
+                if args.node_deployment:
+                    if not args.node_name:
+                        raise ValueError("--node-deployment needs --node-name (or NODE_NAME)")
+                    node = args.node_name
+                snapper = Snapshotter(
+                    api,
+                    client,
+                    info.name,
+                    workers=args.workers,
+                    resync_period=args.resync_period,
+                    extra_create_metadata=args.extra_create_metadata,
+                    node_name=node,
+                    **timing,
+                )
+                # Per-node snapshotters each own their node's contents: no election among them.
+                lease = None if node else "external-snapshotter-leader-" + sanitize_lease_name(info.name)
+                loops.append((snapper, lease))
+
+        lease_api: KubeAPI | None = None
+        if args.leader_election:
+            lease_api = connect(args)
+            clients.append(lease_api)
+        namespace = args.leader_election_namespace or _default_namespace()
+
+        async def run_one(loop: Loop, lease: str | None) -> None:
+            if lease_api is None or lease is None:
+                task = asyncio.create_task(loop.run())
+                await stop.wait()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return
+
+            def body() -> Coroutine[Any, Any, None]:
+                return loop.run()
+
+            elector = LeaderElector(
+                lease_api,
+                lease_name=lease,
+                namespace=namespace,
+                identity=args.leader_election_identity,
+                lease_duration=args.leader_election_lease_duration,
+                renew_deadline=args.leader_election_renew_deadline,
+                retry_period=args.leader_election_retry_period,
+                on_change=lambda lead: metrics.LEADER.labels(loop.name).set(1 if lead else 0),
+            )
+            await elector.run(body, stop)
+
+        await asyncio.gather(*(run_one(loop, lease) for loop, lease in loops))
+    finally:
+        await client.close()
+        for c in clients:
+            close = getattr(c, "close", None)
+            if close is not None:
+                await close()

@@ -1,0 +1,104 @@
+"""`run_controllers` as the CLI runs it: discovery over CSI, Leases, leader loss, clean stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+from csi_peer import ScriptedCSI
+from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot, make_volume, settle
+from prometheus_client import REGISTRY
+
+from csi_kit.k8s.api import LEASE, ApiError, Obj, Resource
+from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_controller_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_options_take_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSI_KIT_CONTROLLERS", "snapshotter")
+    monkeypatch.setenv("CSI_KIT_KUBE_API_QPS", "50")
+    monkeypatch.setenv("CSI_KIT_LEADER_ELECTION", "true")
+    args = parse()
+    assert args.controllers == "snapshotter" and args.kube_api_qps == 50.0 and args.leader_election
+    assert selected(args) == {"snapshotter"}
+    args = parse("--controllers", "snapshot", "--no-leader-election")
+    assert selected(args) == {"snapshot-controller", "snapshotter"} and not args.leader_election
+    with pytest.raises(ValueError):
+        selected(parse("--controllers", "bogus"))
+
+
+def leading(loop: str) -> float | None:
+    return REGISTRY.get_sample_value("csi_kit_k8s_leader", {"loop": loop})
+
+
+async def test_run_controllers_with_leader_election_and_leader_loss(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    _, endpoint = peer
+    cut = [False]
+
+    def partition(verb: str, res: Resource, name: str, body: Obj | None) -> None:
+        if cut[0] and res == LEASE and verb in ("update", "create", "get"):
+            raise ApiError(503, "ServiceUnavailable", "partitioned")
+
+    api.reactors.append(partition)
+    args = parse(
+        "--controllers", "snapshot",
+        "--leader-election", "--leader-election-namespace", "kube-system",
+        "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
+        "--leader-election-retry-period", "0.05",
+        "--kube-api-qps", "0", "--retry-interval-start", "0.01", "--retry-interval-max", "0.05",
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
+    try:
+        await make_volume(api)
+        await make_class(api)
+        await make_snapshot(api, "a")
+        await eventually(lambda: is_ready(api, "a"), "ready under leader election")
+        names = {o["metadata"]["name"] for o in api.objects(LEASE)}
+        assert names == {
+            "snapshot-controller-leader",
+            "external-snapshotter-leader-" + DRIVER.replace(".", "-"),
+        }
+        assert leading("snapshot-controller") == 1 and leading("snapshotter") == 1
+
+        cut[0] = True  # the API becomes unreachable for the lease: loops must stop
+        await eventually(lambda: leading("snapshot-controller") == 0 and leading("snapshotter") == 0, "lost")
+        await make_snapshot(api, "b")
+        await settle(api)
+        assert len(contents(api)) == 1, "no loop runs without the lease"
+
+        cut[0] = False
+        await eventually(lambda: is_ready(api, "b"), "work resumes after re-election")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    for lease in api.objects(LEASE):
+        assert not lease["spec"].get("holderIdentity"), "leases released on clean stop"
+
+
+async def test_run_controllers_without_snapshot_capability_skips_snapshotter(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csi, endpoint = peer
+
+    async def no_snapshots(request, context):  # type: ignore[no-untyped-def]
+        from csi_kit._pb import csi_pb2 as pb
+
+        return pb.ControllerGetCapabilitiesResponse()
+
+    monkeypatch.setattr(csi, "ControllerGetCapabilities", no_snapshots)
+    stop = asyncio.Event()
+    args = parse("--controllers", "snapshotter", "--kube-api-qps", "0")
+    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, 10)

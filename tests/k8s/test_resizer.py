@@ -1,0 +1,222 @@
+"""The resizer on the fake API against a scripted CSI driver over real gRPC."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from volume_peer import GiB, VolumeCSI, claim, eventually, make_bound, run_tasks, served, settle, stop_tasks
+
+from csi_kit.k8s.api import PV, PVC, SECRET, Obj
+from csi_kit.k8s.resizer import COND_ERROR, COND_FS_PENDING, IN_PROGRESS, INFEASIBLE, NODE_PENDING, Resizer
+from csi_kit.k8s.volumes import VolumeClient, parse_quantity
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+
+class Env:
+    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: VolumeClient) -> None:
+        self.api = api
+        self.peer = peer
+        self.client = client
+        self.tasks: list[Any] = []
+        self.resizer: Resizer | None = None
+
+    async def start(self) -> Resizer:
+        info = await self.client.driver_info()
+        self.resizer = Resizer(self.api, self.client, info, base_delay=0.01, max_delay=0.05)
+        self.tasks = await run_tasks(self.resizer)
+        return self.resizer
+
+    async def stop(self) -> None:
+        await stop_tasks(self.tasks)
+        self.tasks = []
+
+
+@pytest.fixture
+async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
+    peer = VolumeCSI()
+    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
+        client = VolumeClient(endpoint, timeout=5)
+        e = Env(api, peer, client)
+        try:
+            yield e
+        finally:
+            await e.stop()
+            await client.close()
+
+
+async def ask(api: FakeKubeAPI, size: str, name: str = "data") -> None:
+    await api.patch(PVC, name, {"spec": {"resources": {"requests": {"storage": size}}}}, "default")
+
+
+def status(api: FakeKubeAPI, name: str = "data") -> dict[str, Any]:
+    c = claim(api, name)
+    assert c is not None
+    st: dict[str, Any] = c.get("status") or {}
+    return st
+
+
+def conditions(api: FakeKubeAPI, name: str = "data") -> set[str]:
+    return {c["type"] for c in status(api, name).get("conditions") or []}
+
+
+def pv_size(api: FakeKubeAPI, name: str = "data") -> int:
+    pv = api.peek(PV, f"pv-{name}")
+    assert pv is not None
+    return parse_quantity(pv["spec"]["capacity"]["storage"])
+
+
+def cap(api: FakeKubeAPI, name: str = "data") -> int:
+    return parse_quantity((status(api, name).get("capacity") or {}).get("storage", 0))
+
+
+async def test_online_expansion_updates_pv_and_claim(env: Env) -> None:
+    await make_bound(env.api)
+    await env.start()
+    await ask(env.api, "2Gi")
+    await eventually(lambda: cap(env.api) == 2 * GiB, "claim capacity 2Gi")
+    assert pv_size(env.api) == 2 * GiB
+    (req,) = env.peer.requests["ControllerExpandVolume"]
+    assert req.volume_id == "vol-data" and req.capacity_range.required_bytes == 2 * GiB
+    assert req.volume_capability.access_mode.mode != 0
+    st = status(env.api)
+    assert "allocatedResourceStatuses" not in st and not conditions(env.api)
+    assert st["allocatedResources"]["storage"] == "2Gi"
+
+
+async def test_node_side_expansion_is_left_to_the_kubelet(env: Env) -> None:
+    env.peer.node_expansion_required = True
+    await make_bound(env.api)
+    await env.start()
+    await ask(env.api, "3Gi")
+    await eventually(
+        lambda: status(env.api).get("allocatedResourceStatuses", {}).get("storage") == NODE_PENDING, ""
+    )
+    assert COND_FS_PENDING in conditions(env.api)
+    assert pv_size(env.api) == 3 * GiB and cap(env.api) == GiB
+    # The kubelet grows the filesystem and records it; the resizer has nothing more to do.
+    c = claim(env.api)
+    assert c is not None
+    await env.api.patch(
+        PVC,
+        "data",
+        {"status": {"capacity": {"storage": "3Gi"}, "allocatedResourceStatuses": None, "conditions": None}},
+        "default",
+        status=True,
+    )
+    await settle(env.api)
+    assert env.peer.calls["ControllerExpandVolume"] == 1 and cap(env.api) == 3 * GiB
+
+
+async def test_node_only_driver_gets_the_trivial_resizer(env: Env) -> None:
+    env.peer.controller_caps.discard("EXPAND_VOLUME")
+    await make_bound(env.api)
+    await env.start()
+    await ask(env.api, "2Gi")
+    await eventually(
+        lambda: status(env.api).get("allocatedResourceStatuses", {}).get("storage") == NODE_PENDING, ""
+    )
+    assert env.peer.calls["ControllerExpandVolume"] == 0
+    assert pv_size(env.api) == 2 * GiB
+
+
+async def test_final_error_then_user_lowers_the_request_to_recover(env: Env) -> None:
+    await make_bound(env.api)
+    env.peer.fail("ControllerExpandVolume", grpc.StatusCode.OUT_OF_RANGE, "too big for the pool", times=1000)
+    await env.start()
+    await ask(env.api, "100Gi")
+    await eventually(
+        lambda: status(env.api).get("allocatedResourceStatuses", {}).get("storage") == INFEASIBLE, ""
+    )
+    assert COND_ERROR in conditions(env.api)
+    env.peer.errors.clear()
+    await ask(env.api, "2Gi")
+    await eventually(lambda: cap(env.api) == 2 * GiB, "recovered at 2Gi")
+    assert pv_size(env.api) == 2 * GiB
+    assert env.peer.requests["ControllerExpandVolume"][-1].capacity_range.required_bytes == 2 * GiB
+    assert not conditions(env.api)
+
+
+async def test_user_gives_up_after_a_final_error(env: Env) -> None:
+    await make_bound(env.api)
+    env.peer.fail("ControllerExpandVolume", grpc.StatusCode.OUT_OF_RANGE, "no", times=1000)
+    await env.start()
+    await ask(env.api, "100Gi")
+    await eventually(
+        lambda: status(env.api).get("allocatedResourceStatuses", {}).get("storage") == INFEASIBLE, ""
+    )
+    await ask(env.api, "1Gi")
+    await eventually(lambda: "allocatedResourceStatuses" not in status(env.api), "reset")
+    assert status(env.api)["allocatedResources"]["storage"] == "1Gi"
+    assert pv_size(env.api) == GiB and not conditions(env.api)
+
+
+async def test_a_request_lowered_during_a_non_final_error_is_not_shrunk(env: Env) -> None:
+    """The expansion may be running on the storage: finish it at the size it was started with."""
+    await make_bound(env.api)
+    env.peer.fail("ControllerExpandVolume", grpc.StatusCode.DEADLINE_EXCEEDED, "slow", times=3)
+    await env.start()
+    await ask(env.api, "5Gi")
+    await eventually(lambda: env.peer.calls["ControllerExpandVolume"] >= 1, "first try")
+    await ask(env.api, "2Gi")
+    await eventually(lambda: cap(env.api) == 5 * GiB, "finished at 5Gi")
+    assert {r.capacity_range.required_bytes for r in env.peer.requests["ControllerExpandVolume"]} == {5 * GiB}
+
+
+async def test_restart_mid_expansion_finishes_it(env: Env) -> None:
+    await make_bound(env.api)
+    await env.start()
+    gate = env.peer.hold("ControllerExpandVolume")
+    await ask(env.api, "4Gi")
+    await eventually(lambda: env.peer.calls["ControllerExpandVolume"] >= 1, "expansion in flight")
+    assert status(env.api)["allocatedResourceStatuses"]["storage"] == IN_PROGRESS
+    await env.stop()
+    gate.set()
+    await env.start()
+    await eventually(lambda: cap(env.api) == 4 * GiB, "finished after restart")
+    await settle(env.api)
+    assert pv_size(env.api) == 4 * GiB
+    assert {r.capacity_range.required_bytes for r in env.peer.requests["ControllerExpandVolume"]} == {4 * GiB}
+
+
+async def test_secrets_come_from_the_pv(env: Env) -> None:
+    await env.api.create(
+        SECRET,
+        {
+            "metadata": {"name": "exp", "namespace": "kube-system"},
+            "data": {"k": base64.b64encode(b"v").decode()},
+        },
+    )
+    await make_bound(
+        env.api, csi_extra={"controllerExpandSecretRef": {"name": "exp", "namespace": "kube-system"}}
+    )
+    await env.start()
+    await ask(env.api, "2Gi")
+    await eventually(lambda: cap(env.api) == 2 * GiB, "expanded")
+    assert dict(env.peer.requests["ControllerExpandVolume"][0].secrets) == {"k": "v"}
+
+
+async def test_claims_not_ours_unbound_or_not_growing_are_left_alone(env: Env) -> None:
+    await make_bound(env.api, "theirs", driver="other.example.com")
+    await make_bound(env.api, "same")
+    pvc: Obj = {
+        "metadata": {"name": "pending", "namespace": "default"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "9Gi"}}},
+    }
+    await env.api.create(PVC, pvc)
+    await env.start()
+    await ask(env.api, "5Gi", "theirs")
+    await ask(env.api, "512Mi", "same")  # shrinking is not expansion
+    await settle(env.api)
+    assert env.peer.calls["ControllerExpandVolume"] == 0
+
+
+async def test_bad_size_in_a_claim_is_reported_not_sent(env: Env) -> None:
+    await make_bound(env.api)
+    await env.start()
+    await ask(env.api, "a-lot")
+    await settle(env.api)
+    assert env.peer.calls["ControllerExpandVolume"] == 0
