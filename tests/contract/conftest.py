@@ -1,5 +1,12 @@
-"""The conformance suite against the real hostPath driver, started as a
-`csi-kit serve` child process for the session, exactly as a user runs it."""
+"""The conformance suite against the real built-in backends.
+
+Each test module here imports the suite and names its backend in a module
+attribute `BACKEND` (and optionally `ACCESS_TYPE`); the driver is started
+once per module as a `csi-kit serve` child process, exactly as a user runs
+it (CSI_SANITY_DRIVER=thread serves it in-process instead: quicker to
+debug, same gRPC socket).  `csi_sanity` is overridden at module scope so
+that every module talks to its own driver.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +16,19 @@ from collections.abc import Iterator
 import pytest
 
 from csi_kit.testing.sanity import SanityConfig
+from csi_kit.testing.sanity._support import SanityContext
 
 
-@pytest.fixture(scope="session")
-def hostpath_driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """A hostPath driver; yields (endpoint, state dir).
-
-    A `csi-kit serve` child process by default; CSI_SANITY_DRIVER=thread
-    serves it in-process instead (quicker to debug, same gRPC socket).
-    """
+@pytest.fixture(scope="module")
+def backend_driver(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """The module's backend served by a real driver; yields (endpoint, state dir)."""
     from csi_kit.testing.driver import driver_process, running_driver
 
-    state = str(tmp_path_factory.mktemp("hostpath-state"))
-    kw = {"backend": "hostpath", "node_id": "node-1", "driver_name": "hostpath.csi-kit.io"}
+    backend = getattr(request.module, "BACKEND", "hostpath")
+    state = str(tmp_path_factory.mktemp(f"{backend}-state"))
+    kw = {"backend": backend, "node_id": "node-1", "driver_name": f"{backend}.csi-kit.io"}
     if os.environ.get("CSI_SANITY_DRIVER") == "thread":
         with running_driver(state, **kw) as endpoint:
             yield endpoint, state
@@ -30,16 +37,26 @@ def hostpath_driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
             yield proc.endpoint, state
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def csi_sanity_config(
-    hostpath_driver: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, backend_driver: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> SanityConfig:
-    endpoint, state = hostpath_driver
+    endpoint, state = backend_driver
     mounts = str(tmp_path_factory.mktemp("sanity-mounts"))
     return SanityConfig(
         endpoint=endpoint,
         mount_dir=mounts,
-        volume_size=16 * 1024 * 1024,
+        volume_size=getattr(request.module, "VOLUME_SIZE", 16 * 1024 * 1024),
+        access_type=getattr(request.module, "ACCESS_TYPE", "mount"),
         driver_roots=(state,),
         idempotency_repeats=int(os.environ.get("CSI_SANITY_REPEATS", "10")),
     )
+
+
+@pytest.fixture(scope="module")
+def csi_sanity(csi_sanity_config: SanityConfig) -> Iterator[SanityContext]:
+    ctx = SanityContext(csi_sanity_config)
+    yield ctx
+    problems = ctx.close()
+    if problems:
+        pytest.fail("session cleanup failed:\n  " + "\n  ".join(problems), pytrace=False)

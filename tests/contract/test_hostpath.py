@@ -1,10 +1,11 @@
 """Every test of the conformance suite, against the hostPath backend.
 
 Importing the suite's classes here is the path a backend author takes; the
-driver comes from the `csi_sanity_config` fixture in this directory's
-conftest.py.
+driver comes from this directory's conftest.py.
 """
 
 from __future__ import annotations
 
 from csi_kit.testing.sanity import *  # noqa: F403
+
+BACKEND = "hostpath"
