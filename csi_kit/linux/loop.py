@@ -308,6 +308,8 @@ def attach(
         backing_fd = os.open(image, mode | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise NotFound(f"image {image} does not exist") from None
+    except IsADirectoryError:
+        raise FailedPrecondition(f"{image} is not a regular file") from None
     except OSError as e:
         raise Internal(f"open {image}: {errno_name(e.errno)} ({e.strerror})") from e
     try:
