@@ -45,6 +45,7 @@ NODE_PENDING = "NodeResizePending"
 COND_RESIZING = "Resizing"
 COND_FS_PENDING = "FileSystemResizePending"
 COND_ERROR = "ControllerResizeError"
+FS_PENDING_MESSAGE = "Waiting for user to (re-)start a pod to finish file system resize of volume on node."
 OUR_CONDITIONS = {COND_RESIZING, COND_FS_PENDING, COND_ERROR}
 
 
@@ -199,9 +200,11 @@ class Resizer(Loop):
     async def _expand(self, pvc: Obj, pv: Obj, target: int) -> None:
         st = pvc.get("status") or {}
         want = format_quantity(target)
-        if (st.get("allocatedResources") or {}).get("storage") != want or (
-            (st.get("allocatedResourceStatuses") or {}).get("storage") != IN_PROGRESS
-        ):
+        phase = (st.get("allocatedResourceStatuses") or {}).get("storage")
+        same_size = (st.get("allocatedResources") or {}).get("storage") == want
+        # A retry of a size the driver refused stays Infeasible until it answers otherwise, so
+        # the user can lower the request at any moment of the retries.
+        if not same_size or phase not in (IN_PROGRESS, INFEASIBLE):
             pvc = await self._patch_status(
                 pvc,
                 {
@@ -224,9 +227,10 @@ class Resizer(Loop):
             except CSIError as e:
                 final = e.code not in NON_FINAL_CODES
                 msg = f"resize volume {k.name_of(pv)} failed: {e}"
-                status: Obj = {"conditions": _conditions(pvc, _condition(COND_ERROR, msg))}
-                if final:
-                    status["allocatedResourceStatuses"] = {"storage": INFEASIBLE}
+                status: Obj = {
+                    "conditions": _conditions(pvc, _condition(COND_ERROR, msg)),
+                    "allocatedResourceStatuses": {"storage": INFEASIBLE if final else IN_PROGRESS},
+                }
                 try:
                     await self._patch_status(pvc, status)
                 except ApiError as pe:
@@ -246,10 +250,7 @@ class Resizer(Loop):
                     "allocatedResourceStatuses": {"storage": NODE_PENDING},
                     "conditions": _conditions(
                         pvc,
-                        _condition(
-                            COND_FS_PENDING,
-                            "Waiting for user to (re-)start a pod to finish file system resize of volume on node.",
-                        ),
+                        _condition(COND_FS_PENDING, FS_PENDING_MESSAGE),
                     ),
                 },
             )

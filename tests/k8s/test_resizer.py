@@ -132,8 +132,11 @@ async def test_final_error_then_user_lowers_the_request_to_recover(env: Env) -> 
         lambda: status(env.api).get("allocatedResourceStatuses", {}).get("storage") == INFEASIBLE, ""
     )
     assert COND_ERROR in conditions(env.api)
-    env.peer.errors.clear()
     await ask(env.api, "2Gi")
+    await eventually(
+        lambda: status(env.api).get("allocatedResources", {}).get("storage") == "2Gi", "retrying at 2Gi"
+    )
+    env.peer.errors.clear()
     await eventually(lambda: cap(env.api) == 2 * GiB, "recovered at 2Gi")
     assert pv_size(env.api) == 2 * GiB
     assert env.peer.requests["ControllerExpandVolume"][-1].capacity_range.required_bytes == 2 * GiB
