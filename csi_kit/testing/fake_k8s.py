@@ -46,9 +46,7 @@ def _now() -> str:
 
 
 class _Watcher:
-    def __init__(
-        self, res: Resource, namespace: str | None, selector: str | None
-    ) -> None:
+    def __init__(self, res: Resource, namespace: str | None, selector: str | None) -> None:
         self.res = res
         self.namespace = namespace
         self.selector = selector
@@ -90,9 +88,7 @@ class FakeKubeAPI:
         """Every stored object of a kind (copies; no request is counted)."""
         return [copy.deepcopy(o) for (r, _, _), o in self._objects.items() if r == res]
 
-    def peek(
-        self, res: Resource, name: str, namespace: str | None = None
-    ) -> Obj | None:
+    def peek(self, res: Resource, name: str, namespace: str | None = None) -> Obj | None:
         """One stored object without counting a request, or None."""
         o = self._objects.get((res, namespace or "", name))
         return copy.deepcopy(o) if o is not None else None
@@ -127,12 +123,7 @@ class FakeKubeAPI:
         err = error or ApiError(500, "InternalError", "injected")
 
         def reactor(v: str, r: Resource, n: str, _body: Obj | None) -> None:
-            if (
-                v == verb
-                and (res is None or r == res)
-                and (name is None or n == name)
-                and left[0] > 0
-            ):
+            if v == verb and (res is None or r == res) and (name is None or n == name) and left[0] > 0:
                 left[0] -= 1
                 raise err
 
@@ -140,9 +131,7 @@ class FakeKubeAPI:
 
     # -------------------------------------------------------------- internals
 
-    async def _request(
-        self, verb: str, res: Resource, name: str, body: Obj | None = None
-    ) -> None:
+    async def _request(self, verb: str, res: Resource, name: str, body: Obj | None = None) -> None:
         self.requests[(verb, res.plural)] += 1
         for reactor in list(self.reactors):
             r = reactor(verb, res, name, body)
@@ -161,9 +150,7 @@ class FakeKubeAPI:
             if w.wants(res, obj):
                 w.queue.put_nowait(WatchEvent(type_, copy.deepcopy(obj)))
 
-    def _key(
-        self, res: Resource, name: str, namespace: str | None
-    ) -> tuple[Resource, str, str]:
+    def _key(self, res: Resource, name: str, namespace: str | None) -> tuple[Resource, str, str]:
         if res.namespaced and not namespace:
             raise invalid(f"{res.kind} {name}: namespace is required")
         return (res, namespace or "" if res.namespaced else "", name)
@@ -183,13 +170,11 @@ class FakeKubeAPI:
             self._emit(res, "DELETED", new)
             return copy.deepcopy(new)
         if new == old:
-            return copy.deepcopy(
-                old
-            )  # a no-op write does not bump the version, as in the real API
+            return copy.deepcopy(old)  # a no-op write does not bump the version, as in the real API
         m["resourceVersion"] = self._next_rv()
-        if res.has_status and {
-            k: v for k, v in new.items() if k not in ("metadata", "status")
-        } != {k: v for k, v in old.items() if k not in ("metadata", "status")}:
+        if res.has_status and {k: v for k, v in new.items() if k not in ("metadata", "status")} != {
+            k: v for k, v in old.items() if k not in ("metadata", "status")
+        }:
             m["generation"] = int(old["metadata"].get("generation", 1)) + 1
         self._objects[self._key(res, m["name"], m.get("namespace"))] = new
         self._emit(res, "MODIFIED", new)
@@ -240,12 +225,8 @@ class FakeKubeAPI:
         await self._request("list", res, "")
         items = [
             copy.deepcopy(o)
-            for (r, ns, _), o in sorted(
-                self._objects.items(), key=lambda kv: (kv[0][1], kv[0][2])
-            )
-            if r == res
-            and (not namespace or ns == namespace)
-            and match_labels(o, label_selector)
+            for (r, ns, _), o in sorted(self._objects.items(), key=lambda kv: (kv[0][1], kv[0][2]))
+            if r == res and (not namespace or ns == namespace) and match_labels(o, label_selector)
         ]
         return ObjectList(items, str(self._last_rv))
 
@@ -259,9 +240,7 @@ class FakeKubeAPI:
     ) -> AsyncIterator[WatchEvent]:
         await self._request("watch", res, "")
         start = int(resource_version or 0)
-        if start < self._compacted_rv or (
-            self._history and start < self._history[0][0] - 1
-        ):
+        if start < self._compacted_rv or (self._history and start < self._history[0][0] - 1):
             raise gone(f"too old resource version: {start} ({self._compacted_rv})")
         w = _Watcher(res, namespace, label_selector)
         for rv, r, ev in self._history:
@@ -279,14 +258,10 @@ class FakeKubeAPI:
         finally:
             self._watchers.remove(w)
 
-    async def create(
-        self, res: Resource, obj: Obj, namespace: str | None = None
-    ) -> Obj:
+    async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
         new = copy.deepcopy(obj)
         m = new.setdefault("metadata", {})
-        await self._request(
-            "create", res, m.get("name") or m.get("generateName", ""), new
-        )
+        await self._request("create", res, m.get("name") or m.get("generateName", ""), new)
         if res.namespaced:
             ns = namespace or m.get("namespace")
             if not ns:
@@ -298,9 +273,7 @@ class FakeKubeAPI:
             m.pop("namespace", None)
         if not m.get("name"):
             if not m.get("generateName"):
-                raise invalid(
-                    f"{res.kind}: metadata.name or metadata.generateName is required"
-                )
+                raise invalid(f"{res.kind}: metadata.name or metadata.generateName is required")
             while True:
                 m["name"] = m["generateName"] + uuid.uuid4().hex[:5]
                 if self._key(res, m["name"], m.get("namespace")) not in self._objects:
@@ -370,9 +343,7 @@ class FakeKubeAPI:
                 raise not_found(f"{res} has no status subresource")
             rv = (patch.get("metadata") or {}).get("resourceVersion")
             if rv and rv != old["metadata"]["resourceVersion"]:
-                raise conflict(
-                    f'Operation cannot be fulfilled on "{name}": the object has been modified'
-                )
+                raise conflict(f'Operation cannot be fulfilled on "{name}": the object has been modified')
             new = copy.deepcopy(old)
             if "status" in patch:
                 st = merge_patch(old.get("status"), patch["status"])
