@@ -123,7 +123,12 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         help="pass the VolumeSnapshot/VolumeSnapshotContent names to CreateSnapshot as parameters",
     )
     g.add_argument("--resync-period", type=float, default=float(_env("resync-period", 900)), help="seconds")
-    g.add_argument("--workers", type=int, default=int(_env("workers", 10)))
+    g.add_argument(
+        "--k8s-workers",
+        type=int,
+        default=int(_env("k8s-workers", 10)),
+        help="concurrent syncs per work queue",
+    )
     g.add_argument("--retry-interval-start", type=float, default=float(_env("retry-interval-start", 1)))
     g.add_argument("--retry-interval-max", type=float, default=float(_env("retry-interval-max", 300)))
     g.add_argument(
@@ -197,7 +202,7 @@ async def run_controllers(
         if "snapshot-controller" in wanted:
             ctrl = SnapshotController(
                 api,
-                workers=args.workers,
+                workers=args.k8s_workers,
                 resync_period=args.resync_period,
                 distributed=args.distributed_snapshotting,
                 **timing,
@@ -218,7 +223,7 @@ async def run_controllers(
                     api,
                     client,
                     info.name,
-                    workers=args.workers,
+                    workers=args.k8s_workers,
                     resync_period=args.resync_period,
                     extra_create_metadata=args.extra_create_metadata,
                     node_name=node,
