@@ -102,3 +102,14 @@ async def test_run_controllers_without_snapshot_capability_skips_snapshotter(
     await asyncio.sleep(0.2)
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+def test_options_fit_the_csi_kit_parser() -> None:
+    """The lead's `serve` and `controllers` commands take our options without a clash."""
+    from csi_kit.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--controllers", "snapshot", "--k8s-workers", "3", "--workers", "7"])
+    assert args.controllers == "snapshot" and args.k8s_workers == 3 and args.workers == 7
+    args = parser.parse_args(["controllers", "--csi-address", "unix:///x.sock", "--kube-api-qps", "0"])
+    assert args.kube_api_qps == 0 and selected(args) == set()

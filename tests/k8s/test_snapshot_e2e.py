@@ -1,0 +1,94 @@
+"""The whole snapshot story against the real csi_kit hostPath driver (over its CSI socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import grpc.aio
+from k8s_helpers import contents, eventually, is_ready, snapshot
+
+from csi_kit._pb import csi_pb2 as pb
+from csi_kit._pb import csi_pb2_grpc as pbg
+from csi_kit.k8s.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
+from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.snapshot.controller import SnapshotController
+from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.testing.driver import running_driver
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+DRIVER = "hostpath.csi-kit.io"
+
+
+async def create_volume(endpoint: str, name: str) -> str:
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        cap = pb.VolumeCapability(
+            mount=pb.VolumeCapability.MountVolume(),
+            access_mode=pb.VolumeCapability.AccessMode(
+                mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        r = await pbg.ControllerStub(ch).CreateVolume(
+            pb.CreateVolumeRequest(
+                name=name, capacity_range=pb.CapacityRange(required_bytes=1 << 20), volume_capabilities=[cap]
+            )
+        )
+        return str(r.volume.volume_id)
+
+
+async def test_snapshot_lifecycle_on_the_hostpath_driver(tmp_path: os.PathLike[str]) -> None:
+    api = FakeKubeAPI()
+    with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
+        volume_id = await create_volume(endpoint, "pvc-e2e")
+        await api.create(
+            PV,
+            {"metadata": {"name": "pv-e2e"}, "spec": {"csi": {"driver": DRIVER, "volumeHandle": volume_id}}},
+        )
+        pvc = await api.create(
+            PVC, {"metadata": {"name": "data", "namespace": "default"}, "spec": {"volumeName": "pv-e2e"}}
+        )
+        pvc["status"] = {"phase": "Bound"}
+        await api.update_status(PVC, pvc)
+        await api.create(
+            VOLUME_SNAPSHOT_CLASS,
+            {
+                "metadata": {
+                    "name": "hp",
+                    "annotations": {"snapshot.storage.kubernetes.io/is-default-class": "true"},
+                },
+                "driver": DRIVER,
+                "deletionPolicy": "Delete",
+            },
+        )
+        client = CSIClient(endpoint)
+        info = await client.driver_info()
+        assert info.name == DRIVER and "CREATE_DELETE_SNAPSHOT" in info.controller_capabilities
+        ctrl = SnapshotController(api, base_delay=0.01, max_delay=0.1)
+        snapper = Snapshotter(api, client, info.name, base_delay=0.01, max_delay=0.1)
+        tasks = [asyncio.create_task(ctrl.run()), asyncio.create_task(snapper.run())]
+        try:
+            await api.create(
+                VOLUME_SNAPSHOT,
+                {
+                    "metadata": {"name": "snap", "namespace": "default"},
+                    "spec": {"source": {"persistentVolumeClaimName": "data"}},
+                },
+            )
+            await eventually(lambda: is_ready(api), "snapshot ready on the real driver", limit=60)
+            [content] = contents(api)
+            handle = content["status"]["snapshotHandle"]
+            listed = await client.list_snapshots(snapshot_id=handle)
+            assert [s.source_volume_id for s in listed] == [volume_id]
+            assert snapshot(api)["status"]["restoreSize"]  # type: ignore[index]
+
+            await api.delete(VOLUME_SNAPSHOT, "snap", "default")
+            await eventually(lambda: snapshot(api) is None and not contents(api), "all gone", limit=60)
+            assert await client.list_snapshots(snapshot_id=handle) == []
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await client.close()
