@@ -49,6 +49,7 @@ class Client:
     """A blocking CSI controller client on one channel (one HTTP/2 connection)."""
 
     def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
         self.channel = grpc.insecure_channel(endpoint)
         grpc.channel_ready_future(self.channel).result(timeout=30)
         self.controller = pb_grpc.ControllerStub(self.channel)  # type: ignore[no-untyped-call]

@@ -4,17 +4,21 @@ Issue #2's figure: the rate with 10,000 volumes already there must stay within
 20% of the rate with none (no full scans, no global lock, no per-call cost
 that grows with the store).
 
-The driver is a ``csi-kit serve`` child process with its default settings
-(SQLite store with ``synchronous=FULL``, every create and delete made durable
-before it is acknowledged), on a real unix socket.  The client is one
-blocking gRPC channel sending one pair at a time.  The 10,000 volumes are
-created in between from a thread pool over the same socket (the driver
-serialises per name, never globally, so they go in concurrently).
+Two ``csi-kit serve`` child processes run side by side with their default
+settings (SQLite store with ``synchronous=FULL``: every create and delete is
+durable before it is acknowledged), each on its own unix socket and state
+directory: "empty" and "full".  10,000 volumes are first created in "full"
+from a thread pool over its socket (the driver serialises per name, never
+globally, so they go in concurrently).  Then one client (one blocking gRPC
+channel per driver, one pair at a time) sends the measured pairs in
+alternating blocks, empty, full, empty, full..., so that the changing load
+of a shared machine falls on both figures alike instead of on whichever ran
+second.
 
-By default the state directory (store and hostPath root) lives on a fresh
-loop-mounted XFS, so the driver's fsync/syncfs calls flush only its own
-filesystem and not the rest of a shared machine's dirty data; ``--fs none``
-uses a plain temporary directory instead (no root needed).  Run::
+By default each state directory (store and hostPath root) lives on its own
+fresh loop-mounted XFS, so the driver's fsync/syncfs calls flush only its
+own filesystem and not the rest of a shared machine's dirty data; ``--fs
+none`` uses plain temporary directories instead (no root needed).  Run::
 
     sudo .venv/bin/python benchmarks/create_delete.py [--pairs 300] [--existing 10000] [--fs xfs|ext4|none]
 
@@ -42,6 +46,8 @@ from csi_kit.testing.fsimage import loop_mounted_fs
 
 @contextlib.contextmanager
 def state_filesystem(fs_type: str, workdir: str) -> Iterator[str]:
+    """A directory for one driver's state: on its own loop-mounted filesystem unless fs_type is "none"."""
+    os.makedirs(workdir, exist_ok=True)
     if fs_type == "none":
         yield workdir
         return
@@ -50,25 +56,37 @@ def state_filesystem(fs_type: str, workdir: str) -> Iterator[str]:
 
 
 def measure_pairs(client: Client, pairs: int, tag: str, pid: int) -> dict[str, float]:
-    """Send `pairs` CreateVolume+DeleteVolume pairs one after the other; return rate and latencies."""
-    latencies: list[float] = []
+    """Send `pairs` CreateVolume+DeleteVolume pairs one after the other.
+
+    Returns the elapsed seconds, the driver's CPU seconds and the pair count
+    ("elapsed", "cpu", "pairs") and each pair's latency under "lat<i>".
+    """
+    out: dict[str, float] = {"pairs": pairs}
     cpu0 = process_cpu_seconds(pid)
     start = time.perf_counter()
     for i in range(pairs):
         t0 = time.perf_counter()
         volume_id = client.create_volume(f"pair-{tag}-{i}")
         client.delete_volume(volume_id)
-        latencies.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - start
-    cpu = process_cpu_seconds(pid) - cpu0
-    latencies.sort()
+        out[f"lat{i}"] = time.perf_counter() - t0
+    out["elapsed"] = time.perf_counter() - start
+    out["cpu"] = process_cpu_seconds(pid) - cpu0
+    out["rate"] = pairs / out["elapsed"]
+    return out
+
+
+def combine(blocks: list[dict[str, float]]) -> dict[str, float]:
+    """Rate over all blocks (pairs / time spent in them), latency percentiles, CPU per pair."""
+    pairs = sum(b["pairs"] for b in blocks)
+    elapsed = sum(b["elapsed"] for b in blocks)
+    lat = sorted(v for b in blocks for k, v in b.items() if k.startswith("lat"))
     return {
         "rate": pairs / elapsed,
         "elapsed": elapsed,
-        "p50": statistics.median(latencies),
-        "p90": latencies[int(0.9 * (len(latencies) - 1))],
-        "p99": latencies[int(0.99 * (len(latencies) - 1))],
-        "cpu_per_pair": cpu / pairs,
+        "p50": statistics.median(lat),
+        "p90": lat[int(0.9 * (len(lat) - 1))],
+        "p99": lat[int(0.99 * (len(lat) - 1))],
+        "cpu_per_pair": sum(b["cpu"] for b in blocks) / pairs,
     }
 
 
@@ -102,41 +120,58 @@ def fill(endpoint: str, count: int, threads: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=300, help="pairs measured at each volume count")
+    parser.add_argument("--blocks", type=int, default=6, help="alternating blocks the pairs are split into")
     parser.add_argument("--existing", type=int, default=10_000, help="volumes present for the second run")
     parser.add_argument("--fill-threads", type=int, default=16)
     parser.add_argument(
-        "--fs", choices=["xfs", "ext4", "none"], default="xfs", help="filesystem of the state dir"
+        "--fs", choices=["xfs", "ext4", "none"], default="xfs", help="filesystem of the state dirs"
     )
     args = parser.parse_args()
     if args.fs != "none" and os.geteuid() != 0:
         print("create_delete: --fs xfs/ext4 needs root (use --fs none otherwise)", file=sys.stderr)
         return 2
     header("CreateVolume+DeleteVolume pairs per second")
+    per_block = max(1, args.pairs // args.blocks)
     workdir = tempfile.mkdtemp(prefix="csi-kit-bench-cd-")
     try:
-        with state_filesystem(args.fs, workdir) as base:
-            state_dir = os.path.join(base, "state")
-            print(f"   state dir {state_dir} ({args.fs}); driver defaults (store synchronous=FULL)")
-            with driver_process(state_dir) as proc, Client(proc.endpoint) as client:
+        with contextlib.ExitStack() as stack:
+            drivers: dict[str, tuple[Client, int]] = {}
+            state_dirs: dict[str, str] = {}
+            for label in ("empty", "full"):
+                base = stack.enter_context(state_filesystem(args.fs, os.path.join(workdir, label)))
+                state_dir = state_dirs[label] = os.path.join(base, "state")
+                proc = stack.enter_context(driver_process(state_dir))
                 assert proc.proc is not None
-                pid = proc.proc.pid
-                measure_pairs(client, 20, "warmup", pid)
-                empty = measure_pairs(client, args.pairs, "empty", pid)
-                report("with 0 existing volumes", empty, args.pairs)
-
-                took = fill(proc.endpoint, args.existing, args.fill_threads)
-                print(
-                    f"   created {args.existing} volumes in {took:.1f} s "
-                    f"({args.existing / took:.0f}/s from {args.fill_threads} threads)"
-                )
-                sys.stdout.flush()
-                measure_pairs(client, 20, "warmup-full", pid)
-                full = measure_pairs(client, args.pairs, "full", pid)
-                report(f"with {args.existing} existing volumes", full, args.pairs)
-                volumes_dir = os.path.join(state_dir, "hostpath", "volumes")
-                print(f"   volume directories present: {len(os.listdir(volumes_dir))}")
+                drivers[label] = (stack.enter_context(Client(proc.endpoint)), proc.proc.pid)
+                print(f"   {label}: driver pid {proc.proc.pid}, state dir {state_dir} ({args.fs})")
+            print("   both drivers run with their defaults (store synchronous=FULL)")
+            full_client = drivers["full"][0]
+            took = fill(full_client.endpoint, args.existing, args.fill_threads)
+            print(
+                f"   created {args.existing} volumes in the 'full' driver in {took:.1f} s "
+                f"({args.existing / took:.0f}/s from {args.fill_threads} threads)"
+            )
+            sys.stdout.flush()
+            for label, (client, pid) in drivers.items():
+                measure_pairs(client, 20, f"warmup-{label}", pid)
+            # Alternate blocks between the two drivers so that a change in the
+            # load of a shared machine falls on both figures alike.
+            blocks: dict[str, list[dict[str, float]]] = {"empty": [], "full": []}
+            for b in range(args.blocks):
+                for label, (client, pid) in drivers.items():
+                    blocks[label].append(measure_pairs(client, per_block, f"{label}-{b}", pid))
+            results = {label: combine(rs) for label, rs in blocks.items()}
+            report("with 0 existing volumes", results["empty"], per_block * args.blocks)
+            report(f"with {args.existing} existing volumes", results["full"], per_block * args.blocks)
+            for label in blocks:
+                rates = " ".join(f"{r['rate']:.1f}" for r in blocks[label])
+                print(f"   per-block rates ({label}): {rates}")
+            for label, state_dir in state_dirs.items():
+                count = len(os.listdir(os.path.join(state_dir, "hostpath", "volumes")))
+                print(f"   volume directories now in '{label}': {count}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    empty, full = results["empty"], results["full"]
     ratio = full["rate"] / empty["rate"]
     verdict = "meets" if ratio >= 0.8 else "MISSES"
     print(
