@@ -64,11 +64,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the suite's tests `csi_sanity` (wherever they were imported to),
-    so `-m csi_sanity` selects them."""
+    so `-m csi_sanity` selects them; skip its privileged ones without root."""
+    root = os.geteuid() == 0
     for item in items:
         cls = getattr(item, "cls", None)
         if cls is not None and cls.__module__.startswith("csi_kit.testing.sanity"):
             item.add_marker(pytest.mark.csi_sanity)
+            if not root and item.get_closest_marker("privileged"):
+                item.add_marker(pytest.mark.skip(reason="needs root: stages/publishes real volumes"))
 
 
 def config_from_options(config: pytest.Config) -> SanityConfig | None:

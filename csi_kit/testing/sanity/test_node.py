@@ -258,19 +258,64 @@ class TestNodePublishVolume:
         expect_error(csi_sanity.node.NodePublishVolume, req, C.ALREADY_EXISTS)
 
     @pytest.mark.privileged
-    def test_single_node_writer_second_target_refused(
+    def test_single_node_writer_second_target(
         self, csi_sanity: SanityContext, csi_resources: Resources
     ) -> None:
-        """SINGLE_NODE_WRITER: a second target with the same arguments is
-        FAILED_PRECONDITION (the spec's NodePublishVolume table)."""
+        """SINGLE_NODE_WRITER at a second target on the same node.
+
+        The spec's table says FAILED_PRECONDITION (a SHOULD), but Kubernetes
+        publishes a ReadWriteOnce volume to every pod on its node, so drivers
+        accept it; either answer passes, and an accepted second target must
+        work and show the same data as the first.
+        """
         _need_volumes(csi_sanity)
         vol = csi_resources.create_volume()
         p = csi_resources.publish(vol.volume_id)
         second = csi_resources.target_path("second")
         req = csi_resources.publish_request(vol.volume_id, second, p.staging_path)
         csi_resources.published.append((vol.volume_id, second))
+        _, err = call_ok_or(csi_sanity.node.NodePublishVolume, req, (C.FAILED_PRECONDITION,))
+        if err is not None:
+            assert not is_mountpoint(second), "a refused NodePublishVolume left a mount behind"
+            return
+        if csi_sanity.config.access_type == "mount":
+            data = write_token(p.target_path, "first-target")
+            assert read_tokens(second) == {"first-target": data}, "the second target shows other data"
+        else:
+            check_usable(csi_sanity, Published(vol.volume_id, second, p.staging_path), "second")
+
+    def _second_target(self, ctx: SanityContext, res: Resources, mode: int) -> tuple[Any, Any, str]:
+        """Publish a volume of access mode `mode` once; return the request for a
+        second target with the same arguments (tracked for cleanup)."""
+        if CtrlCap.SINGLE_NODE_MULTI_WRITER not in ctx.caps.controller and (
+            NodeCap.SINGLE_NODE_MULTI_WRITER not in ctx.caps.node
+        ):
+            pytest.skip("driver does not advertise SINGLE_NODE_MULTI_WRITER")
+        _need_volumes(ctx)
+        cap = ctx.capability(mode)
+        req = ctx.create_request()
+        req.volume_capabilities[0].CopyFrom(cap)
+        vol = res.create_volume_from(req)
+        first = res.publish(vol.volume_id, cap=cap)
+        second = res.target_path("second")
+        res.published.append((vol.volume_id, second))
+        return res.publish_request(vol.volume_id, second, first.staging_path, cap=cap), vol, second
+
+    @pytest.mark.privileged
+    def test_single_node_single_writer_second_target_refused(
+        self, csi_sanity: SanityContext, csi_resources: Resources
+    ) -> None:
+        req, _, second = self._second_target(csi_sanity, csi_resources, Mode.SINGLE_NODE_SINGLE_WRITER)
         expect_error(csi_sanity.node.NodePublishVolume, req, C.FAILED_PRECONDITION)
         assert not is_mountpoint(second)
+
+    @pytest.mark.privileged
+    def test_single_node_multi_writer_second_target_allowed(
+        self, csi_sanity: SanityContext, csi_resources: Resources
+    ) -> None:
+        req, vol, second = self._second_target(csi_sanity, csi_resources, Mode.SINGLE_NODE_MULTI_WRITER)
+        csi_sanity.node.NodePublishVolume(req)
+        check_usable(csi_sanity, Published(vol.volume_id, second, req.staging_target_path), "snmw")
 
     @pytest.mark.privileged
     def test_multi_node_reader_second_target_allowed(
