@@ -23,6 +23,8 @@ from csi_kit.linux.run import run
 sys.path.insert(0, os.path.dirname(__file__))
 import fakedriver
 
+pytestmark = pytest.mark.slow  # each case runs the suite in a child process
+
 _LINE = re.compile(r"^(PASS|FAIL|SKIP) (\S+)")
 _TALLY = re.compile(r"^(\d+) passed, (\d+) failed, (\d+) skipped$")
 

@@ -3,7 +3,11 @@ raw block volumes (`--access-type block`)."""
 
 from __future__ import annotations
 
+import pytest
+
 from csi_kit.testing.sanity import *  # noqa: F403
+
+pytestmark = pytest.mark.privileged  # loop devices and mounts, even for the controller side
 
 BACKEND = "loopfile"
 ACCESS_TYPE = "block"
