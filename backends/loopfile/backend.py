@@ -20,7 +20,9 @@ through a loop device, holding a real filesystem (ext4, xfs) or used raw.
   the root's filesystem has them (XFS reflink=1, btrfs): metadata only,
   independent of the data size.  Elsewhere an in-kernel sparse-aware copy.
   A staged volume is made consistent first: its filesystem is frozen
-  (FIFREEZE) around the copy, a raw device is flushed (fsync).
+  (FIFREEZE) around the copy, a raw device is flushed (fsync).  Group
+  snapshots freeze every member, copy them all, then thaw: consistent
+  across the volumes of an application.
 * **Expansion.**  The controller grows the image (and the loop device, if
   attached); the node grows the filesystem online.  Raw block volumes need
   no node step and say so.
@@ -400,14 +402,9 @@ class LoopfileBackend(BlockDeviceBackend):
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def create_snapshot(
-        self, snapshot_id: str, source: Volume, parameters: Mapping[str, str]
-    ) -> CreatedSnapshot:
-        staged = self._incoming("snap", snapshot_id)
-        with self._quiesced(source.volume_id):
-            self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
+    def _publish_snapshot(self, staged: str, snapshot_id: str) -> None:
+        """Make a copied image durable, then give it its snapshot name (durable when acknowledged)."""
         try:
-            # Durable when acknowledged: the copy's data and metadata, then its name.
             fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
@@ -419,7 +416,45 @@ class LoopfileBackend(BlockDeviceBackend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
             raise
+
+    def create_snapshot(
+        self, snapshot_id: str, source: Volume, parameters: Mapping[str, str]
+    ) -> CreatedSnapshot:
+        staged = self._incoming("snap", snapshot_id)
+        with self._quiesced(source.volume_id):
+            self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
+        self._publish_snapshot(staged, snapshot_id)
         return CreatedSnapshot(size_bytes=source.capacity_bytes, ready_to_use=True)
+
+    def create_group_snapshot(
+        self, group_id: str, members: Sequence[tuple[str, Volume]], parameters: Mapping[str, str]
+    ) -> list[CreatedSnapshot]:
+        # Crash-consistent across the group: every member is frozen (or
+        # flushed) first, all images are copied, then all are thawed.  With
+        # reflinks the whole group is frozen for milliseconds.  Freezes are
+        # taken in volume-id order, so two groups sharing members never wait
+        # on each other in a circle.
+        staged = [(snapshot_id, self._incoming("snap", snapshot_id)) for snapshot_id, _ in members]
+        try:
+            with contextlib.ExitStack() as frozen:
+                for _, volume in sorted(members, key=lambda m: m[1].volume_id):
+                    frozen.enter_context(self._quiesced(volume.volume_id))
+                for (_, volume), (_, path) in zip(members, staged, strict=True):
+                    self._copy_image(self.image_path(volume.volume_id), path, f"volume {volume.volume_id!r}")
+            done: list[str] = []
+            try:
+                for snapshot_id, path in staged:
+                    self._publish_snapshot(path, snapshot_id)
+                    done.append(snapshot_id)
+            except BaseException:
+                for snapshot_id in done:
+                    self.delete_snapshot(snapshot_id)
+                raise
+        finally:
+            for _, path in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return [CreatedSnapshot(size_bytes=volume.capacity_bytes, ready_to_use=True) for _, volume in members]
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._discard(self.snapshot_path(snapshot_id), "snapshot", snapshot_id)

@@ -48,6 +48,7 @@ class Csi:
         self.controller = pbg.ControllerStub(channel)
         self.node = pbg.NodeStub(channel)
         self.identity = pbg.IdentityStub(channel)
+        self.group = pbg.GroupControllerStub(channel)
         self.work = work
 
     @staticmethod
@@ -87,6 +88,20 @@ class Csi:
     def snapshot(self, volume_id: str) -> Any:
         req = pb.CreateSnapshotRequest(name=f"snap-{uuid.uuid4().hex[:10]}", source_volume_id=volume_id)
         return self.controller.CreateSnapshot(req).snapshot
+
+    def group_snapshot(self, *volume_ids: str) -> Any:
+        req = pb.CreateVolumeGroupSnapshotRequest(
+            name=f"group-{uuid.uuid4().hex[:10]}", source_volume_ids=list(volume_ids)
+        )
+        return self.group.CreateVolumeGroupSnapshot(req).group_snapshot
+
+    def delete_group_snapshot(self, group: Any) -> None:
+        self.group.DeleteVolumeGroupSnapshot(
+            pb.DeleteVolumeGroupSnapshotRequest(
+                group_snapshot_id=group.group_snapshot_id,
+                snapshot_ids=[s.snapshot_id for s in group.snapshots],
+            )
+        )
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))

@@ -130,3 +130,30 @@ def test_restore_into_a_larger_volume_grows_the_filesystem(csi: Csi) -> None:
         csi.delete(big.volume_id)
         csi.delete(vol.volume_id)
         csi.delete_snapshot(snap.snapshot_id)
+
+
+def test_group_snapshot_of_a_filesystem_and_a_block_volume(csi: Csi) -> None:
+    fs_vol = csi.create(32 * MiB)
+    blk_vol = csi.create(16 * MiB, block=True)
+    fs_target = csi.mount(fs_vol.volume_id)
+    blk_target = csi.mount(blk_vol.volume_id, block=True)
+    fs_data, blk_data = os.urandom(MiB), os.urandom(MiB)
+    write_file(f"{fs_target}/data", fs_data)
+    _write_device(blk_target, blk_data, sync=False)
+
+    group = csi.group_snapshot(fs_vol.volume_id, blk_vol.volume_id)
+    assert group.ready_to_use and len(group.snapshots) == 2
+    write_file(f"{fs_target}/data", b"later")
+    _write_device(blk_target, b"later" * 1000, sync=True)
+
+    member = {s.source_volume_id: s.snapshot_id for s in group.snapshots}
+    fs_restored = csi.create(32 * MiB, snapshot=member[fs_vol.volume_id])
+    blk_restored = csi.create(16 * MiB, block=True, snapshot=member[blk_vol.volume_id])
+    try:
+        assert read_file(f"{csi.mount(fs_restored.volume_id)}/data") == fs_data
+        assert _read_device(csi.mount(blk_restored.volume_id, block=True), MiB) == blk_data
+    finally:
+        for v in (fs_restored, blk_restored, fs_vol, blk_vol):
+            csi.umount(v.volume_id)
+            csi.delete(v.volume_id)
+        csi.delete_group_snapshot(group)
