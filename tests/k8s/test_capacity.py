@@ -1,0 +1,116 @@
+"""Capacity tracking on the fake API against a scripted driver's GetCapacity."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from volume_peer import (
+    TOPO_KEY,
+    GiB,
+    VolumeCSI,
+    eventually,
+    make_class,
+    make_node,
+    run_tasks,
+    served,
+    stop_tasks,
+)
+
+from csi_kit.k8s.api import Obj
+from csi_kit.k8s.capacity import LABEL_DRIVER, LABEL_MANAGED_BY, CapacityTracker
+from csi_kit.k8s.volumes import CSI_STORAGE_CAPACITY, STORAGE_CLASS, VolumeClient, parse_quantity
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+
+@pytest.fixture
+async def peer_client(tmp_path: Any) -> AsyncIterator[tuple[VolumeCSI, VolumeClient]]:
+    peer = VolumeCSI()
+    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
+        client = VolumeClient(endpoint, timeout=5)
+        try:
+            yield peer, client
+        finally:
+            await client.close()
+
+
+def objects(api: FakeKubeAPI) -> dict[tuple[str, str], Obj]:
+    return {
+        (o["storageClassName"], ((o.get("nodeTopology") or {}).get("matchLabels") or {}).get(TOPO_KEY, "")): o
+        for o in api.objects(CSI_STORAGE_CAPACITY)
+    }
+
+
+def capacity_of(api: FakeKubeAPI, cls: str, node: str) -> int | None:
+    o = objects(api).get((cls, node))
+    return parse_quantity(o["capacity"]) if o else None
+
+
+async def test_per_node_tracking_publishes_updates_and_removes(
+    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, VolumeClient]
+) -> None:
+    peer, client = peer_client
+    peer.capacity = {"node-a": 10 * GiB}
+    await make_class(api, "fast", params={"tier": "1", "csi.storage.k8s.io/fstype": "xfs"})
+    await make_class(api, "theirs", driver="other.example.com")
+    tracker = CapacityTracker(
+        api,
+        client,
+        await client.driver_info(),
+        "csi-kit",
+        node_name="node-a",
+        node_topology={TOPO_KEY: "node-a"},
+        poll_interval=0.05,
+        base_delay=0.01,
+        max_delay=0.05,
+    )
+    tasks = await run_tasks(tracker)
+    try:
+        await eventually(lambda: capacity_of(api, "fast", "node-a") == 10 * GiB, "published")
+        (obj,) = api.objects(CSI_STORAGE_CAPACITY)
+        assert obj["metadata"]["namespace"] == "csi-kit" and obj["metadata"]["name"].startswith("csisc-")
+        assert obj["metadata"]["labels"] == {
+            LABEL_DRIVER: "vol.csi-kit.io",
+            LABEL_MANAGED_BY: "external-provisioner-node-a",
+        }
+        assert parse_quantity(obj["maximumVolumeSize"]) == 5 * GiB
+        assert dict(peer.requests["GetCapacity"][0].parameters) == {"tier": "1"}
+        peer.capacity["node-a"] = 4 * GiB
+        await eventually(lambda: capacity_of(api, "fast", "node-a") == 4 * GiB, "updated by the poll")
+        assert len(api.objects(CSI_STORAGE_CAPACITY)) == 1
+        await api.delete(STORAGE_CLASS, "fast")
+        await eventually(lambda: not api.objects(CSI_STORAGE_CAPACITY), "removed with the class")
+    finally:
+        await stop_tasks(tasks)
+
+
+async def test_central_tracking_covers_every_registered_node(
+    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, VolumeClient]
+) -> None:
+    peer, client = peer_client
+    peer.capacity = {"node-a": 1 * GiB, "node-b": 2 * GiB}
+    await make_class(api, "fast")
+    await make_class(api, "slow")
+    await make_node(api, "node-a")
+    await make_node(api, "node-b")
+    tracker = CapacityTracker(
+        api,
+        client,
+        await client.driver_info(),
+        "csi-kit",
+        poll_interval=3600,
+        base_delay=0.01,
+        max_delay=0.05,
+    )
+    tasks = await run_tasks(tracker)
+    try:
+        await eventually(lambda: len(api.objects(CSI_STORAGE_CAPACITY)) == 4, "four objects")
+        assert capacity_of(api, "slow", "node-b") == 2 * GiB and capacity_of(api, "fast", "node-a") == GiB
+        # A stray duplicate (e.g. from a crashed run) is cleaned up.
+        dup = dict(objects(api)[("fast", "node-a")])
+        dup["metadata"] = {"name": "csisc-dup", "namespace": "csi-kit", "labels": dup["metadata"]["labels"]}
+        await api.create(CSI_STORAGE_CAPACITY, dup)
+        await eventually(lambda: len(api.objects(CSI_STORAGE_CAPACITY)) == 4, "duplicate removed")
+    finally:
+        await stop_tasks(tasks)
