@@ -4,7 +4,6 @@ variables, defaults that make a bare ``csi-kit`` serve, clear errors."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -34,12 +33,6 @@ def test_backends_lists_hostpath(capsys: pytest.CaptureFixture[str]) -> None:
     block = out[out.index("hostpath\t") :]
     assert "snapshots" in block.splitlines()[1] and "group_snapshots" in block.splitlines()[1]
     assert "access: mount" in block
-
-
-def test_console_script_lists_backends() -> None:
-    result = subprocess.run([CSI_KIT, "backends"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "hostpath\tcsi_kit_backends.hostpath.backend.HostPathBackend" in result.stdout
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

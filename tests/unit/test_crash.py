@@ -5,7 +5,7 @@ Two forms: a deterministic one (the driver is held inside the backend at a
 known point, then killed) and a randomised one (many concurrent creates,
 snapshots and deletes, killed after a random number of acknowledgements,
 over several rounds; the seed is printed so that a failure can be replayed
-with CSI_KIT_CRASH_SEED)."""
+with CSI_KIT_CRASH_SEED, and CSI_KIT_CRASH_ROUNDS runs more rounds)."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def test_random_kill_9_rounds(state: str) -> None:
     rng = random.Random(seed)
     ledger = Ledger()
     log = os.path.join(state, "driver.log")
-    rounds = 3
+    rounds = int(os.environ.get("CSI_KIT_CRASH_ROUNDS", "2"))
     for round_no in range(rounds + 1):
         offset = _size(log)
         with driver_process(state) as proc, Csi(proc.endpoint) as csi:

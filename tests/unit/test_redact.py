@@ -4,7 +4,6 @@ process at debug level) after calls that carry secrets."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -133,16 +132,12 @@ def test_secrets_never_reach_in_process_logs(caplog: pytest.LogCaptureFixture) -
 
 def test_secrets_never_reach_the_driver_process_log() -> None:
     with short_dir() as state:
-        for fmt in ("text", "json"):
-            sub = os.path.join(state, fmt)
-            with driver_process(sub, extra_args=["--log-level", "debug", "--log-format", fmt]) as proc:
-                with Csi(proc.endpoint) as csi:
-                    _calls_with_secrets(csi, sub)
-                assert proc.stop() == 0
-            with open(proc.log_path) as f:
-                log = f.read()
-            assert "CreateVolume" in log and "NodePublishVolume" in log and REDACTED in log
-            assert SECRET not in log and "s3cr3t" not in log
-            if fmt == "json":
-                lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-                assert any(line.get("method") == "DeleteVolume" for line in lines)
+        with driver_process(state, extra_args=["--log-level", "debug"]) as proc:
+            with Csi(proc.endpoint) as csi:
+                _calls_with_secrets(csi, state)
+            assert proc.stop() == 0
+        with open(proc.log_path) as f:
+            log = f.read()
+    assert "CreateVolume" in log and "NodePublishVolume" in log and "DeleteVolume" in log
+    assert REDACTED in log  # request bodies were logged, with the secrets stripped
+    assert SECRET not in log and "s3cr3t" not in log
