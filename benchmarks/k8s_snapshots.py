@@ -44,11 +44,11 @@ async def wait(pred, limit: float = 3600.0) -> None:  # type: ignore[no-untyped-
     while not pred():
         if time.monotonic() > deadline:
             raise TimeoutError("benchmark condition not reached")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
 
 
 def ready_count(api: FakeKubeAPI) -> int:
-    return sum(1 for s in api.objects(VOLUME_SNAPSHOT) if (s.get("status") or {}).get("readyToUse") is True)
+    return sum(1 for s in api.view(VOLUME_SNAPSHOT) if (s.get("status") or {}).get("readyToUse") is True)
 
 
 async def setup(api: FakeKubeAPI, client: Client, volumes: int) -> None:
@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace) -> None:
             mid = Counter(fake.requests)
             await fake.delete(VOLUME_SNAPSHOT, f"count-{i}", "bench")
             await wait(
-                lambda: not fake.objects(VOLUME_SNAPSHOT) and not fake.objects(VOLUME_SNAPSHOT_CONTENT)
+                lambda: not any(fake.view(VOLUME_SNAPSHOT)) and not any(fake.view(VOLUME_SNAPSHOT_CONTENT))
             )
             await asyncio.sleep(0.05)
             after = Counter(fake.requests)
@@ -157,7 +157,9 @@ async def run(args: argparse.Namespace) -> None:
         t1 = time.perf_counter()
         for i in range(n):
             await fake.delete(VOLUME_SNAPSHOT, f"s-{i}", "bench")
-        await wait(lambda: not fake.objects(VOLUME_SNAPSHOT) and not fake.objects(VOLUME_SNAPSHOT_CONTENT))
+        await wait(
+            lambda: not any(fake.view(VOLUME_SNAPSHOT)) and not any(fake.view(VOLUME_SNAPSHOT_CONTENT))
+        )
         print(f"   deletion of all {n}: wall {time.perf_counter() - t1:.2f} s")
         left = await csi.list_snapshots()
         print(f"   backend snapshots left: {len(left)}")

@@ -12,13 +12,12 @@ Every request is counted (`requests`) so benchmarks can report API cost, and
 from __future__ import annotations
 
 import asyncio
-import copy
 import datetime
 import itertools
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
 
 from csi_kit.k8s.api import (
     ApiError,
@@ -39,6 +38,20 @@ Reactor = Callable[[str, Resource, str, "Obj | None"], "Awaitable[None] | None"]
 """Called before each request as (verb, resource, name, body); raise to fail the request."""
 
 _WATCH_CLOSED = object()
+_T = TypeVar("_T")
+
+
+def _copy(o: _T) -> _T:
+    """Deep copy of JSON-shaped data (dicts, lists, scalars): what the API server's (de)serialisation does.
+
+    Several times faster than `copy.deepcopy`, which matters when a benchmark
+    pushes thousands of objects through the fake.
+    """
+    if isinstance(o, dict):
+        return cast(_T, {k: _copy(v) for k, v in o.items()})
+    if isinstance(o, list):
+        return cast(_T, [_copy(v) for v in o])
+    return o
 
 
 def _now() -> str:
@@ -86,12 +99,16 @@ class FakeKubeAPI:
 
     def objects(self, res: Resource) -> list[Obj]:
         """Every stored object of a kind (copies; no request is counted)."""
-        return [copy.deepcopy(o) for (r, _, _), o in self._objects.items() if r == res]
+        return [_copy(o) for (r, _, _), o in self._objects.items() if r == res]
+
+    def view(self, res: Resource) -> Iterator[Obj]:
+        """Stored objects of a kind without copying or counting: read them, never change them."""
+        return (o for (r, _, _), o in list(self._objects.items()) if r == res)
 
     def peek(self, res: Resource, name: str, namespace: str | None = None) -> Obj | None:
         """One stored object without counting a request, or None."""
         o = self._objects.get((res, namespace or "", name))
-        return copy.deepcopy(o) if o is not None else None
+        return _copy(o) if o is not None else None
 
     def compact(self) -> None:
         """Forget every event so far: any watch resumed from an older version gets 410."""
@@ -144,11 +161,11 @@ class FakeKubeAPI:
         return str(self._last_rv)
 
     def _emit(self, res: Resource, type_: str, obj: Obj) -> None:
-        ev = WatchEvent(type_, copy.deepcopy(obj))
+        ev = WatchEvent(type_, _copy(obj))
         self._history.append((int(obj["metadata"]["resourceVersion"]), res, ev))
         for w in self._watchers:
             if w.wants(res, obj):
-                w.queue.put_nowait(WatchEvent(type_, copy.deepcopy(obj)))
+                w.queue.put_nowait(WatchEvent(type_, _copy(obj)))
 
     def _key(self, res: Resource, name: str, namespace: str | None) -> tuple[Resource, str, str]:
         if res.namespaced and not namespace:
@@ -168,9 +185,9 @@ class FakeKubeAPI:
             m["resourceVersion"] = self._next_rv()
             del self._objects[self._key(res, m["name"], m.get("namespace"))]
             self._emit(res, "DELETED", new)
-            return copy.deepcopy(new)
+            return _copy(new)
         if new == old:
-            return copy.deepcopy(old)  # a no-op write does not bump the version, as in the real API
+            return _copy(old)  # a no-op write does not bump the version, as in the real API
         m["resourceVersion"] = self._next_rv()
         if res.has_status and {k: v for k, v in new.items() if k not in ("metadata", "status")} != {
             k: v for k, v in old.items() if k not in ("metadata", "status")
@@ -178,7 +195,7 @@ class FakeKubeAPI:
             m["generation"] = int(old["metadata"].get("generation", 1)) + 1
         self._objects[self._key(res, m["name"], m.get("namespace"))] = new
         self._emit(res, "MODIFIED", new)
-        return copy.deepcopy(new)
+        return _copy(new)
 
     @staticmethod
     def _check_meta(old: Obj, new: Obj) -> None:
@@ -214,7 +231,7 @@ class FakeKubeAPI:
 
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj:
         await self._request("get", res, name)
-        return copy.deepcopy(self._lookup(res, name, namespace))
+        return _copy(self._lookup(res, name, namespace))
 
     async def list(
         self,
@@ -224,7 +241,7 @@ class FakeKubeAPI:
     ) -> ObjectList:
         await self._request("list", res, "")
         items = [
-            copy.deepcopy(o)
+            _copy(o)
             for (r, ns, _), o in sorted(self._objects.items(), key=lambda kv: (kv[0][1], kv[0][2]))
             if r == res and (not namespace or ns == namespace) and match_labels(o, label_selector)
         ]
@@ -245,7 +262,7 @@ class FakeKubeAPI:
         w = _Watcher(res, namespace, label_selector)
         for rv, r, ev in self._history:
             if rv > start and w.wants(r, ev.object):
-                w.queue.put_nowait(WatchEvent(ev.type, copy.deepcopy(ev.object)))
+                w.queue.put_nowait(WatchEvent(ev.type, _copy(ev.object)))
         self._watchers.append(w)
         try:
             while True:
@@ -259,7 +276,7 @@ class FakeKubeAPI:
             self._watchers.remove(w)
 
     async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
-        new = copy.deepcopy(obj)
+        new = _copy(obj)
         m = new.setdefault("metadata", {})
         await self._request("create", res, m.get("name") or m.get("generateName", ""), new)
         if res.namespaced:
@@ -294,17 +311,17 @@ class FakeKubeAPI:
         new["kind"] = res.kind
         self._objects[key] = new
         self._emit(res, "ADDED", new)
-        return copy.deepcopy(new)
+        return _copy(new)
 
     async def update(self, res: Resource, obj: Obj) -> Obj:
         m = obj.get("metadata", {})
         await self._request("update", res, m.get("name", ""), obj)
         old = self._lookup(res, m.get("name", ""), m.get("namespace"))
-        new = copy.deepcopy(obj)
+        new = _copy(obj)
         self._check_meta(old, new)
         if res.has_status:
             if "status" in old:
-                new["status"] = copy.deepcopy(old["status"])
+                new["status"] = _copy(old["status"])
             else:
                 new.pop("status", None)
         return self._store(res, old, new)
@@ -320,11 +337,11 @@ class FakeKubeAPI:
             raise conflict(
                 f'Operation cannot be fulfilled on "{m.get("name")}": the object has been modified'
             )
-        new = copy.deepcopy(old)
+        new = _copy(old)
         if obj.get("status") is None:
             new.pop("status", None)
         else:
-            new["status"] = copy.deepcopy(obj["status"])
+            new["status"] = _copy(obj["status"])
         return self._store(res, old, new)
 
     async def patch(
@@ -344,7 +361,7 @@ class FakeKubeAPI:
             rv = (patch.get("metadata") or {}).get("resourceVersion")
             if rv and rv != old["metadata"]["resourceVersion"]:
                 raise conflict(f'Operation cannot be fulfilled on "{name}": the object has been modified')
-            new = copy.deepcopy(old)
+            new = _copy(old)
             if "status" in patch:
                 st = merge_patch(old.get("status"), patch["status"])
                 if st is None:
@@ -357,7 +374,7 @@ class FakeKubeAPI:
         self._check_meta(old, new)
         if res.has_status:
             if "status" in old:
-                new["status"] = copy.deepcopy(old["status"])
+                new["status"] = _copy(old["status"])
             else:
                 new.pop("status", None)
         return self._store(res, old, new)
@@ -374,17 +391,18 @@ class FakeKubeAPI:
         old = self._lookup(res, name, namespace)
         if uid and old["metadata"]["uid"] != uid:
             raise conflict(
-                f"Precondition failed: UID in precondition: {uid}, UID in object meta: {old['metadata']['uid']}"
+                f"Precondition failed: UID in precondition: {uid}, "
+                f"UID in object meta: {old['metadata']['uid']}"
             )
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return
-            new = copy.deepcopy(old)
+            new = _copy(old)
             new["metadata"]["deletionTimestamp"] = _now()
             new["metadata"]["deletionGracePeriodSeconds"] = 0
             self._store(res, old, new)
             return
-        gone_obj = copy.deepcopy(old)
+        gone_obj = _copy(old)
         gone_obj["metadata"]["resourceVersion"] = self._next_rv()
         del self._objects[self._key(res, name, namespace)]
         self._emit(res, "DELETED", gone_obj)
