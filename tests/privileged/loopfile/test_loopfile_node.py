@@ -10,8 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loopfile_helpers import Csi, MiB, cleanup_leaks, no_leaks, read_file, serve, write_file
+from loopfile_helpers import DRIVER, Csi, MiB, cleanup_leaks, no_leaks, read_file, serve, write_file
 
+from csi_kit._pb import csi_pb2 as pb
 from csi_kit.linux import blockfs, loop
 from csi_kit.linux.mounts import mounts_at
 
@@ -256,3 +257,27 @@ def test_get_capacity_thin_and_thick(csi: Csi, driver_root: Path) -> None:
     assert _code(err) == C.RESOURCE_EXHAUSTED
     csi.delete(sparse.volume_id)
     csi.delete(thick.volume_id)
+
+
+def test_restore_or_clone_for_another_node_is_resource_exhausted(csi: Csi) -> None:
+    vol = csi.create(16 * MiB)
+    snap = csi.snapshot(vol.volume_id)
+    key = f"topology.{DRIVER}/node"
+    assert [dict(t.segments) for t in vol.accessible_topology] == [{key: "node-1"}]
+    elsewhere = pb.TopologyRequirement(requisite=[pb.Topology(segments={key: "node-2"})])
+    for source in ({"snapshot": snap.snapshot_id}, {"volume": vol.volume_id}):
+        req = pb.CreateVolumeRequest(
+            name=f"elsewhere-{next(iter(source))}",
+            capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
+            volume_capabilities=[csi.cap()],
+            accessibility_requirements=elsewhere,
+        )
+        if "snapshot" in source:
+            req.volume_content_source.snapshot.snapshot_id = source["snapshot"]
+        else:
+            req.volume_content_source.volume.volume_id = source["volume"]
+        with pytest.raises(grpc.RpcError) as err:
+            csi.controller.CreateVolume(req)
+        assert _code(err) == C.RESOURCE_EXHAUSTED
+    csi.delete_snapshot(snap.snapshot_id)
+    csi.delete(vol.volume_id)
