@@ -583,3 +583,9 @@ def test_concurrent_creates_of_many_names_all_succeed_once(csi: Csi, state: str)
     assert set(results) == set(names)
     assert volume_dirs(state) == set(results.values())
     assert sorted(csi.list_volume_ids()) == sorted(results.values())
+
+
+def test_mutable_parameters_without_modify_support_are_invalid(csi: Csi, state: str) -> None:
+    req = create_req("mutable", mutable_parameters={"iops": "100"})
+    expect(grpc.StatusCode.INVALID_ARGUMENT, csi.controller.CreateVolume, req, "mutable_parameters")
+    assert volume_dirs(state) == set()

@@ -498,3 +498,62 @@ def test_publish_and_stage_values_hide_secrets_in_repr() -> None:
     pub = PublishRequest("v", "/t", None, secrets={"password": "hunter2"})
     stage = StageRequest("v", "/s", None, secrets={"password": "hunter2"})
     assert "hunter2" not in repr(pub) and "hunter2" not in repr(stage)
+
+
+# -- answers that are not errors, and the remaining RPC rules ----------------------------------
+
+
+def test_validate_volume_capabilities_confirms_only_what_the_volume_serves(csi: Csi) -> None:
+    vol = csi.create("vvc")
+    ok = csi.controller.ValidateVolumeCapabilities(
+        pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id, volume_capabilities=[CAP])
+    )
+    assert list(ok.confirmed.volume_capabilities) == [CAP] and ok.message == ""
+    for cap in (mount_cap(mode=AccessMode.MULTI_NODE_MULTI_WRITER), block_cap()):
+        resp = csi.controller.ValidateVolumeCapabilities(
+            pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id, volume_capabilities=[cap])
+        )
+        assert not resp.HasField("confirmed")
+        assert resp.message
+    other = csi.controller.ValidateVolumeCapabilities(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id, volume_capabilities=[CAP], parameters={"csi.storage.k8s.io/x": "y"}
+        )
+    )
+    assert not other.HasField("confirmed") and "parameters" in other.message
+
+
+def test_mutable_parameters_take_part_in_idempotency(csi: Csi) -> None:
+    first = csi.create("mut", mutable_parameters={"iops": "100"})
+    assert csi.create("mut", mutable_parameters={"iops": "100"}).volume_id == first.volume_id
+    req = create_req("mut", mutable_parameters={"iops": "200"})
+    expect(grpc.StatusCode.ALREADY_EXISTS, csi.controller.CreateVolume, req, "mutable_parameters")
+    csi.controller.ControllerModifyVolume(
+        pb.ControllerModifyVolumeRequest(volume_id=first.volume_id, mutable_parameters={"iops": "300"})
+    )
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        csi.controller.ControllerModifyVolume,
+        pb.ControllerModifyVolumeRequest(volume_id=VID, mutable_parameters={"iops": "1"}),
+    )
+
+
+def test_group_snapshot_argument_rules(csi: Csi) -> None:
+    a, b = csi.create("grp-rule-a"), csi.create("grp-rule-b")
+    dup = pb.CreateVolumeGroupSnapshotRequest(name="dup", source_volume_ids=[a.volume_id, a.volume_id])
+    expect(INVALID, csi.group.CreateVolumeGroupSnapshot, dup, "more than once")
+    group = csi.group.CreateVolumeGroupSnapshot(
+        pb.CreateVolumeGroupSnapshotRequest(name="rules", source_volume_ids=[a.volume_id, b.volume_id])
+    ).group_snapshot
+    members = [s.snapshot_id for s in group.snapshots]
+    wrong = pb.DeleteVolumeGroupSnapshotRequest(
+        group_snapshot_id=group.group_snapshot_id, snapshot_ids=members[:1]
+    )
+    expect(INVALID, csi.group.DeleteVolumeGroupSnapshot, wrong, "snapshot_ids")
+    get = pb.GetVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id, snapshot_ids=["x"])
+    expect(INVALID, csi.group.GetVolumeGroupSnapshot, get, "snapshot_ids")
+    missing = pb.GetVolumeGroupSnapshotRequest(group_snapshot_id="no-such-group")
+    expect(grpc.StatusCode.NOT_FOUND, csi.group.GetVolumeGroupSnapshot, missing)
+    csi.group.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id, snapshot_ids=members)
+    )
