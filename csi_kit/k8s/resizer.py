@@ -20,6 +20,9 @@ the request -- to a size above the current capacity to try again smaller, or
 back to the current capacity to give up -- the upstream recovery protocol.
 Drivers without the controller EXPAND_VOLUME capability get the "trivial"
 resizer, as upstream: no CSI call, the PV grows, the node does the work.
+Per-node mode (`node_topology`, not in upstream) handles only PVs whose node
+affinity matches this node: a node-local backend can only grow its own
+volumes, so each node's process resizes what lives there.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from csi_kit.k8s.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
 from csi_kit.k8s.csi_client import NON_FINAL_CODES, CSIError, DriverInfo
 from csi_kit.k8s.informer import Informer
 from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.provisioner import affinity_matches
 from csi_kit.k8s.volumes import Capability, EventRecorder, capabilities_for, format_quantity, storage_of
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ class Resizer(Loop):
         driver: ExpandDriver,
         info: DriverInfo,
         *,
+        node_topology: dict[str, str] | None = None,
         events: bool = True,
         workers: int = 10,
         resync_period: float = 600.0,
@@ -92,6 +97,7 @@ class Resizer(Loop):
         self.api = api
         self.driver = driver
         self.driver_name = info.name
+        self.node_topology = node_topology
         self.trivial = "EXPAND_VOLUME" not in info.controller_capabilities
         self.multi_writer = "SINGLE_NODE_MULTI_WRITER" in info.controller_capabilities
         self.events = EventRecorder(api, f"{self.driver_name}_csi-kit-resizer", enabled=events)
@@ -151,6 +157,8 @@ class Resizer(Loop):
             return None
         if (pspec.get("claimRef") or {}).get("uid") != k.uid_of(pvc):
             return None
+        if self.node_topology is not None and not affinity_matches(pv, self.node_topology):
+            return None  # per-node mode: a node-local volume is grown by the node that has it
         resizer = k.annotations_of(pvc).get(ANN_STORAGE_RESIZER)
         if resizer is not None and resizer != self.driver_name:
             return None

@@ -223,3 +223,22 @@ async def test_bad_size_in_a_claim_is_reported_not_sent(env: Env) -> None:
     await ask(env.api, "a-lot")
     await settle(env.api)
     assert env.peer.calls["ControllerExpandVolume"] == 0
+
+
+async def test_per_node_resizer_grows_only_its_nodes_volumes(env: Env) -> None:
+    for name, node in (("here", "n1"), ("there", "n2")):
+        await make_bound(env.api, name)
+        expr = {"key": "topology.vol.csi-kit.io/node", "operator": "In", "values": [node]}
+        affinity = {"required": {"nodeSelectorTerms": [{"matchExpressions": [expr]}]}}
+        await env.api.patch(PV, f"pv-{name}", {"spec": {"nodeAffinity": affinity}})
+    info = await env.client.driver_info()
+    r = Resizer(
+        env.api, env.client, info, node_topology={"topology.vol.csi-kit.io/node": "n1"}, base_delay=0.01
+    )
+    env.tasks = await run_tasks(r)
+    await ask(env.api, "2Gi", "here")
+    await ask(env.api, "2Gi", "there")
+    await eventually(lambda: cap(env.api, "here") == 2 * GiB, "own volume grown")
+    await settle(env.api)
+    assert cap(env.api, "there") == GiB
+    assert [q.volume_id for q in env.peer.requests["ControllerExpandVolume"]] == ["vol-here"]
