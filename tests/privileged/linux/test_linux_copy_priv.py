@@ -26,6 +26,7 @@ from csi_kit.linux.copy import (
     reflink_supported,
 )
 from csi_kit.linux.mounts import bind_mount
+from csi_kit.testing.fsimage import loop_mounted_fs
 
 pytestmark = pytest.mark.privileged
 
@@ -276,3 +277,14 @@ def test_read_only_destination_is_a_csi_error(xfs_dir: Path, unmount_after: Call
     bind_mount(str(xfs_dir / "ro-origin"), str(read_only), readonly=True)
     with pytest.raises(Internal, match="EROFS"):
         copy_tree(str(src), str(read_only / "dst"))
+
+
+def test_reflink_cache_is_not_fooled_by_a_reused_device(tmp_path: Path) -> None:
+    """A new filesystem on the loop device (so the st_dev) an earlier one had is probed anew."""
+    with loop_mounted_fs(str(tmp_path), "xfs", 320, reflink=True) as first:
+        first_dev = os.stat(first).st_dev
+        assert reflink_supported(first)
+    with loop_mounted_fs(str(tmp_path), "xfs", 320, reflink=False) as second:
+        # Usually the same loop device comes back; either way the answer must be right.
+        same_device = os.stat(second).st_dev == first_dev
+        assert not reflink_supported(second), f"same st_dev as before: {same_device}"
