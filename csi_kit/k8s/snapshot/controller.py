@@ -20,6 +20,7 @@ removed in one write once the content is gone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -63,6 +64,7 @@ class SnapshotController(Loop):
         self.api = api
         self.distributed = distributed
         self._deleted_contents: set[str] = set()
+        self._pvc_locks: dict[str, asyncio.Lock] = {}
         self.snapshots = Informer(api, VOLUME_SNAPSHOT, resync_period=resync_period)
         self.contents = Informer(api, VOLUME_SNAPSHOT_CONTENT, resync_period=resync_period)
         self.classes = Informer(api, VOLUME_SNAPSHOT_CLASS)
@@ -106,11 +108,23 @@ class SnapshotController(Loop):
         obj = new or old
         assert obj is not None
         ns, name = k.namespace_of(obj), k.name_of(obj)
+        if event == "DELETED":
+            lock = self._pvc_locks.get(k.key_of(obj))
+            if lock is not None and not lock.locked():
+                del self._pvc_locks[k.key_of(obj)]
         for snap in self.snapshots.items():
             if k.namespace_of(snap) == ns and p.source_pvc_name(snap) == name and not p.is_ready(snap):
                 self.snapshot_queue.add(k.key_of(snap))
 
     # ----------------------------------------------------------------- helpers
+
+    def _pvc_lock(self, key: str) -> asyncio.Lock:
+        """One PVC finalizer change at a time per PVC: snapshots of one PVC share it, and
+        concurrent rv-guarded writes would only conflict and back off."""
+        lock = self._pvc_locks.get(key)
+        if lock is None:
+            lock = self._pvc_locks[key] = asyncio.Lock()
+        return lock
 
     def _content_for(self, snap: Obj) -> Obj | None:
         """The content bound (or being bound) to this snapshot, if it points back at it."""
@@ -311,14 +325,16 @@ class SnapshotController(Loop):
         # do it in the same write that adds the finalizers.
         default_class = None if p.spec(snap).get("volumeSnapshotClassName") else k.name_of(cls)
         snap = await self._ensure_snapshot_finalizers(snap, policy == p.DELETE, default_class)
-        if k.is_deleting(pvc):
-            raise SnapshotError(
-                f"cannot add finalizer on claim [{k.key_of(pvc)}] for snapshot [{k.key_of(snap)}]: "
-                "claim is being deleted"
-            )
-        if p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
-            updated = await self._set_finalizers(PVC, pvc, {p.PVC_AS_SOURCE_FINALIZER}, set())
-            self.pvcs.store_update(updated)
+        async with self._pvc_lock(k.key_of(pvc)):
+            pvc = self.pvcs.get(k.key_of(pvc)) or pvc
+            if k.is_deleting(pvc):
+                raise SnapshotError(
+                    f"cannot add finalizer on claim [{k.key_of(pvc)}] for snapshot [{k.key_of(snap)}]: "
+                    "claim is being deleted"
+                )
+            if p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
+                updated = await self._set_finalizers(PVC, pvc, {p.PVC_AS_SOURCE_FINALIZER}, set())
+                self.pvcs.store_update(updated)
 
         metadata: dict[str, Any] = {
             "name": name,
@@ -401,18 +417,23 @@ class SnapshotController(Loop):
         if not pvc_name:
             return
         ns = k.namespace_of(snap)
-        pvc = self.pvcs.get(f"{ns}/{pvc_name}")
+        key = f"{ns}/{pvc_name}"
+        pvc = self.pvcs.get(key)
         if pvc is None or p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
             return
-        for other in self.snapshots.items():
-            if k.namespace_of(other) != ns or p.source_pvc_name(other) != pvc_name:
-                continue
-            if skip_self and k.uid_of(other) == k.uid_of(snap):
-                continue
-            if not p.is_ready(other) and not k.is_deleting(other):
+        async with self._pvc_lock(key):
+            pvc = self.pvcs.get(key)
+            if pvc is None or p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
                 return
-        updated = await self._set_finalizers(PVC, pvc, set(), {p.PVC_AS_SOURCE_FINALIZER})
-        self.pvcs.store_update(updated)
+            for other in self.snapshots.items():
+                if k.namespace_of(other) != ns or p.source_pvc_name(other) != pvc_name:
+                    continue
+                if skip_self and k.uid_of(other) == k.uid_of(snap):
+                    continue
+                if not p.is_ready(other) and not k.is_deleting(other):
+                    return
+            updated = await self._set_finalizers(PVC, pvc, set(), {p.PVC_AS_SOURCE_FINALIZER})
+            self.pvcs.store_update(updated)
 
     # ------------------------------------------------------------- deletion
 
