@@ -26,7 +26,6 @@ built by `_path`, which refuses anything that is not a single plain name.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -192,19 +191,7 @@ class HostPathBackend(Backend):
 
     @staticmethod
     def _project_of(directory: str) -> int:
-        """The project id a directory carries (0: none)."""
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return 0
-        try:
-            buf = bytearray(quota.FSXATTR.size)
-            fcntl.ioctl(fd, quota.FS_IOC_FSGETXATTR, buf, True)
-            return int(quota.FSXATTR.unpack(buf)[3])
-        except OSError:
-            return 0
-        finally:
-            os.close(fd)
+        return quota.get_project(directory)
 
     # -- volumes -----------------------------------------------------------------
 

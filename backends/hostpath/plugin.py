@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from csi_kit_backends.hostpath.backend import HostPathBackend, HostPathConfig
-
 from csi_kit.plugin import BackendRegistry, hookimpl
+from csi_kit_backends.hostpath.backend import HostPathBackend, HostPathConfig
 
 
 @hookimpl

@@ -38,6 +38,7 @@ from csi_kit.linux.mounts import MountInfo
 __all__ = [
     "DiskQuota",
     "clear_project_limit",
+    "get_project",
     "get_project_quota",
     "project_quota_enabled",
     "project_usage",
@@ -239,6 +240,22 @@ def _set_projid(fd: int, project_id: int, directory: bool) -> None:
     if directory:
         xflags |= FS_XFLAG_PROJINHERIT
     fcntl.ioctl(fd, FS_IOC_FSSETXATTR, FSXATTR.pack(xflags, extsize, nextents, project_id, cowextsize, pad))
+
+
+def get_project(directory: str) -> int:
+    """The project id `directory` carries (0 when it has none or cannot be read)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        buf = bytearray(FSXATTR.size)
+        fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf, True)
+        return int(FSXATTR.unpack(buf)[3])
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def set_project(directory: str, project_id: int, *, recursive: bool = False) -> None:
