@@ -27,6 +27,7 @@ from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
 from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.volume_cli import VOLUME_LOOPS, VolumeLoops, add_volume_options
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ CONTROLLERS = {
     "snapshot": ("snapshot-controller", "snapshotter"),
     "snapshot-controller": ("snapshot-controller",),
     "snapshotter": ("snapshotter",),
-    "all": ("snapshot-controller", "snapshotter"),
+    "provisioner": ("provisioner",),
+    "resizer": ("resizer",),
+    "attacher": ("attacher",),
+    "capacity": ("capacity",),
+    "registration": ("registration",),
+    "liveness": ("liveness",),
+    "all": ("snapshot-controller", "snapshotter", *VOLUME_LOOPS),
 }
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -66,7 +73,8 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "--controllers",
         default=_env("controllers", ""),
         help="comma list of loops to run: snapshot (= snapshot-controller + snapshotter), "
-        "snapshot-controller, snapshotter, all; empty runs none",
+        "snapshot-controller, snapshotter, provisioner, resizer, attacher, capacity, registration, "
+        "liveness, all; empty runs none",
     )
     g.add_argument(
         "--kubeconfig",
@@ -134,6 +142,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--csi-timeout", type=float, default=float(_env("csi-timeout", 60)), help="seconds per CSI call"
     )
+    add_volume_options(g)
 
 
 def selected(args: argparse.Namespace) -> set[str]:
@@ -233,11 +242,16 @@ async def run_controllers(
                 lease = None if node else "external-snapshotter-leader-" + sanitize_lease_name(info.name)
                 loops.append((snapper, lease))
 
+        namespace = args.leader_election_namespace or _default_namespace()
+        volume = VolumeLoops(args, csi_endpoint, info, wanted)
+        clients.append(volume)
+        loops.extend(await volume.loops(api, namespace))
+        await volume.start_services()
+
         lease_api: KubeAPI | None = None
         if args.leader_election:
             lease_api = connect(args)
             clients.append(lease_api)
-        namespace = args.leader_election_namespace or _default_namespace()
 
         async def run_one(loop: Loop, lease: str | None) -> None:
             if lease_api is None or lease is None:
