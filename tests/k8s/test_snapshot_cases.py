@@ -329,3 +329,21 @@ async def test_content_of_missing_snapshot_is_never_deleted_on_its_own(
     await pre_provisioned(api, "copied", uid="uid-from-another-cluster")
     await settle(api)
     assert len(contents(api)) == 1 and csi.calls["DeleteSnapshot"] == 0
+
+
+async def test_deleting_a_bound_content_whose_snapshot_is_gone_keeps_the_storage(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    """Upstream's rule: a content copied to another cluster must not delete storage the first still uses."""
+    csi, _ = peer
+    csi.add_existing("copied")
+    c = await pre_provisioned(api, "copied", uid="uid-from-another-cluster")
+    await settle(api)
+    c = api.peek(VOLUME_SNAPSHOT_CONTENT, "pre-content") or c
+    assert c["metadata"]["finalizers"] == [p.CONTENT_BOUND_FINALIZER]
+    await api.delete(VOLUME_SNAPSHOT_CONTENT, "pre-content")
+    await settle(api)
+    c = api.peek(VOLUME_SNAPSHOT_CONTENT, "pre-content")
+    assert c is not None and c["metadata"]["deletionTimestamp"], "stays Terminating"
+    assert p.ANN_BEING_DELETED not in (c["metadata"].get("annotations") or {})
+    assert csi.calls["DeleteSnapshot"] == 0 and len(csi.snapshots) == 1

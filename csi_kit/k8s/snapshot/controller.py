@@ -512,15 +512,16 @@ class SnapshotController(Loop):
         snap = self.snapshots.get(f"{ref.get('namespace')}/{ref.get('name')}")
         if snap is not None and k.uid_of(snap) != ref.get("uid"):
             snap = None  # deleted and re-created with the same name: treat as missing
-        if snap is not None:
-            candidate = k.is_deleting(snap) and bool(
-                {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER} & set(k.finalizers_of(snap))
-            )
-            if not candidate:
-                return
-        elif not k.is_deleting(content):
-            # Never delete storage because a snapshot is missing: the content may
-            # have been copied from another cluster (upstream's rule too).
+        if snap is None:
+            # Never let storage go because a snapshot is missing -- not even when the
+            # content itself is deleted: it may have been copied from another cluster
+            # that still uses the snapshot (upstream's rule; such a content stays
+            # Terminating until an administrator removes its finalizer).
+            return
+        candidate = k.is_deleting(snap) and bool(
+            {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER} & set(k.finalizers_of(snap))
+        )
+        if not candidate:
             return
         if p.ANN_BEING_DELETED not in k.annotations_of(content):
             updated = await self.api.patch(
