@@ -278,6 +278,7 @@ async def run_controllers(
             await elector.run(body, stop)
 
         await asyncio.gather(*(run_one(loop, lease) for loop, lease in loops))
+        await stop.wait()  # services (registration, liveness) may run without any loop
     finally:
         await client.close()
         for c in clients:
