@@ -94,3 +94,49 @@ async def test_retain_policy_keeps_content_and_backend_snapshot(
     await api.delete(VOLUME_SNAPSHOT_CONTENT, c["metadata"]["name"])
     await eventually(lambda: not contents(api), "content gone")
     assert csi.calls["DeleteSnapshot"] == 0 and len(csi.snapshots) == 1
+
+
+async def test_snapshot_used_as_restore_source_is_kept_until_the_pvc_is_provisioned(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    await make_volume(api)
+    await make_class(api)
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    restore = await api.create(
+        PVC,
+        {
+            "metadata": {"name": "restored", "namespace": "default"},
+            "spec": {"dataSource": {"apiGroup": p.GROUP, "kind": "VolumeSnapshot", "name": "snap"}},
+        },
+    )
+    restore["status"] = {"phase": "Pending"}
+    restore = await api.update_status(PVC, restore)
+    await api.delete(VOLUME_SNAPSHOT, "snap", "default")
+    await settle(api)
+    s = snapshot(api)
+    assert s is not None and s["metadata"]["deletionTimestamp"] and len(contents(api)) == 1
+    restore["status"] = {"phase": "Bound"}
+    await api.update_status(PVC, restore)
+    await eventually(lambda: snapshot(api) is None and not contents(api), "deleted once the restore is done")
+
+
+async def test_metrics_record_syncs_and_queue(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(loop: str, op: str) -> float:
+        v = REGISTRY.get_sample_value(
+            "csi_kit_k8s_operation_seconds_count", {"loop": loop, "operation": op, "status": "ok"}
+        )
+        return v or 0.0
+
+    before = count("snapshot-controller", "snapshot"), count("snapshotter", "content")
+    await make_volume(api)
+    await make_class(api)
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    assert count("snapshot-controller", "snapshot") > before[0]
+    assert count("snapshotter", "content") > before[1]
+    assert REGISTRY.get_sample_value("csi_kit_k8s_operations_in_flight", {"loop": "snapshotter"}) is not None

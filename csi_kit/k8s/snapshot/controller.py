@@ -115,6 +115,10 @@ class SnapshotController(Loop):
         for snap in self.snapshots.items():
             if k.namespace_of(snap) == ns and p.source_pvc_name(snap) == name and not p.is_ready(snap):
                 self.snapshot_queue.add(k.key_of(snap))
+        # A restore that finished (or went) may unblock the deletion of its source snapshot.
+        for src in (p.spec(obj).get("dataSource"), p.spec(obj).get("dataSourceRef")):
+            if src and src.get("kind") == "VolumeSnapshot" and src.get("name"):
+                self.snapshot_queue.add(f"{src.get('namespace') or ns}/{src['name']}")
 
     # ----------------------------------------------------------------- helpers
 
