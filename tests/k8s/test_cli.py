@@ -113,3 +113,54 @@ def test_options_fit_the_csi_kit_parser() -> None:
     assert args.controllers == "snapshot" and args.k8s_workers == 3 and args.workers == 7
     args = parser.parse_args(["controllers", "--csi-address", "unix:///x.sock", "--kube-api-qps", "0"])
     assert args.kube_api_qps == 0 and selected(args) == set()
+
+
+async def test_hand_over_between_two_processes_mid_create_snapshot(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    """A leader cut off with CreateSnapshot in flight: its successor finishes the job; one snapshot cut."""
+    csi, endpoint = peer
+    csi.create_gate = asyncio.Event()
+    cut: set[str] = set()
+
+    def partition(verb: str, res: Resource, name: str, body: Obj | None) -> None:
+        holder = ((body or {}).get("spec") or {}).get("holderIdentity")
+        if res == LEASE and verb in ("update", "create") and holder in cut:
+            raise ApiError(503, "ServiceUnavailable", "partitioned")
+
+    api.reactors.append(partition)
+    common = ("--controllers", "snapshot", "--leader-election", "--leader-election-namespace", "ns",
+              "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
+              "--leader-election-retry-period", "0.05", "--kube-api-qps", "0",
+              "--retry-interval-start", "0.01", "--retry-interval-max", "0.05")  # fmt: skip
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(
+        run_controllers(
+            parse(*common, "--leader-election-identity", "a"), endpoint, stop_a, connect=lambda x: api
+        )
+    )
+    await eventually(
+        lambda: {(o["spec"] or {}).get("holderIdentity") for o in api.objects(LEASE)} == {"a"}, "a leads"
+    )
+    b = asyncio.create_task(
+        run_controllers(
+            parse(*common, "--leader-election-identity", "b"), endpoint, stop_b, connect=lambda x: api
+        )
+    )
+    try:
+        await make_volume(api)
+        await make_class(api)
+        await make_snapshot(api)
+        await eventually(lambda: csi.create_started.is_set(), "a sent CreateSnapshot")
+        cut.add("a")
+        await eventually(
+            lambda: {(o["spec"] or {}).get("holderIdentity") for o in api.objects(LEASE)} == {"b"},
+            "b took over",
+        )
+        csi.create_gate.set()
+        await eventually(lambda: is_ready(api), "b finished the snapshot")
+        assert len(csi.names) == 1 and len(csi.snapshots) == 1, "one backend snapshot, same name"
+    finally:
+        stop_a.set()
+        stop_b.set()
+        await asyncio.wait_for(asyncio.gather(a, b), 10)
