@@ -27,9 +27,8 @@ import tempfile
 import time
 from collections import Counter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "k8s"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "k8s"))
 
 from _bench import header, process_cpu_seconds
 from volume_peer import ClusterSim
@@ -205,14 +204,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claims", type=int, default=1000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="csi-kit-bench-") as state:
-        with driver_process(state, backend="hostpath", node_id=NODE, driver_name=DRIVER) as proc:
-            assert proc.proc is not None
-            header("requests per operation (hostPath driver, fake API)")
-            await per_claim(proc.endpoint, events=False)
-            with_events = await per_claim(proc.endpoint, events=True)
-            header(f"{args.claims} claims at once")
-            await many(proc.endpoint, proc.proc.pid, args.claims, with_events)
+    with (
+        tempfile.TemporaryDirectory(prefix="csi-kit-bench-") as state,
+        driver_process(state, backend="hostpath", node_id=NODE, driver_name=DRIVER) as proc,
+    ):
+        assert proc.proc is not None
+        header("requests per operation (hostPath driver, fake API)")
+        await per_claim(proc.endpoint, events=False)
+        with_events = await per_claim(proc.endpoint, events=True)
+        header(f"{args.claims} claims at once")
+        await many(proc.endpoint, proc.proc.pid, args.claims, with_events)
 
 
 if __name__ == "__main__":
