@@ -18,7 +18,7 @@ from csi_kit.types import AccessMode
 
 pytestmark = pytest.mark.privileged
 
-FS_TYPE = ""  # the hostPath root lives on the machine's /tmp
+FS_TYPE = "ext4"  # a filesystem of its own: usage figures are not moved by other writers
 
 
 def publish(hp: HostPath, volume_id: str, target: str, *, readonly: bool = False, mode: int = 1) -> None:
@@ -166,8 +166,8 @@ def test_volume_stats_bytes_and_inodes(hostpath: HostPath, targets: str) -> None
     b, i = units[pb.VolumeUsage.BYTES], units[pb.VolumeUsage.INODES]
     assert b.total == expected.total_bytes
     assert i.total == expected.total_inodes
-    assert abs(b.used - expected.used_bytes) <= 8 << 20
-    assert abs(b.available - expected.available_bytes) <= 8 << 20
+    assert abs(b.used - expected.used_bytes) <= 1 << 20
+    assert abs(b.available - expected.available_bytes) <= 1 << 20
     assert b.used >= 1 << 20
     assert 0 < i.used <= i.total and i.available <= i.total
     assert not resp.volume_condition.abnormal
