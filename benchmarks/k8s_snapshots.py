@@ -166,6 +166,26 @@ async def run(args: argparse.Namespace) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+        # 3. The same loops under the default client-side budget (QPS 5, burst 10).
+        m = args.default_qps_snapshots
+        if m:
+            limited = ThrottledAPI(fake, TokenBucket(5, 10))
+            ctrl = SnapshotController(limited, workers=args.workers)
+            snapper = Snapshotter(limited, csi, DRIVER, workers=args.workers)
+            t2 = time.perf_counter()
+            tasks = [asyncio.create_task(ctrl.run()), asyncio.create_task(snapper.run())]
+            await ctrl.started.wait()
+            await snapper.started.wait()
+            for i in range(m):
+                await fake.create(VOLUME_SNAPSHOT, snapshot_obj(f"q-{i}", f"data-{i}"))
+            await wait(lambda: ready_count(fake) == m)
+            spent = time.perf_counter() - t2
+            print(f"-- {m} VolumeSnapshots (one per PVC) at the default QPS 5 / burst 10, start-up included")
+            print(f"   wall {spent:.1f} s for {sum(limited.requests.values())} requests")
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await csi.close()
 
 
@@ -175,6 +195,7 @@ def main() -> None:
     p.add_argument("--volumes", type=int, default=50)
     p.add_argument("--workers", type=int, default=10)
     p.add_argument("--count-rounds", type=int, default=10)
+    p.add_argument("--default-qps-snapshots", type=int, default=20)
     asyncio.run(run(p.parse_args()))
 
 
