@@ -16,8 +16,6 @@ import tempfile
 from importlib import metadata
 from typing import IO, Any
 
-import pytest
-
 __all__ = ["main", "build_parser", "pytest_args"]
 
 PLUGIN = "csi_kit.testing.pytest_plugin"
@@ -189,6 +187,12 @@ class Reporter:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; print per-test results and `N passed, N failed, N skipped`."""
     ns = build_parser().parse_args(argv)
+    try:
+        import hypothesis  # noqa: F401 - the state machine needs it
+        import pytest
+    except ImportError as err:
+        sys.stderr.write(f"csi-kit sanity needs pytest and hypothesis ({err}); install them with pip\n")
+        return 2
     # pytest captures fd 1 around tests; report on a duplicate of the real one.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
     reporter = Reporter(out, ns.verbose)
@@ -198,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(inifile, "w", encoding="utf-8") as f:
                 f.write("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
             rc = pytest.main(pytest_args(ns, inifile), plugins=[reporter])
-        for err in reporter.collect_errors:
-            out.write(f"ERROR collecting {err}\n")
+        for problem in reporter.collect_errors:
+            out.write(f"ERROR collecting {problem}\n")
         passed, failed, skipped = reporter.counts()
         out.write(f"{passed} passed, {failed} failed, {skipped} skipped\n")
         out.flush()
