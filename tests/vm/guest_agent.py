@@ -51,10 +51,6 @@ activation {
 global {
     use_lvmpolld = 0
 }
-backup {
-    backup = 0
-    archive = 0
-}
 """
 
 RB_POWER_OFF = 0x4321FEDC

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import gzip
 import hashlib
@@ -485,11 +486,63 @@ def qemu_argv(cfg: VMConfig, kernel: Kernel, initrd: Path, sock: Path, job: Path
     ]
 
 
-def run_vm(cfg: VMConfig, timings: Timings | None = None) -> int:
+SELECT_PLUGIN = "csi_kit_vm_select"
+# Plugins whose import costs the guest a minute or more under TCG and that a
+# VM test does not need: anyio's (the project's async tests use
+# pytest-asyncio) and Hypothesis' (only reporting; @given works without it).
+GUEST_PYTEST_OFF = ("-p", "no:anyio", "-p", "no:hypothesispytest", "-p", "no:cacheprovider")
+EXIT_NO_TESTS = 5  # pytest's own code for "nothing collected"
+
+
+def preselect(cfg: VMConfig, timings: Timings) -> VMConfig | None:
+    """Collect on the host; return a config whose guest pytest imports only the chosen files.
+
+    ``cfg.argv`` must be ``PYTHON -m pytest ARGS``; the guest runs the same
+    ARGS with :mod:`csi_kit_vm_select` restricting collection.  None means the
+    selection is empty.
+    """
+    argv = cfg.argv
+    if argv[1:3] != ["-m", "pytest"]:
+        raise HarnessError("--preselect needs the command in the form: PYTHON -m pytest [ARGS...]")
+    pythonpath = os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])
+    with timings.phase("host collection"), tempfile.TemporaryDirectory(prefix="csi-kit-vm-sel-") as tmp:
+        out = Path(tmp) / "selection.json"
+        env = {**os.environ, "PYTHONPATH": pythonpath, "CSI_KIT_VM_SELECT_OUT": str(out)}
+        host = [
+            *argv[:3],
+            "-p",
+            SELECT_PLUGIN,
+            "-p",
+            "no:cacheprovider",
+            "--collect-only",
+            "-q",
+            "--continue-on-collection-errors",
+            *argv[3:],
+        ]
+        proc = subprocess.run(host, cwd=cfg.cwd, env=env, capture_output=True, text=True)
+        if not out.is_file():
+            raise HarnessError(f"host collection failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        selection = json.loads(out.read_text())
+    files: list[str] = selection["files"]
+    say(f"preselected {selection['count']} tests in {len(files)} files on the host")
+    if not files:
+        return None
+    env = {**cfg.env, "PYTHONPATH": str(HERE), "CSI_KIT_VM_ONLY_FILES": os.pathsep.join(files)}
+    guest_argv = [*argv[:3], "-p", SELECT_PLUGIN, *GUEST_PYTEST_OFF, *argv[3:]]
+    return dataclasses.replace(cfg, argv=guest_argv, env=env)
+
+
+def run_vm(cfg: VMConfig, timings: Timings | None = None, *, preselect_tests: bool = False) -> int:
     """Boot the guest, run ``cfg.argv`` in it, return its exit status."""
     timings = timings if timings is not None else Timings()
     t_start = time.monotonic()
     try:
+        if preselect_tests:
+            selected = preselect(cfg, timings)
+            if selected is None:
+                say("no tests selected: not booting the guest")
+                return EXIT_NO_TESTS
+            cfg = selected
         kernel = fetch_kernel(cfg.cache, timings)
         initrd = build_initramfs(cfg.cache, kernel, timings)
         return _boot_and_run(cfg, kernel, initrd, timings)
@@ -584,7 +637,7 @@ def _stream(argv: list[str], marker: re.Pattern[str], timings: Timings) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str]) -> VMConfig:
+def parse_args(argv: Sequence[str]) -> tuple[VMConfig, bool]:
     p = argparse.ArgumentParser(
         description="Run a command inside a qemu guest with a device-mapper/quota kernel.",
         usage="%(prog)s [options] -- CMD [ARGS...]",
@@ -596,6 +649,11 @@ def parse_args(argv: Sequence[str]) -> VMConfig:
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--cpu", help=f"qemu CPU model (default: host with KVM, {TCG_CPU} with TCG)")
     p.add_argument("--append", action="append", default=[], metavar="ARG", help="extra kernel argument")
+    p.add_argument(
+        "--preselect",
+        action="store_true",
+        help="CMD is PYTHON -m pytest ARGS: collect on the host, import only the selected files in the guest",
+    )
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra guest env")
     p.add_argument("--cwd", type=Path, default=CHECKOUT, help="guest cwd (default: the checkout)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -610,7 +668,7 @@ def parse_args(argv: Sequence[str]) -> VMConfig:
             p.error(f"--env wants NAME=VALUE, got {item!r}")
         env[name] = value
     cache = Path(os.environ.get("CSI_KIT_VM_CACHE", DEFAULT_CACHE))
-    return VMConfig(
+    cfg = VMConfig(
         argv=cmd,
         mem_mb=ns.mem,
         smp=ns.smp,
@@ -623,11 +681,12 @@ def parse_args(argv: Sequence[str]) -> VMConfig:
         cwd=ns.cwd.resolve(),
         env=env,
     )
+    return cfg, ns.preselect
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_vm(cfg)
+    cfg, preselect_tests = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_vm(cfg, preselect_tests=preselect_tests)
 
 
 if __name__ == "__main__":
