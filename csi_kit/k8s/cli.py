@@ -236,6 +236,7 @@ async def run_controllers(
                     resync_period=args.resync_period,
                     extra_create_metadata=args.extra_create_metadata,
                     node_name=node,
+                    list_snapshots="LIST_SNAPSHOTS" in info.controller_capabilities,
                     **timing,
                 )
                 # Per-node snapshotters each own their node's contents: no election among them.

@@ -347,3 +347,26 @@ async def test_deleting_a_bound_content_whose_snapshot_is_gone_keeps_the_storage
     assert c is not None and c["metadata"]["deletionTimestamp"], "stays Terminating"
     assert p.ANN_BEING_DELETED not in (c["metadata"].get("annotations") or {})
     assert csi.calls["DeleteSnapshot"] == 0 and len(csi.snapshots) == 1
+
+
+async def test_pre_provisioned_without_list_snapshots_is_taken_on_trust(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    csi, endpoint = peer
+    lp = Loops(api, endpoint, snapshotter={"list_snapshots": False})
+    await lp.start()
+    try:
+        await pre_provisioned(api, "trusted")
+        await api.create(
+            VOLUME_SNAPSHOT,
+            {
+                "metadata": {"name": "pre", "namespace": "default"},
+                "spec": {"source": {"volumeSnapshotContentName": "pre-content"}},
+            },
+        )
+        await eventually(lambda: is_ready(api, "pre"), "ready without asking the driver")
+        assert csi.calls["ListSnapshots"] == 0
+        s = snapshot(api, "pre")
+        assert s is not None and "restoreSize" not in s["status"], "size unknown, not invented"
+    finally:
+        await lp.stop()

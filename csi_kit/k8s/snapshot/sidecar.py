@@ -61,6 +61,7 @@ class Snapshotter(Loop):
         node_name: str | None = None,
         snapshot_name_prefix: str = "snapshot",
         snapshot_name_uuid_length: int = -1,
+        list_snapshots: bool = True,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
@@ -71,6 +72,7 @@ class Snapshotter(Loop):
         self.extra_create_metadata = extra_create_metadata
         self.snapshot_name_prefix = snapshot_name_prefix
         self.snapshot_name_uuid_length = snapshot_name_uuid_length
+        self.list_snapshots = list_snapshots
         selector = f"{p.LABEL_MANAGED_BY}={node_name}" if node_name else None
         self.contents = Informer(
             api, VOLUME_SNAPSHOT_CONTENT, label_selector=selector, resync_period=resync_period
@@ -173,7 +175,7 @@ class Snapshotter(Loop):
             "snapshotHandle": info.snapshot_id,
             "creationTime": info.creation_time_ns or None,
             "readyToUse": info.ready_to_use,
-            "restoreSize": info.size_bytes,
+            "restoreSize": info.size_bytes or None,  # 0 means "unknown" in CSI
             "error": None,
         }
 
@@ -211,6 +213,15 @@ class Snapshotter(Loop):
             await self._create(content)
             return
         handle = str(spec.get("source", {}).get("snapshotHandle") or "")
+        if not self.list_snapshots:
+            # A driver without LIST_SNAPSHOTS cannot be asked: take the handle on
+            # trust, as upstream does (size unknown).
+            await self._patch(
+                content,
+                {"status": {"snapshotHandle": handle, "readyToUse": True, "error": None}},
+                status=True,
+            )
+            return
         try:
             cls = self._class(content)
             params = dict(cls.get("parameters") or {}) if cls else {}
