@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx2
 import pytest
+import yaml
 from k8s_helpers import eventually
 from lightkube import AsyncClient, KubeConfig
 
@@ -172,3 +173,22 @@ async def test_informer_over_http_resumes_and_relists_on_410(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_connect_reads_a_kubeconfig_file(tmp_path: Any) -> None:
+    path = tmp_path / "config"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://kube.example:6443"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "team"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    api = LightkubeAPI.connect(str(path))
+    assert api.client.config.cluster.server == "https://kube.example:6443"
+    assert api.client.namespace == "team"
