@@ -32,11 +32,14 @@ from csi_kit.testing.sanity.test_snapshot import *  # noqa: F403
 from csi_kit.testing.sanity.test_snapshot import __all__ as _snapshot
 from csi_kit.testing.sanity.test_statemachine import *  # noqa: F403
 from csi_kit.testing.sanity.test_statemachine import __all__ as _statemachine
+from csi_kit.testing.sanity.test_topology import *  # noqa: F403
+from csi_kit.testing.sanity.test_topology import __all__ as _topology
 
 #: Every test class of the suite (what `import *` brings into a test module).
 TEST_CLASSES = [
     *_identity,
     *_controller,
+    *_topology,
     *_snapshot,
     *_group,
     *_node,
