@@ -57,6 +57,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
+from typing import ClassVar
 
 from csi_kit.backend import Backend
 from csi_kit.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
@@ -119,6 +120,9 @@ class BlockDeviceBackend(Backend):
 
     access_types = frozenset({"mount", "block"})
     fs_types = frozenset({"", *blockfs.FILESYSTEMS})
+    #: Every block of a new volume reads as zeros (sparse files, thin LVs):
+    #: mkfs then skips zeroing inode tables and journal (see blockfs.make_filesystem).
+    prezeroed: ClassVar[bool] = False
     default_fs_type = "ext4"
     access_modes = frozenset(
         {
@@ -277,7 +281,7 @@ class BlockDeviceBackend(Backend):
         signature = blockfs.probe(device)
         if signature is None:
             fs_type = wanted or self.default_fs_type
-            blockfs.make_filesystem(device, fs_type)
+            blockfs.make_filesystem(device, fs_type, prezeroed=self.prezeroed)
             return fs_type, False
         if not signature.is_filesystem:
             raise FailedPrecondition(

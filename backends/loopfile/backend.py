@@ -117,6 +117,7 @@ def _space_error(e: OSError, what: str) -> Exception:
 
 class LoopfileBackend(BlockDeviceBackend):
     parameter_keys = frozenset({ALLOCATION_KEY})
+    prezeroed = True  # new images are holes or unwritten extents: they read as zeros
     default_volume_bytes = GiB
     min_volume_bytes = MiB
     max_volume_bytes = 1 << 50
