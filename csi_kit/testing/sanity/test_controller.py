@@ -235,11 +235,14 @@ class TestCreateVolume:
     ) -> None:
         csi_sanity.need_controller(CtrlCap.CREATE_DELETE_VOLUME)
         req = csi_sanity.create_request()
-        csi_resources.create_volume_from(req)
+        first = csi_resources.create_volume_from(req)
+        # Strictly more than the volume has (it may have been rounded up), so
+        # the existing volume cannot be compatible.
+        bigger = 2 * max(first.capacity_bytes, csi_sanity.config.volume_size)
         other = pb.CreateVolumeRequest()
         other.CopyFrom(req)
-        other.capacity_range.required_bytes = 4 * csi_sanity.config.volume_size
-        other.capacity_range.limit_bytes = 4 * csi_sanity.config.volume_size
+        other.capacity_range.required_bytes = bigger
+        other.capacity_range.limit_bytes = bigger
         expect_error(csi_sanity.controller.CreateVolume, other, C.ALREADY_EXISTS)
 
     def test_same_name_different_parameters_refused(
@@ -421,7 +424,13 @@ class TestValidateVolumeCapabilities:
             )
         )
         assert resp.HasField("confirmed"), f"capabilities used at creation not confirmed: {resp.message!r}"
-        assert list(resp.confirmed.volume_capabilities) == [csi_sanity.capability()]
+        want = csi_sanity.capability()
+        got = list(resp.confirmed.volume_capabilities)
+        assert len(got) == 1, f"confirmed {len(got)} capabilities for the 1 asked"
+        assert got[0].access_mode.mode == want.access_mode.mode, "confirmed another access mode"
+        assert got[0].WhichOneof("access_type") == want.WhichOneof("access_type"), (
+            "confirmed another access type"
+        )
 
     def test_missing_volume_id(self, csi_sanity: SanityContext) -> None:
         csi_sanity.need_controller()
