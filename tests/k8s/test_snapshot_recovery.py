@@ -15,6 +15,7 @@ import contextvars
 import pytest
 from csi_peer import ScriptedCSI
 from k8s_helpers import (
+    DRIVER,
     Loops,
     contents,
     eventually,
@@ -25,7 +26,7 @@ from k8s_helpers import (
     snapshot,
 )
 
-from csi_kit.k8s.api import PVC, VOLUME_SNAPSHOT, ApiError, Obj, Resource, conflict
+from csi_kit.k8s.api import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, ApiError, Obj, Resource, conflict
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 USER = contextvars.ContextVar("user", default=False)
@@ -55,15 +56,15 @@ async def as_user(coro_fn, *args, **kw):  # type: ignore[no-untyped-def]
         USER.reset(token)
 
 
-async def run_flow(api: FakeKubeAPI, csi: ScriptedCSI, endpoint: str, crash: Crash | None) -> None:
+async def run_flow(
+    api: FakeKubeAPI, csi: ScriptedCSI, endpoint: str, crash: Crash | None, flow: str = "delete"
+) -> None:
+    """One snapshot through its whole life; `flow` is delete, retain or pre-provisioned."""
     lp = Loops(api, endpoint)
     if crash is not None:
         api.reactors.append(crash)
     await lp.start()
     try:
-        await as_user(make_volume, api)
-        await as_user(make_class, api)
-        await as_user(make_snapshot, api)
 
         async def until(pred, what):  # type: ignore[no-untyped-def]
             # Wait for `pred`, restarting the loops once if the crash fires first.
@@ -81,33 +82,78 @@ async def run_flow(api: FakeKubeAPI, csi: ScriptedCSI, endpoint: str, crash: Cra
                     return
                 await asyncio.sleep(0.005)
 
+        if flow == "pre-provisioned":
+            csi.add_existing("existing")
+            await as_user(
+                api.create,
+                VOLUME_SNAPSHOT_CONTENT,
+                {
+                    "metadata": {"name": "pre-content"},
+                    "spec": {
+                        "deletionPolicy": "Delete",
+                        "driver": DRIVER,
+                        "source": {"snapshotHandle": "existing"},
+                        "volumeSnapshotRef": {"name": "snap", "namespace": "default"},
+                    },
+                },
+            )
+            await as_user(
+                api.create,
+                VOLUME_SNAPSHOT,
+                {
+                    "metadata": {"name": "snap", "namespace": "default"},
+                    "spec": {"source": {"volumeSnapshotContentName": "pre-content"}},
+                },
+            )
+        else:
+            await as_user(make_volume, api)
+            await as_user(make_class, api, policy="Retain" if flow == "retain" else "Delete")
+            await as_user(make_snapshot, api)
         await asyncio.wait_for(until(lambda: is_ready(api), "ready"), 30)
         await as_user(api.delete, VOLUME_SNAPSHOT, "snap", "default")
+        if flow == "retain":
+            await asyncio.wait_for(until(lambda: snapshot(api) is None, "snapshot gone"), 30)
+            [c] = contents(api)
+            await as_user(api.delete, VOLUME_SNAPSHOT_CONTENT, c["metadata"]["name"])
         await asyncio.wait_for(until(lambda: snapshot(api) is None and not contents(api), "gone"), 30)
     finally:
         await lp.stop()
 
 
-async def test_flow_without_crash_counts_the_writes(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
-    csi, endpoint = peer
-    counter = Crash(at=10**9)
-    await run_flow(api, csi, endpoint, counter)
-    # The parametrisation below must cover every write of the flow.
-    assert counter.writes == 12, counter.writes
-    assert csi.snapshots == {}
+WRITES_PER_FLOW = {"delete": 12, "retain": 11, "pre-provisioned": 9}
 
 
-@pytest.mark.parametrize("at", range(1, 13))
-async def test_crash_at_every_write_recovers_without_leak_or_duplicate(
-    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], at: int
+@pytest.mark.parametrize("flow", sorted(WRITES_PER_FLOW))
+async def test_flow_without_crash_counts_the_writes(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], flow: str
 ) -> None:
     csi, endpoint = peer
-    await run_flow(api, csi, endpoint, Crash(at))
-    assert len(csi.names) == 1, f"one backend snapshot name, got {csi.names}"
-    assert csi.snapshots == {}, "nothing leaked on the backend"
-    assert len(csi.deleted) >= 1
-    pvc = api.peek(PVC, "data", "default")
-    assert pvc is not None and not pvc["metadata"].get("finalizers"), "PVC released"
+    counter = Crash(at=10**9)
+    await run_flow(api, csi, endpoint, counter, flow)
+    # The crash parametrisation below must cover every write of each flow.
+    assert counter.writes == WRITES_PER_FLOW[flow], counter.writes
+    assert len(csi.snapshots) == (1 if flow == "retain" else 0)
+
+
+@pytest.mark.parametrize(
+    ("flow", "at"), [(flow, at) for flow, n in sorted(WRITES_PER_FLOW.items()) for at in range(1, n + 1)]
+)
+async def test_crash_at_every_write_of_every_flow(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], flow: str, at: int
+) -> None:
+    csi, endpoint = peer
+    await run_flow(api, csi, endpoint, Crash(at), flow)
+    assert not contents(api) and snapshot(api) is None
+    if flow == "retain":
+        assert len(csi.snapshots) == 1 and csi.calls["DeleteSnapshot"] == 0, "Retain keeps the storage"
+    else:
+        assert csi.snapshots == {}, "nothing leaked on the backend"
+    if flow != "pre-provisioned":
+        assert len(csi.names) == 1, f"one backend snapshot name, got {csi.names}"
+        pvc = api.peek(PVC, "data", "default")
+        assert pvc is not None and not pvc["metadata"].get("finalizers"), "PVC released"
+    else:
+        assert csi.calls["CreateSnapshot"] == 0
 
 
 async def test_restart_while_create_snapshot_in_flight(
