@@ -60,6 +60,7 @@ def test_capacity_is_enforced_and_reported(hostpath: HostPath) -> None:
         _write(fill, 8 * MiB)
     _over_quota(hostpath, info.value)
     assert 2 * MiB <= os.path.getsize(fill) <= 4 * MiB  # stopped at the volume's size
+    os.remove(fill)
     os.makedirs(os.path.join(hostpath.volume_dir(vol.volume_id), "sub"))
     with pytest.raises(OSError) as info:  # subdirectories inherit the project
         _write(os.path.join(hostpath.volume_dir(vol.volume_id), "sub", "more"), 8 * MiB)
