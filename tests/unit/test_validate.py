@@ -557,3 +557,35 @@ def test_group_snapshot_argument_rules(csi: Csi) -> None:
     csi.group.DeleteVolumeGroupSnapshot(
         pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id, snapshot_ids=members)
     )
+
+
+def test_controller_publish_rules(csi: Csi) -> None:
+    vol = csi.create("cpub")
+    req = pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id="node-1", volume_capability=CAP)
+    csi.controller.ControllerPublishVolume(req)
+    csi.controller.ControllerPublishVolume(req)  # idempotent
+    listed = {
+        e.volume.volume_id: e.status for e in csi.controller.ListVolumes(pb.ListVolumesRequest()).entries
+    }
+    assert list(listed[vol.volume_id].published_node_ids) == ["node-1"]
+    ro = pb.ControllerPublishVolumeRequest(
+        volume_id=vol.volume_id, node_id="node-1", volume_capability=CAP, readonly=True
+    )
+    expect(grpc.StatusCode.ALREADY_EXISTS, csi.controller.ControllerPublishVolume, ro, "other options")
+    elsewhere = pb.ControllerPublishVolumeRequest(
+        volume_id=vol.volume_id, node_id="node-2", volume_capability=CAP
+    )
+    expect(grpc.StatusCode.NOT_FOUND, csi.controller.ControllerPublishVolume, elsewhere, "node-2")
+    unknown = pb.ControllerPublishVolumeRequest(volume_id=VID, node_id="node-1", volume_capability=CAP)
+    expect(grpc.StatusCode.NOT_FOUND, csi.controller.ControllerPublishVolume, unknown, VID)
+    delete = pb.DeleteVolumeRequest(volume_id=vol.volume_id)
+    expect(grpc.StatusCode.FAILED_PRECONDITION, csi.controller.DeleteVolume, delete, "node-1")
+    csi.controller.ControllerUnpublishVolume(
+        pb.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id, node_id="node-1")
+    )
+    csi.controller.ControllerUnpublishVolume(
+        pb.ControllerUnpublishVolumeRequest(volume_id=VID, node_id="node-1")
+    )
+    got = csi.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert list(got.status.published_node_ids) == []
+    csi.delete(vol.volume_id)
