@@ -313,11 +313,16 @@ class BlockDeviceBackend(Backend):
         if request.capability is not None and request.capability.is_block:
             self._publish_block(request.volume_id, target, request.readonly)
             return
-        if mounts.is_mounted(target):
-            return
         staging = request.staging_path
-        if not staging or not mounts.is_mounted(staging):
+        staged = mounts.mounts_at(staging) if staging else []
+        if not staged:
             raise FailedPrecondition(f"volume {request.volume_id!r} is not staged at {staging!r}")
+        here = mounts.mounts_at(target)
+        if here:
+            top, source = here[-1], staged[-1]
+            if (top.major, top.minor) == (source.major, source.minor):
+                return  # published already (a retry, or a restart after the bind)
+            raise AlreadyExists(f"target path {target} already has another filesystem mounted")
         if not os.path.isdir(os.path.dirname(target)):
             raise NotFound(f"the parent directory of target_path {target} does not exist")
         os.makedirs(target, mode=0o750, exist_ok=True)

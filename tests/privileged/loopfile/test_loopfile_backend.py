@@ -11,7 +11,7 @@ import pytest
 from loopfile_helpers import MiB
 
 from csi_kit.backend import BackendContext
-from csi_kit.errors import Aborted, FailedPrecondition, InvalidArgument
+from csi_kit.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument
 from csi_kit.linux import loop
 from csi_kit.linux.mounts import is_mounted
 from csi_kit.types import (
@@ -147,3 +147,25 @@ def test_a_snapshot_during_a_stage_in_progress_is_aborted(driver_root: Path) -> 
     assert backend.inventory().snapshot_ids == frozenset({"snap"})
     backend.delete_snapshot("snap")
     backend.delete_volume("vol")
+
+
+def test_publish_onto_a_target_holding_another_volume_is_refused(driver_root: Path, work: Path) -> None:
+    backend = _backend(driver_root)
+    staged = []
+    try:
+        for name in ("a", "b"):
+            backend.create_volume(name, _request(8 * MiB))
+            staging = work / f"staging-{name}"
+            staging.mkdir()
+            backend.node_stage(StageRequest(name, str(staging), _cap()))
+            staged.append((name, str(staging)))
+        target = str(work / "target")
+        backend.node_publish(PublishRequest("a", target, _cap(), staging_path=staged[0][1]))
+        backend.node_publish(PublishRequest("a", target, _cap(), staging_path=staged[0][1]))  # a retry: fine
+        with pytest.raises(AlreadyExists):
+            backend.node_publish(PublishRequest("b", target, _cap(), staging_path=staged[1][1]))
+        backend.node_unpublish("a", target)
+    finally:
+        for name, staging in staged:
+            backend.node_unstage(name, staging)
+            backend.delete_volume(name)
