@@ -22,7 +22,7 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s.api import LEASE, PV, PVC
+from csi_kit.k8s.api import LEASE, PV, PVC, ApiError
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
 from csi_kit.k8s.volume_cli import lease_names
 from csi_kit.testing.fake_k8s import FakeKubeAPI
@@ -138,3 +138,72 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Partitionable:
+    """One replica's view of the API: its Lease requests fail while `cut` is set."""
+
+    def __init__(self, inner: FakeKubeAPI) -> None:
+        self.inner = inner
+        self.cut = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in ("get", "create", "update", "patch"):
+            return attr
+
+        async def call(res: Any, *a: Any, **kw: Any) -> Any:
+            if self.cut and res == LEASE:
+                raise ApiError(503, "ServiceUnavailable", "partitioned")
+            return await attr(res, *a, **kw)
+
+        return call
+
+
+async def test_leader_hand_over_mid_create_volume(api: FakeKubeAPI, tmp_path: Any) -> None:
+    """Replica A loses its Lease while CreateVolume is in flight; B takes over: one volume, one PV."""
+    peer = VolumeCSI()
+    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
+
+        def args(identity: str) -> argparse.Namespace:
+            return parse(
+                "--controllers", "provisioner", "--leader-election", "--leader-election-namespace", "csi",
+                "--leader-election-identity", identity,
+                "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
+                "--leader-election-retry-period", "0.05", *FAST,
+            )  # fmt: skip
+
+        view_a, view_b = Partitionable(api), Partitionable(api)
+        sim_tasks = await run_tasks(ClusterSim(api))
+        stop_a, stop_b = asyncio.Event(), asyncio.Event()
+        gate = peer.hold("CreateVolume")
+        replicas = [
+            asyncio.create_task(run_controllers(args("a"), endpoint, stop_a, connect=lambda _: view_a))
+        ]
+        try:
+            await eventually(lambda: api.objects(LEASE), "A leads")
+            replicas.append(
+                asyncio.create_task(run_controllers(args("b"), endpoint, stop_b, connect=lambda _: view_b))
+            )
+            await make_class(api)
+            await make_claim(api)
+            await eventually(lambda: peer.calls["CreateVolume"] >= 1, "A's CreateVolume in flight")
+            (lease,) = api.objects(LEASE)
+            assert lease["spec"]["holderIdentity"] == "a"
+            view_a.cut = True  # A can no longer renew: it stops its loops, B takes the Lease
+            await eventually(
+                lambda: (api.objects(LEASE) or [{}])[0].get("spec", {}).get("holderIdentity") == "b",
+                "B leads",
+            )
+            await eventually(lambda: peer.calls["CreateVolume"] >= 2, "B asks again")
+            gate.set()
+            await eventually(lambda: bound(api), "claim bound")
+            await asyncio.sleep(0.3)
+            assert len(peer.volumes) == 1 and len(api.objects(PV)) == 1
+            assert {r.name for r in peer.requests["CreateVolume"]} == {api.objects(PV)[0]["metadata"]["name"]}
+        finally:
+            gate.set()
+            stop_a.set()
+            stop_b.set()
+            await asyncio.wait_for(asyncio.gather(*replicas, return_exceptions=True), 30)
+            await stop_tasks(sim_tasks)
