@@ -21,6 +21,7 @@ from typing import Any
 from csi_kit.k8s import metrics
 from csi_kit.k8s.api import KubeAPI
 from csi_kit.k8s.csi_client import CSIClient, CSIError, DriverInfo
+from csi_kit.k8s.events import EventRecorder
 from csi_kit.k8s.leader import LeaderElector
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
@@ -130,6 +131,12 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         default=_env_bool("extra-create-metadata", False),
         help="pass the VolumeSnapshot/VolumeSnapshotContent names to CreateSnapshot as parameters",
     )
+    g.add_argument(
+        "--events",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("events", False),
+        help="record Kubernetes Events as upstream does (one API write each; needs events create)",
+    )
     g.add_argument("--resync-period", type=float, default=float(_env("resync-period", 900)), help="seconds")
     g.add_argument(
         "--k8s-workers",
@@ -207,6 +214,7 @@ async def run_controllers(
         clients.append(raw)
         api = ThrottledAPI(raw, TokenBucket(args.kube_api_qps, args.kube_api_burst))
         timing = {"base_delay": args.retry_interval_start, "max_delay": args.retry_interval_max}
+        events = EventRecorder(api, "csi-kit-snapshot") if args.events else None
         loops: list[tuple[Loop, str | None]] = []
         if "snapshot-controller" in wanted:
             ctrl = SnapshotController(
@@ -214,6 +222,7 @@ async def run_controllers(
                 workers=args.k8s_workers,
                 resync_period=args.resync_period,
                 distributed=args.distributed_snapshotting,
+                events=events,
                 **timing,
             )
             loops.append((ctrl, "snapshot-controller-leader"))
@@ -237,6 +246,7 @@ async def run_controllers(
                     extra_create_metadata=args.extra_create_metadata,
                     node_name=node,
                     list_snapshots="LIST_SNAPSHOTS" in info.controller_capabilities,
+                    events=events,
                     **timing,
                 )
                 # Per-node snapshotters each own their node's contents: no election among them.

@@ -140,3 +140,36 @@ async def test_metrics_record_syncs_and_queue(
     assert count("snapshot-controller", "snapshot") > before[0]
     assert count("snapshotter", "content") > before[1]
     assert REGISTRY.get_sample_value("csi_kit_k8s_operations_in_flight", {"loop": "snapshotter"}) is not None
+
+
+async def test_events_when_enabled_once_per_reason(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
+    import grpc
+
+    from csi_kit.k8s.api import EVENT
+    from csi_kit.k8s.events import EventRecorder
+
+    csi, endpoint = peer
+    csi.create_errors = [(grpc.StatusCode.INTERNAL, "disk on fire")] * 3
+    recorder = EventRecorder(api, "csi-kit-test")
+    lp = Loops(api, endpoint, controller={"events": recorder}, snapshotter={"events": recorder})
+    await lp.start()
+    try:
+        await make_volume(api)
+        await make_class(api)
+        await make_snapshot(api)
+        await eventually(lambda: is_ready(api), "snapshot ready")
+        await settle(api)
+        await recorder.flush()
+    finally:
+        await lp.stop()
+    events = api.objects(EVENT)
+    on_snapshot = [
+        (e["type"], e["reason"]) for e in events if e["involvedObject"]["kind"] == "VolumeSnapshot"
+    ]
+    assert ("Normal", "CreatingSnapshot") in on_snapshot
+    assert ("Normal", "SnapshotCreated") in on_snapshot and ("Normal", "SnapshotReady") in on_snapshot
+    warnings = [
+        e for e in events if e["type"] == "Warning" and e["involvedObject"]["kind"] == "VolumeSnapshotContent"
+    ]
+    assert len(warnings) == 1, "three identical failures, one Event"
+    assert warnings[0]["metadata"]["namespace"] == "default" and "disk on fire" in warnings[0]["message"]

@@ -36,6 +36,7 @@ from csi_kit.k8s.api import (
     Obj,
 )
 from csi_kit.k8s.csi_client import rfc3339_from_ns
+from csi_kit.k8s.events import NORMAL, WARNING, EventRecorder
 from csi_kit.k8s.informer import Informer
 from csi_kit.k8s.loop import Loop, Retry
 from csi_kit.k8s.snapshot import protocol as p
@@ -57,10 +58,12 @@ class SnapshotController(Loop):
         workers: int = 10,
         resync_period: float = 900.0,
         distributed: bool = False,
+        events: EventRecorder | None = None,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
         super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        self.events = events
         self.api = api
         self.distributed = distributed
         self._deleted_contents: set[str] = set()
@@ -153,10 +156,23 @@ class SnapshotController(Loop):
             VOLUME_SNAPSHOT, k.name_of(snap), {"status": new_status}, k.namespace_of(snap), status=True
         )
         self.snapshots.store_update(updated)
+        if self.events is not None:
+            key = k.key_of(snap)
+            if new_status.get("creationTime") and not current.get("creationTime"):
+                self.events.event(
+                    updated,
+                    NORMAL,
+                    "SnapshotCreated",
+                    f"Snapshot {key} was successfully created by the CSI driver.",
+                )
+            if new_status.get("readyToUse") is True and current.get("readyToUse") is not True:
+                self.events.event(updated, NORMAL, "SnapshotReady", f"Snapshot {key} is ready to use.")
         return updated
 
     async def _report(self, snap: Obj, message: str, *, ready_false: bool = True) -> None:
         """Put an error in status.error (what `kubectl describe` shows), keeping other fields."""
+        if self.events is not None:
+            self.events.event(snap, WARNING, "SnapshotFailed", message)
         if (p.status(snap).get("error") or {}).get("message") == message:
             return
         st: dict[str, Any] = {"error": p.error_status(message)}
@@ -382,6 +398,13 @@ class SnapshotController(Loop):
                 raise SnapshotError(f"Failed to create snapshot content with error {e}") from None
             created = await self.api.get(VOLUME_SNAPSHOT_CONTENT, name)
         self.contents.store_update(created)
+        if self.events is not None:
+            self.events.event(
+                snap,
+                NORMAL,
+                "CreatingSnapshot",
+                f"Waiting for a snapshot {k.key_of(snap)} to be created by the CSI driver.",
+            )
         await self._patch_snapshot_status(snap, self._status_from_content(created))
 
     async def _sync_preprovisioned(self, snap: Obj) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from csi_kit.k8s import api as k
 from csi_kit.k8s.api import SECRET, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT, ApiError, KubeAPI, Obj
 from csi_kit.k8s.csi_client import CSIError, SnapshotInfo, is_final_error
+from csi_kit.k8s.events import WARNING, EventRecorder
 from csi_kit.k8s.informer import Informer
 from csi_kit.k8s.loop import Loop, Retry
 from csi_kit.k8s.snapshot import protocol as p
@@ -62,6 +63,7 @@ class Snapshotter(Loop):
         snapshot_name_prefix: str = "snapshot",
         snapshot_name_uuid_length: int = -1,
         list_snapshots: bool = True,
+        events: EventRecorder | None = None,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
@@ -73,6 +75,7 @@ class Snapshotter(Loop):
         self.snapshot_name_prefix = snapshot_name_prefix
         self.snapshot_name_uuid_length = snapshot_name_uuid_length
         self.list_snapshots = list_snapshots
+        self.events = events
         selector = f"{p.LABEL_MANAGED_BY}={node_name}" if node_name else None
         self.contents = Informer(
             api, VOLUME_SNAPSHOT_CONTENT, label_selector=selector, resync_period=resync_period
@@ -103,7 +106,9 @@ class Snapshotter(Loop):
             return content
         return await self._patch(content, {"metadata": {"annotations": {key: value}}})
 
-    async def _report(self, content: Obj, message: str) -> None:
+    async def _report(self, content: Obj, message: str, reason: str = "SnapshotCreationFailed") -> None:
+        if self.events is not None:
+            self.events.event(content, WARNING, reason, message)
         if (p.status(content).get("error") or {}).get("message") == message:
             return
         try:
@@ -265,7 +270,7 @@ class Snapshotter(Loop):
                 try:
                     await self.driver.delete_snapshot(str(handle), await self._secrets(ref))
                 except (CSIError, ApiError) as e:
-                    await self._report(content, f"Failed to delete snapshot: {e}")
+                    await self._report(content, f"Failed to delete snapshot: {e}", "SnapshotDeleteError")
                     raise
         if p.CONTENT_BOUND_FINALIZER in k.finalizers_of(content):
             wanted = [f for f in k.finalizers_of(content) if f != p.CONTENT_BOUND_FINALIZER]
