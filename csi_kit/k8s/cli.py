@@ -132,6 +132,17 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         help="pass the VolumeSnapshot/VolumeSnapshotContent names to CreateSnapshot as parameters",
     )
     g.add_argument(
+        "--snapshot-name-prefix",
+        default=_env("snapshot-name-prefix", "snapshot"),
+        help="prefix of the CreateSnapshot name (<prefix>-<VolumeSnapshot UID>), as upstream",
+    )
+    g.add_argument(
+        "--snapshot-name-uuid-length",
+        type=int,
+        default=int(_env("snapshot-name-uuid-length", -1)),
+        help="truncate the UID in CreateSnapshot names to this length (-1: whole UID)",
+    )
+    g.add_argument(
         "--events",
         action=argparse.BooleanOptionalAction,
         default=_env_bool("events", False),
@@ -246,6 +257,8 @@ async def run_controllers(
                     extra_create_metadata=args.extra_create_metadata,
                     node_name=node,
                     list_snapshots="LIST_SNAPSHOTS" in info.controller_capabilities,
+                    snapshot_name_prefix=args.snapshot_name_prefix,
+                    snapshot_name_uuid_length=args.snapshot_name_uuid_length,
                     events=events,
                     **timing,
                 )
