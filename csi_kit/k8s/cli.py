@@ -208,6 +208,7 @@ async def run_controllers(
     """
     wanted = selected(args)
     if not wanted:
+        log.warning("no Kubernetes loops selected (--controllers is empty): nothing to run")
         return
     client = CSIClient(csi_endpoint, timeout=args.csi_timeout)
     clients: list[Any] = []
