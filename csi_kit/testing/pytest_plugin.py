@@ -53,6 +53,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--csi-fs-type", default=None, help="fs_type for mount volumes")
     group.addoption("--csi-idempotency-repeats", type=int, default=None, help="repeats per idempotency test")
     group.addoption(
+        "--csi-connect-timeout", type=float, default=None, help="seconds to wait for the endpoint"
+    )
+    group.addoption(
         "--csi-driver-root", action="append", default=None, help="a directory the driver stores in"
     )
 
@@ -105,6 +108,8 @@ def config_from_options(config: pytest.Config) -> SanityConfig | None:
         kw["fs_type"] = opt("--csi-fs-type")
     if opt("--csi-idempotency-repeats"):
         kw["idempotency_repeats"] = opt("--csi-idempotency-repeats")
+    if opt("--csi-connect-timeout"):
+        kw["connect_timeout"] = opt("--csi-connect-timeout")
     if opt("--csi-driver-root"):
         kw["driver_roots"] = tuple(opt("--csi-driver-root"))
     return SanityConfig(**kw)  # type: ignore[arg-type]

@@ -204,7 +204,9 @@ def test_correct_driver_passes_the_whole_suite(tmp_path: object) -> None:
 
 def test_exit_status_and_tally_when_nothing_listens(tmp_path: object) -> None:
     """No driver at the endpoint: every test fails, the exit status says so."""
-    _outcomes, out, rc = run_suite(f"unix://{tmp_path}/nobody.sock", "probe_succeeds")
+    _outcomes, out, rc = run_suite(
+        f"unix://{tmp_path}/nobody.sock", "probe_succeeds", "--connect-timeout", "2"
+    )
     assert rc != 0
     assert out.strip().splitlines()[-1] == "0 passed, 1 failed, 0 skipped", out
     assert "cannot connect" in out

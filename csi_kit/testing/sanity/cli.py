@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-type", choices=("mount", "block"), help="volume access type (default mount)")
     p.add_argument("--fs-type", help="fs_type for mount volumes")
     p.add_argument("--idempotency-repeats", type=int, help="repeats per idempotency test (default 10)")
+    p.add_argument("--connect-timeout", type=float, help="seconds to wait for the endpoint (default 30)")
     p.add_argument("--driver-root", action="append", help="a directory the driver keeps data in (repeatable)")
     p.add_argument(
         "-k", dest="keyword", metavar="EXPR", help="only run tests matching the pytest -k expression"
@@ -108,6 +109,7 @@ def pytest_args(ns: argparse.Namespace, inifile: str) -> list[str]:
         "--csi-access-type": ns.access_type,
         "--csi-fs-type": ns.fs_type,
         "--csi-idempotency-repeats": ns.idempotency_repeats,
+        "--csi-connect-timeout": ns.connect_timeout,
     }
     for flag, value in pairs.items():
         if value is not None:
