@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import harness
@@ -136,12 +137,15 @@ def test_nothing_selected_means_no_boot(tmp_path: Path) -> None:
     os.environ.get("CSI_KIT_IN_VM") == "1" or shutil.which("qemu-system-x86_64") is None,
     reason="needs qemu on the host (and not already inside the guest)",
 )
-def test_guest_exit_status_and_readonly_host(tmp_path: Path) -> None:
-    probe = tmp_path / "written-by-guest"
-    cfg = harness.VMConfig(
-        argv=["sh", "-c", f'echo x > {probe} && test -s {probe} && test -b "$CSI_KIT_VM_DISK" && exit 7'],
-        timeout=600,
-        cache=Path(os.environ.get("CSI_KIT_VM_CACHE", harness.DEFAULT_CACHE)),
-    )
-    assert harness.run_vm(cfg) == 7
-    assert not probe.exists()  # the guest wrote to its overlay, not to the host
+def test_guest_exit_status_and_readonly_host() -> None:
+    cache = Path(os.environ.get("CSI_KIT_VM_CACHE", harness.DEFAULT_CACHE))
+    cache.mkdir(parents=True, exist_ok=True)
+    # Not under /tmp: the guest has its own tmpfs there and would not see it.
+    with tempfile.TemporaryDirectory(dir=cache, prefix="probe-") as tmp:
+        probe = Path(tmp) / "written-by-guest"
+        script = (
+            f'test -d {tmp} && echo x > {probe} && test -s {probe} && test -b "$CSI_KIT_VM_DISK" && exit 7'
+        )
+        cfg = harness.VMConfig(argv=["sh", "-c", script], timeout=600, cache=cache)
+        assert harness.run_vm(cfg) == 7
+        assert not probe.exists()  # the guest wrote to its overlay, not to the host
