@@ -121,8 +121,8 @@ def fill(endpoint: str, count: int, threads: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=400, help="pairs measured at each volume count")
-    parser.add_argument("--blocks", type=int, default=20, help="alternating blocks the pairs are split into")
+    parser.add_argument("--pairs", type=int, default=300, help="pairs measured at each volume count")
+    parser.add_argument("--blocks", type=int, default=15, help="alternating blocks the pairs are split into")
     parser.add_argument("--existing", type=int, default=10_000, help="volumes present for the second run")
     parser.add_argument("--fill-threads", type=int, default=16)
     parser.add_argument(

@@ -47,6 +47,7 @@ from _bench import (
     write_random_tree,
 )
 
+from csi_kit._pb import csi_pb2 as pb
 from csi_kit.linux.run import run
 from csi_kit.testing.driver import driver_process
 from csi_kit.testing.fsimage import loop_mounted_fs
@@ -78,7 +79,10 @@ def bench_fs(fs_type: str, mib: int, rounds: int, workdir: str) -> dict[str, flo
         state_dir = tempfile.mkdtemp(prefix=f"state-{fs_type}-", dir=workdir)
         driver = driver_process(state_dir, backend_options={"root": mnt})
         with driver as proc, Client(proc.endpoint) as client:
-            print(f"   driver: {_driver_log_line(proc.log_path, 'copies by')}")
+            info = client.identity.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=30)
+            manifest = ", ".join(f"{k}={v}" for k, v in sorted(info.manifest.items()))
+            print(f"   driver manifest: {manifest}")
+            print(f"   driver log: {_driver_log_line(proc.log_path, 'copies by')}")
             volume_id = client.create_volume("bench-source", capacity=2 * mib * MiB)
             source_dir = os.path.join(mnt, "volumes", volume_id)
             t0 = time.perf_counter()
