@@ -376,6 +376,16 @@ class BlockDeviceBackend(Backend):
 
     def node_stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         device = self.device_of(volume_id)
+        here = mounts.mounts_at(volume_path)
+        if here and here[-1].source == BLOCK_STAGE_SOURCE + volume_id:
+            # The staging path of a raw block volume: the numbers are the device's.
+            if device is None:
+                return VolumeStats(
+                    usage=(), condition=VolumeCondition(True, "the volume's device is detached")
+                )
+            size = blockfs.device_size(device)
+            condition = self.device_condition(volume_id) or VolumeCondition(False, "")
+            return VolumeStats(usage=(VolumeUsage("BYTES", size, 0, 0),), condition=condition)
         condition = self._condition(volume_id, volume_path, device)
         if _rdev(volume_path) is not None:
             size = blockfs.device_size(volume_path)

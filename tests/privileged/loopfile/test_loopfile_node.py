@@ -214,6 +214,9 @@ def test_expand_a_published_block_volume_needs_no_node_step(csi: Csi) -> None:
     assert csi.node_expand(vol.volume_id, target, 48 * MiB, block=True).capacity_bytes == 48 * MiB
     stats = csi.stats(vol.volume_id, target)
     assert [(u.unit, u.total) for u in stats.usage] == [(1, 48 * MiB)]  # BYTES
+    staged = csi.stats(vol.volume_id, csi.staging_path(vol.volume_id))  # the device's size, not the marker's
+    assert [(u.unit, u.total) for u in staged.usage] == [(1, 48 * MiB)]
+    assert not staged.volume_condition.abnormal
     csi.unpublish(vol.volume_id)
     csi.unstage(vol.volume_id)
     csi.delete(vol.volume_id)
