@@ -329,11 +329,14 @@ class Provisioner(Loop):
         self.informers = [self.pvcs, self.pvs, self.classes]
         self.claim_queue = self.queue("claim", self.sync_claim)
         self.volume_queue = self.queue("volume", self.sync_volume)
+        self.source_queue = self.queue("source", self.sync_source)
         self.pvcs.add_handler(self._on_claim)
         self.pvs.add_handler(self._on_volume)
         self.classes.add_handler(self._on_class)
         # Claims whose CreateVolume may still be running on the storage side.
         self.in_progress: dict[str, CreateRequest] = {}
+        # Snapshots known to carry no finalizer of ours (saves a GET on every later sync).
+        self._released_snapshots: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------ event routing
 
@@ -371,10 +374,28 @@ class Provisioner(Loop):
                     self.claim_queue.add(k.key_of(pvc))
 
     def _requeue_sources_of(self, pvc: Obj) -> None:
-        ds = pvc_data_source(pvc)
-        if ds and source_kind(ds) == "pvc":
-            ns = ds.get("namespace") or k.namespace_of(pvc)
-            self.claim_queue.add(f"{ns}/{ds.get('name')}")
+        """A claim went: its source may no longer be needed (even if it was never provisioned)."""
+        ref = self._source_ref(pvc)
+        if ref is not None:
+            self.source_queue.add("|".join(ref))
+
+    async def sync_source(self, key: str) -> None:
+        """Release a data source (`kind|namespace|name`) nobody is being provisioned from any more."""
+        kind, ns, name = key.split("|", 2)
+        if self._still_needed(ns, name, kind):
+            return
+        if kind == "snapshot":
+            await self._release_snapshot(ns, name)
+            return
+        src = self.pvcs.get(f"{ns}/{name}")
+        if src is not None:
+            patch = set_finalizers_patch(src, remove={CLONE_SOURCE_FINALIZER})
+            if patch is not None:
+                try:
+                    await self._patch(PVC, src, patch)
+                except ApiError as e:
+                    if not k.is_not_found(e):
+                        raise
 
     # ---------------------------------------------------------------- helpers
 
@@ -641,6 +662,7 @@ class Provisioner(Loop):
                 raise ProvisioningError(
                     f"requested volume size {required} is less than the size {size} of the source snapshot"
                 )
+        self._released_snapshots.discard((ns, name))
         patch = set_finalizers_patch(snap, add={SNAPSHOT_SOURCE_FINALIZER})
         if patch is not None:
             await self.api.patch(VOLUME_SNAPSHOT, name, patch, ns)
@@ -733,15 +755,18 @@ class Provisioner(Loop):
                 await self._patch(PVC, pvc, patch)
 
     async def _release_snapshot(self, ns: str, name: str) -> None:
+        """Drop our finalizer from a snapshot (a GET the first time only: snapshots are not watched)."""
+        if (ns, name) in self._released_snapshots:
+            return
         try:
             snap = await self.api.get(VOLUME_SNAPSHOT, name, ns)
+            patch = set_finalizers_patch(snap, remove={SNAPSHOT_SOURCE_FINALIZER})
+            if patch is not None:
+                await self.api.patch(VOLUME_SNAPSHOT, name, patch, ns)
         except ApiError as e:
-            if k.is_not_found(e):
-                return
-            raise
-        patch = set_finalizers_patch(snap, remove={SNAPSHOT_SOURCE_FINALIZER})
-        if patch is not None:
-            await self.api.patch(VOLUME_SNAPSHOT, name, patch, ns)
+            if not k.is_not_found(e):
+                raise
+        self._released_snapshots.add((ns, name))
 
     # --------------------------------------------------------------- topology
 
@@ -806,16 +831,22 @@ class Provisioner(Loop):
         except CSIError as e:
             final = e.code not in NON_FINAL_CODES
             if e.code.name == "RESOURCE_EXHAUSTED" and reschedulable:
-                self.in_progress.pop(key, None)
+                self._settled(key)
                 await self._fail(pvc, f"failed to provision volume: {e}; rescheduling")
                 await self._reschedule(pvc)
                 return None
             if final:
-                self.in_progress.pop(key, None)
+                self._settled(key)
             await self._fail(pvc, f"failed to provision volume with StorageClass: {e}")
             raise
-        self.in_progress.pop(key, None)
+        self._settled(key)
         return created
+
+    def _settled(self, key: str) -> None:
+        """CreateVolume for `key` has a final answer: its source may be released now."""
+        req = self.in_progress.pop(key, None)
+        if req is not None and req.source_ref is not None:
+            self.source_queue.add("|".join(req.source_ref))
 
     async def _reschedule(self, pvc: Obj) -> None:
         """Give the scheduler the claim back: without a selected node it picks one again."""
@@ -910,11 +941,11 @@ class Provisioner(Loop):
         except CSIError as e:
             if e.code in NON_FINAL_CODES:
                 raise
-            self.in_progress.pop(key, None)
+            self._settled(key)
             return
         if self.pvs.get(req.name) is None:
             await self.driver.delete_volume(vol.volume_id, req.secrets)
-        self.in_progress.pop(key, None)
+        self._settled(key)
 
     # ----------------------------------------------------------- volume sync
 

@@ -700,3 +700,60 @@ async def test_per_node_without_immediate_binding_leaves_immediate_claims(env: E
     await make_claim(env.api)
     await settle(env.api)
     assert env.peer.calls["CreateVolume"] == 0
+
+
+async def test_claim_deleted_before_provisioning_releases_its_snapshot_source(env: Env) -> None:
+    await make_class(env.api)
+    await env.start()
+    await make_ready_snapshot(env.api)
+    env.peer.fail("CreateVolume", grpc.StatusCode.INVALID_ARGUMENT, "cannot restore that", times=1000)
+    src = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"}
+    await make_claim(env.api, "restored", source=src)
+    await eventually(
+        lambda: (
+            SNAPSHOT_SOURCE_FINALIZER
+            in k.finalizers_of(env.api.peek(VOLUME_SNAPSHOT, "snap", "default") or {})
+        ),
+        "snapshot protected",
+    )
+    await env.api.delete(PVC, "restored", "default")
+    await eventually(
+        lambda: (
+            SNAPSHOT_SOURCE_FINALIZER
+            not in k.finalizers_of(env.api.peek(VOLUME_SNAPSHOT, "snap", "default") or {})
+        ),
+        "snapshot released",
+    )
+    assert env.api.objects(PV) == []
+
+
+async def test_claim_deleted_before_provisioning_releases_its_clone_source(env: Env) -> None:
+    await make_class(env.api)
+    await env.start()
+    await make_claim(env.api, "source")
+    await provisioned(env, "source")
+    env.peer.fail("CreateVolume", grpc.StatusCode.INVALID_ARGUMENT, "cannot clone that", times=1000)
+    await make_claim(env.api, "copy", source={"kind": "PersistentVolumeClaim", "name": "source"})
+    await eventually(
+        lambda: CLONE_SOURCE_FINALIZER in k.finalizers_of(claim(env.api, "source") or {}), "protected"
+    )
+    await env.api.delete(PVC, "copy", "default")
+    await eventually(
+        lambda: CLONE_SOURCE_FINALIZER not in k.finalizers_of(claim(env.api, "source") or {}),
+        "source released",
+    )
+
+
+async def test_a_bound_restored_claim_costs_no_request_on_resync(env: Env) -> None:
+    await make_class(env.api)
+    p = await env.start()
+    await make_ready_snapshot(env.api)
+    src = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"}
+    await make_claim(env.api, "restored", source=src)
+    await provisioned(env, "restored")
+    await settle(env.api)
+    before = env.api.total_requests
+    for _ in range(3):
+        p.claim_queue.add("default/restored")
+        await settle(env.api)
+    assert env.api.total_requests == before
