@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -28,7 +28,7 @@ from csi_kit.k8s import api as k
 from csi_kit.k8s.api import NODE, PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, KubeAPI, Obj
 from csi_kit.k8s.informer import Informer
 from csi_kit.k8s.loop import Loop
-from csi_kit.k8s.volumes import CSI_NODE, STORAGE_CLASS, format_quantity, parse_quantity
+from csi_kit.k8s.volumes import CSI_NODE, STORAGE_CLASS, parse_quantity
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "vol.csi-kit.io"
@@ -513,9 +513,6 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
     for t in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await t
-
-
-Waiter = Callable[..., Awaitable[Any]]
 
 
 async def make_bound(
