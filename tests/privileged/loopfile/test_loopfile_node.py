@@ -15,6 +15,7 @@ from loopfile_helpers import DRIVER, Csi, MiB, cleanup_leaks, no_leaks, read_fil
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.linux import blockfs, loop
 from csi_kit.linux.mounts import mounts_at
+from csi_kit.testing.driver import driver_process
 
 pytestmark = pytest.mark.privileged
 
@@ -288,3 +289,44 @@ def test_restore_or_clone_for_another_node_is_resource_exhausted(csi: Csi) -> No
         assert _code(err) == C.RESOURCE_EXHAUSTED
     csi.delete_snapshot(snap.snapshot_id)
     csi.delete(vol.volume_id)
+
+
+def test_a_killed_driver_process_leaves_a_state_the_next_one_finishes(driver_root: Path, work: Path) -> None:
+    """kill -9 of a real `csi-kit serve` with a volume staged, published and
+    a raw volume staged: the next process serves retries and cleans up."""
+    state = work / "state"
+    options = {"root": str(driver_root)}
+    try:
+        with driver_process(
+            str(state), backend="loopfile", backend_options=options, driver_name=DRIVER
+        ) as proc:
+            with grpc.insecure_channel(proc.endpoint) as channel:
+                csi = Csi(channel, work)
+                vol = csi.create(32 * MiB)
+                blk = csi.create(16 * MiB, block=True)
+                target = csi.mount(vol.volume_id)
+                write_file(f"{target}/file", b"survives kill -9")
+                csi.stage(blk.volume_id, block=True)
+            proc.kill()
+        with (
+            driver_process(
+                str(state), backend="loopfile", backend_options=options, driver_name=DRIVER
+            ) as proc,
+            grpc.insecure_channel(proc.endpoint) as channel,
+        ):
+            csi = Csi(channel, work)
+            assert csi.mount(vol.volume_id) == target
+            assert read_file(f"{target}/file") == b"survives kill -9"
+            blk_target = csi.publish(blk.volume_id, block=True)
+            assert blockfs.device_size(blk_target) == 16 * MiB
+            with pytest.raises(grpc.RpcError) as err:
+                csi.delete(vol.volume_id)
+            assert _code(err) == C.FAILED_PRECONDITION
+            csi.umount(vol.volume_id)
+            csi.umount(blk.volume_id)
+            csi.delete(vol.volume_id)
+            csi.delete(blk.volume_id)
+            assert no_leaks(driver_root, work) == []
+    finally:
+        leaks = cleanup_leaks(driver_root, work)
+    assert leaks == []
