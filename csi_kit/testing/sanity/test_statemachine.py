@@ -40,6 +40,8 @@ from csi_kit.testing.sanity._support import (
     Resources,
     SanityContext,
     allowed_codes,
+    block_read,
+    block_write,
     no_new_mounts_or_loops,
     read_tokens,
     unique_name,
@@ -92,7 +94,8 @@ def machine_for(ctx: SanityContext, *, node: bool) -> type[RuleBasedStateMachine
     clones = CtrlCap.CLONE_VOLUME in caps
     expands = CtrlCap.EXPAND_VOLUME in caps
     get_volume = CtrlCap.GET_VOLUME in caps
-    data = node and ctx.config.access_type == "mount"
+    data = node
+    block = ctx.config.access_type == "block"
     size = ctx.config.volume_size
 
     class CSIMachine(RuleBasedStateMachine):
@@ -232,7 +235,14 @@ def machine_for(ctx: SanityContext, *, node: bool) -> type[RuleBasedStateMachine
             if m is None or m.published is not None:
                 return
             m.published = self.res.publish(vid, readonly=readonly)
-            if data:
+            if data and block:
+                # Only the blocks the run wrote are known; each must read back.
+                for key, payload in m.files.items():
+                    got_bytes = block_read(m.published.target_path, int(key), len(payload))
+                    assert got_bytes == payload, (
+                        f"volume {vid}: block at offset {key} does not hold what was written"
+                    )
+            elif data:
                 got = read_tokens(m.published.target_path)
                 assert got == m.files, (
                     f"volume {vid} shows {sorted(got)} through its published path, expected {sorted(m.files)}"
@@ -246,7 +256,14 @@ def machine_for(ctx: SanityContext, *, node: bool) -> type[RuleBasedStateMachine
                 return
             self.counter += 1
             token = f"{self.counter}-{unique_name('w')[-6:]}"
-            m.files[token] = write_token(m.published.target_path, token)
+            if block:
+                # Distinct 4 KiB-aligned blocks past the first MiB, within the volume.
+                offset = (1 << 20 if size >= 4 << 20 else 0) + (self.counter % 64) * 4096
+                payload = token.encode().ljust(512, b"#")
+                block_write(m.published.target_path, offset, payload)
+                m.files[str(offset)] = payload
+            else:
+                m.files[token] = write_token(m.published.target_path, token)
 
         @precondition(lambda self: node)
         @rule(vid=volumes)
