@@ -731,7 +731,7 @@ class Provisioner(Loop):
         """Drop our finalizers from the claim's source, and from the claim as a source, once unneeded."""
         ds = pvc_data_source(pvc)
         done = bool((pvc.get("spec") or {}).get("volumeName")) or self.pvs.get(self.pv_name(pvc)) is not None
-        if ds and done and k.key_of(pvc) not in self.in_progress:
+        if ds and done and self._is_ours(pvc) and k.key_of(pvc) not in self.in_progress:
             kind = source_kind(ds)
             ns = str(ds.get("namespace") or k.namespace_of(pvc))
             name = str(ds.get("name") or "")

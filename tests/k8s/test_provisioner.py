@@ -39,7 +39,13 @@ from csi_kit.k8s.provisioner import (
     SNAPSHOT_SOURCE_FINALIZER,
     Provisioner,
 )
-from csi_kit.k8s.volumes import REFERENCE_GRANT, VolumeClient
+from csi_kit.k8s.volumes import (
+    REFERENCE_GRANT,
+    VolumeClient,
+    capabilities_for,
+    format_quantity,
+    parse_quantity,
+)
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 GiB = 1 << 30
@@ -757,3 +763,48 @@ async def test_a_bound_restored_claim_costs_no_request_on_resync(env: Env) -> No
         p.claim_queue.add("default/restored")
         await settle(env.api)
     assert env.api.total_requests == before
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1Gi", 1 << 30),
+        ("1.5Gi", 3 << 29),
+        ("100M", 100_000_000),
+        ("1e3", 1000),
+        ("100m", 1),  # milli-bytes round up to a whole byte
+        (4096, 4096),
+        ("0", 0),
+        ("7Ei", 7 << 60),
+    ],
+)
+def test_quantities(text: object, value: int) -> None:
+    assert parse_quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "Gi", "1.2.3Gi", "-1", "1Qi", "1e400", "8Ei", True, " ", "1 Gi x"])
+def test_bad_quantities(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_quantity(text)
+
+
+def test_quantity_round_trip() -> None:
+    for n in (0, 1, 1023, 1024, 3 << 29, 5 << 40, (1 << 30) + 1):
+        assert parse_quantity(format_quantity(n)) == n
+
+
+def test_access_modes_map_as_upstream() -> None:
+    def modes(am: list[str], multi: bool) -> list[str]:
+        caps = capabilities_for(am, block=False, fs_type="", mount_flags=[], single_node_multi_writer=multi)
+        return [c.access_mode for c in caps]
+
+    assert modes(["ReadWriteOnce"], False) == ["SINGLE_NODE_WRITER"]
+    assert modes(["ReadWriteOnce"], True) == ["SINGLE_NODE_MULTI_WRITER"]
+    assert modes(["ReadWriteOncePod"], False) == ["SINGLE_NODE_WRITER"]
+    assert modes(["ReadWriteOncePod"], True) == ["SINGLE_NODE_SINGLE_WRITER"]
+    assert modes(["ReadOnlyMany", "ReadWriteMany"], False) == [
+        "MULTI_NODE_READER_ONLY",
+        "MULTI_NODE_MULTI_WRITER",
+    ]
+    with pytest.raises(ValueError):
+        modes([], False)
