@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     ctl.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     _k8s_options(ctl)
+    ctl.set_defaults(controllers=_env("CONTROLLERS", "snapshot"))
     return parser
 
 
@@ -113,10 +115,18 @@ def _serve(args: argparse.Namespace) -> int:
         socket_mode=int(args.socket_mode, 8),
         drain_seconds=args.drain_seconds,
     )
-    driver = Driver(config)
     controllers = getattr(args, "controllers", "") or ""
+    if controllers:
+        from csi_kit.k8s.cli import selected
 
-    async def main() -> None:
+        try:
+            selected(args)  # a bad --controllers fails before anything is served
+        except ValueError as e:
+            print(f"csi-kit: {e}", file=sys.stderr)
+            return 2
+    driver = Driver(config)
+
+    async def main() -> int:
         stop = asyncio.Event()
         tasks = []
         if controllers:
@@ -127,7 +137,17 @@ def _serve(args: argparse.Namespace) -> int:
                     await asyncio.sleep(0.05)
                 await run_controllers(args, str(driver.endpoints[0]), stop)
 
-            tasks.append(asyncio.create_task(loops()))
+            def loops_done(task: asyncio.Task[None]) -> None:
+                # The loops are part of the driver: if they fail, say so and stop serving.
+                if not task.cancelled() and task.exception() is not None:
+                    logging.getLogger("csi_kit.cli").error(
+                        "controller loops failed; stopping", exc_info=task.exception()
+                    )
+                    stop.set()
+
+            task = asyncio.create_task(loops())
+            task.add_done_callback(loops_done)
+            tasks.append(task)
         serving = asyncio.create_task(driver.serve_until_signalled(stop))
         while driver.server is None and not serving.done():
             await asyncio.sleep(0.02)
@@ -136,11 +156,15 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"csi-kit: {config.driver_name} ({config.backend}) listening on {where}", flush=True)
             print(f"csi-kit: state in {config.state_dir}; stop with Ctrl-C", flush=True)
         await serving
+        failed = False
         for t in tasks:
-            await t
+            try:
+                await t
+            except Exception:  # already logged by loops_done
+                failed = True
+        return 1 if failed else 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
 
 
 def _backends() -> int:

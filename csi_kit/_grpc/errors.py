@@ -6,6 +6,7 @@ what status code a caller sees, what gets logged, and what is measured.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -47,6 +48,9 @@ def rpc(method: str) -> Callable[[F], F]:
                 metrics.in_flight.labels(method).inc()
             try:
                 return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+                raise
             except Exception as e:
                 code, message = status_of(e)
                 if not isinstance(e, CSIError):

@@ -100,7 +100,10 @@ def build_config(entry: BackendEntry, options: Mapping[str, str]) -> Any:
                 f"backend {entry.name!r} has no option {key!r}; options: {', '.join(sorted(fields))}"
             )
         kwargs[name] = _convert(entry.name, key, raw, fields[name].type)
-    return entry.config(**kwargs)
+    try:
+        return entry.config(**kwargs)
+    except (TypeError, ValueError) as e:  # the config class's own validators
+        raise InvalidArgument(f"backend {entry.name!r}: {e.args[0] if e.args else e}") from None
 
 
 def _convert(backend: str, key: str, raw: str, annotation: Any) -> Any:

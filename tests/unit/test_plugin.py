@@ -153,11 +153,6 @@ def test_hostpath_options_build() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_config lets an attrs validator's ValueError escape (csi-kit serve then dies with a "
-    "traceback instead of a clear message): wrap entry.config(**kwargs) and raise InvalidArgument",
-)
 def test_hostpath_option_outside_its_choices_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="quota"):
         build_config(load_registry().get("hostpath"), {"quota": "maybe"})

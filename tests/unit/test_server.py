@@ -202,11 +202,6 @@ def test_metrics_endpoint_has_latency_by_method_and_code(state: str) -> None:
     assert 'csi_kit_operations_in_flight{method="CreateVolume"} 0.0' in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call cancelled by its client is logged and measured as OK: _grpc/errors.rpc catches "
-    "Exception only, so CancelledError leaves code=OK in the finally block",
-)
 def test_a_cancelled_call_is_not_recorded_as_ok(state: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="csi_kit.rpc")
     gate = Gate()
