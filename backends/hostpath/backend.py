@@ -14,7 +14,7 @@ the whole contract on the simplest storage there is:
 * **Capacity.**  With ``quota=auto`` (default) sizes are *enforced* with XFS
   project quotas when the root is XFS mounted with ``prjquota``; otherwise
   they are advisory: a volume can use the whole filesystem.  Which one applies
-  is reported at start-up, by ``csi-kit backends``, in GetPluginInfo's
+  is reported at start-up, in GetPluginInfo's
   manifest and in every volume's context (``csi-kit.io/capacity``).
 * **Node side.**  Publishing is a bind mount of the volume directory (read-
   only honoured); there is no stage step, so STAGE_UNSTAGE_VOLUME is not
