@@ -43,6 +43,7 @@ FAULTS = {
     "shallow-clone": "a clone shares its source's directory",
     "crash-on-nul": "an id holding NUL raises an unhandled exception",
     "shrink": "ControllerExpandVolume sets the size even when smaller",
+    "group-ignores-sources": "CreateVolumeGroupSnapshot with a known name ignores different sources",
 }
 
 GiB = 1024**3
@@ -86,7 +87,7 @@ def _wrap(fn: Any) -> Any:
     return call
 
 
-class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
+class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg.GroupControllerServicer):
     def __init__(self, root: str, faults: set[str], node_id: str = "fake-node-1") -> None:
         self.root = root
         self.faults = faults
@@ -98,6 +99,8 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
         self.snap_names: dict[str, str] = {}
         self.staged: dict[tuple[str, str], Any] = {}
         self.published: dict[str, dict[str, Any]] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.group_names: dict[str, str] = {}
         os.makedirs(os.path.join(root, "vols"), exist_ok=True)
         os.makedirs(os.path.join(root, "snaps"), exist_ok=True)
 
@@ -170,6 +173,7 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
     def GetPluginCapabilities(self, request: Any, context: Any) -> Any:
         r = pb.GetPluginCapabilitiesResponse()
         r.capabilities.add().service.type = pb.PluginCapability.Service.CONTROLLER_SERVICE
+        r.capabilities.add().service.type = pb.PluginCapability.Service.GROUP_CONTROLLER_SERVICE
         r.capabilities.add().volume_expansion.type = pb.PluginCapability.VolumeExpansion.ONLINE
         return r
 
@@ -416,6 +420,89 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
             raise Abort(C.NOT_FOUND, f"snapshot {request.snapshot_id!r} not found")
         return pb.GetSnapshotResponse(snapshot=self._snap_msg(s))
 
+    # -- group controller -------------------------------------------------------
+
+    def GroupControllerGetCapabilities(self, request: Any, context: Any) -> Any:
+        r = pb.GroupControllerGetCapabilitiesResponse()
+        r.capabilities.add().rpc.type = (
+            pb.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT
+        )
+        return r
+
+    def _group_msg(self, g: dict[str, Any]) -> Any:
+        msg = pb.VolumeGroupSnapshot(group_snapshot_id=g["id"], ready_to_use=True)
+        msg.creation_time.FromNanoseconds(g["created"])
+        for sid in g["snapshots"]:
+            snap = self._snap_msg(self.snaps[sid])
+            snap.group_snapshot_id = g["id"]
+            msg.snapshots.append(snap)
+        return msg
+
+    @_wrap
+    def CreateVolumeGroupSnapshot(self, request: Any, context: Any) -> Any:
+        if not request.name:
+            raise self._missing("name")
+        if not request.source_volume_ids:
+            raise self._missing("source_volume_ids")
+        self._check_name(request.name)
+        sources = sorted(request.source_volume_ids)
+        with self.lock:
+            gid = self.group_names.get(request.name)
+            if gid is not None:
+                g = self.groups[gid]
+                if g["sources"] != sources and "group-ignores-sources" not in self.faults:
+                    raise Abort(C.ALREADY_EXISTS, f"group snapshot {request.name!r} exists for other volumes")
+                return pb.CreateVolumeGroupSnapshotResponse(group_snapshot=self._group_msg(g))
+            vols = [self._vol(v) for v in sources]
+            gid = uuid.uuid4().hex
+            members = []
+            for v in vols:
+                sid = uuid.uuid4().hex
+                d = os.path.join(self.root, "snaps", sid)
+                shutil.copytree(v["dir"], d, symlinks=True)
+                self.snaps[sid] = {
+                    "id": sid,
+                    "name": f"{gid}/{sid}",
+                    "source": v["id"],
+                    "size": v["size"],
+                    "dir": d,
+                    "created": time.time_ns(),
+                }
+                members.append(sid)
+            g = {
+                "id": gid,
+                "name": request.name,
+                "sources": sources,
+                "snapshots": members,
+                "created": time.time_ns(),
+            }
+            self.groups[gid] = g
+            self.group_names[request.name] = gid
+            return pb.CreateVolumeGroupSnapshotResponse(group_snapshot=self._group_msg(g))
+
+    @_wrap
+    def DeleteVolumeGroupSnapshot(self, request: Any, context: Any) -> Any:
+        if not request.group_snapshot_id:
+            raise self._missing("group_snapshot_id")
+        with self.lock:
+            g = self.groups.pop(request.group_snapshot_id, None)
+            if g is not None:
+                self.group_names.pop(g["name"], None)
+                for sid in g["snapshots"]:
+                    s = self.snaps.pop(sid, None)
+                    if s is not None:
+                        shutil.rmtree(s["dir"], ignore_errors=True)
+        return pb.DeleteVolumeGroupSnapshotResponse()
+
+    @_wrap
+    def GetVolumeGroupSnapshot(self, request: Any, context: Any) -> Any:
+        if not request.group_snapshot_id:
+            raise self._missing("group_snapshot_id")
+        g = self.groups.get(request.group_snapshot_id)
+        if g is None:
+            raise Abort(C.NOT_FOUND, f"group snapshot {request.group_snapshot_id!r} not found")
+        return pb.GetVolumeGroupSnapshotResponse(group_snapshot=self._group_msg(g))
+
     # -- node -----------------------------------------------------------------
 
     def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
@@ -549,6 +636,7 @@ def serve(endpoint: str, root: str, faults: set[str]) -> grpc.Server:
     pbg.add_IdentityServicer_to_server(d, server)
     pbg.add_ControllerServicer_to_server(d, server)
     pbg.add_NodeServicer_to_server(d, server)
+    pbg.add_GroupControllerServicer_to_server(d, server)
     server.add_insecure_port(endpoint)
     server.start()
     return server

@@ -126,6 +126,12 @@ CASES = [
         ["TestConcurrency::test_distinct_creates_in_parallel"],
     ),
     (
+        "group-ignores-sources",
+        "TestGroupController",
+        ["TestGroupController::test_same_name_different_sources_already_exists"],
+        ["TestGroupController::test_create_returns_member_snapshots", "TestGroupController::test_get"],
+    ),
+    (
         "crash-on-nul",
         "TestHostileIds and validate",
         ["TestHostileIds::test_validate_volume_capabilities[nul]"],
