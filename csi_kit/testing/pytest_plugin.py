@@ -153,6 +153,6 @@ def csi_resources(csi_sanity: SanityContext) -> Iterator[Resources]:
     finally:
         csi_sanity.tracker = None
     problems = res.cleanup()
-    csi_sanity.canary.assert_intact()
+    csi_sanity.check_canary()
     if problems:
         pytest.fail("cleanup failed:\n  " + "\n  ".join(problems), pytrace=False)

@@ -236,6 +236,15 @@ class SanityContext:
         self.session_resources = Resources(self)
         self.canary = Canary.create(self.scratch("canary-"))
 
+    def check_canary(self) -> None:
+        """Assert the canary is intact; if not, raise after replacing it, so
+        that only the test that damaged it fails."""
+        try:
+            self.canary.assert_intact()
+        except AssertionError:
+            self.canary = Canary.create(self.scratch("canary-"))
+            raise
+
     def _created(self, rpc: str, response: Any) -> None:
         """Record whatever a successful create made — also when a test
         expected an error — so that nothing the suite causes is leaked."""

@@ -18,7 +18,6 @@ import pytest
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.testing.sanity._support import (
     C,
-    Canary,
     CtrlCap,
     NodeCap,
     Resources,
@@ -57,11 +56,7 @@ class _Alive:
         canary is intact (checked here, so the guilty test is the one named)."""
         yield
         csi_sanity.identity.Probe(pb.ProbeRequest())
-        try:
-            csi_sanity.canary.assert_intact()
-        except AssertionError:
-            csi_sanity.canary = Canary.create(csi_sanity.scratch("canary-"))  # for the tests after this one
-            raise
+        csi_sanity.check_canary()
 
 
 @pytest.mark.parametrize("kind", ID_KINDS)
