@@ -4,13 +4,12 @@ ControllerExpandVolume, ControllerGetVolume, ControllerModifyVolume."""
 
 from __future__ import annotations
 
-import grpc
+import pytest
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.testing.sanity._support import (
     C,
     CtrlCap,
-    Mode,
     Resources,
     SanityContext,
     call_ok_or,
@@ -297,8 +296,6 @@ class TestCreateVolume:
         src = csi_resources.create_volume()
         snap = csi_resources.create_snapshot(src.volume_id)
         if snap.size_bytes < 2:
-            import pytest
-
             pytest.skip("the snapshot reports no size")
         req = csi_sanity.create_request(size=snap.size_bytes // 2)
         req.capacity_range.limit_bytes = snap.size_bytes // 2
@@ -665,10 +662,3 @@ class TestControllerModifyVolume:
             pb.ControllerModifyVolumeRequest(volume_id=NONEXISTENT_VOLUME, mutable_parameters={"a": "b"}),
             (C.NOT_FOUND, C.INVALID_ARGUMENT),
         )
-
-
-def _code(err: grpc.RpcError | None) -> str:
-    return "OK" if err is None else err.code().name
-
-
-_ = (Mode, _code)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.testing.sanity._support import (
     C,
@@ -26,8 +28,6 @@ def _node_topology(ctx: SanityContext) -> dict[str, str]:
 
 
 def _need_topology(ctx: SanityContext) -> dict[str, str]:
-    import pytest
-
     ctx.need_controller(CtrlCap.CREATE_DELETE_VOLUME)
     if PluginSvc.VOLUME_ACCESSIBILITY_CONSTRAINTS not in ctx.caps.plugin:
         pytest.skip("driver does not advertise VOLUME_ACCESSIBILITY_CONSTRAINTS")
@@ -86,8 +86,6 @@ class TestCapacityLimits:
             )
         )
         if not resp.HasField("maximum_volume_size") or resp.maximum_volume_size.value >= 2**62:
-            import pytest
-
             pytest.skip("GetCapacity reports no maximum_volume_size")
         req = csi_sanity.create_request(size=resp.maximum_volume_size.value + 1)
         expect_error(csi_sanity.controller.CreateVolume, req, (C.OUT_OF_RANGE, C.RESOURCE_EXHAUSTED))
@@ -101,8 +99,6 @@ class TestCapacityLimits:
             pb.GetCapacityRequest(volume_capabilities=[csi_sanity.capability()])
         )
         if not resp.HasField("minimum_volume_size") or resp.minimum_volume_size.value < 2:
-            import pytest
-
             pytest.skip("GetCapacity reports no minimum_volume_size")
         tiny = resp.minimum_volume_size.value - 1
         req = csi_sanity.create_request(size=tiny)
