@@ -264,18 +264,27 @@ class LoopfileBackend(BlockDeviceBackend):
                 raise _space_error(e, f"preparing {final}") from e
             raise
 
+    def _check_space(self, size: int, allocation: str) -> None:
+        """Refuse a volume larger than GetCapacity offers for its allocation.
+
+        That figure is also GetCapacity's maximum_volume_size.  Thin volumes
+        may overcommit the root together, but not one by one: a sparse
+        volume bigger than all the free space could never be filled.
+        """
+        available = self._available(allocation)
+        if size > available:
+            raise ResourceExhausted(
+                f"{size} bytes requested; {available} bytes are available for {allocation} volumes "
+                f"under {self.root}"
+            )
+
     def _context(self, allocation: str) -> dict[str, str]:
         return {CONTEXT_ALLOCATION: allocation}
 
     def create_volume(self, volume_id: str, request: VolumeRequest) -> CreatedVolume:
         allocation = _allocation(request.parameters)
         size = self._size_for(request)
-        if allocation == "preallocated":
-            free = fs.statvfs_usage(self.root).available_bytes
-            if size > free:
-                raise ResourceExhausted(
-                    f"{size} bytes requested; only {free} bytes are free under {self.root}"
-                )
+        self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         try:
             fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -323,6 +332,7 @@ class LoopfileBackend(BlockDeviceBackend):
     def restore_snapshot(self, volume_id: str, request: VolumeRequest, snapshot: Snapshot) -> CreatedVolume:
         allocation = _allocation(request.parameters)
         size = max(self._size_for(request), snapshot.size_bytes)
+        self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         self._copy_image(
             self.snapshot_path(snapshot.snapshot_id), staged, f"snapshot {snapshot.snapshot_id!r}"
@@ -333,6 +343,7 @@ class LoopfileBackend(BlockDeviceBackend):
     def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
         allocation = _allocation(request.parameters)
         size = max(self._size_for(request), source.capacity_bytes)
+        self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         with self._quiesced(source.volume_id):
             self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
@@ -385,8 +396,11 @@ class LoopfileBackend(BlockDeviceBackend):
         )
 
     def get_capacity(self, parameters: Mapping[str, str], capabilities: Sequence[VolumeCapability]) -> int:
+        return self._available(_allocation(parameters))
+
+    def _available(self, allocation: str) -> int:
         free = fs.statvfs_usage(self.root).available_bytes
-        if _allocation(parameters) == "sparse":
+        if allocation == "sparse":
             return free
         # Thick accounting: space sparse volumes may still claim is not free to promise.
         claimable = 0

@@ -263,6 +263,14 @@ def test_get_capacity_thin_and_thick(csi: Csi, driver_root: Path) -> None:
     with pytest.raises(grpc.RpcError) as err:
         csi.create(8 << 30, parameters={"allocation": "preallocated"})
     assert _code(err) == C.RESOURCE_EXHAUSTED
+    # GetCapacity's figure is also the largest volume it makes, thin or thick.
+    thick_now = csi.capacity({"allocation": "preallocated"})
+    with pytest.raises(grpc.RpcError) as err:
+        csi.create(thick_now + 64 * MiB, parameters={"allocation": "preallocated"})
+    assert _code(err) == C.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as err:
+        csi.create(csi.capacity() + 64 * MiB)
+    assert _code(err) == C.RESOURCE_EXHAUSTED
     csi.delete(sparse.volume_id)
     csi.delete(thick.volume_id)
 
