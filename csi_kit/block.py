@@ -62,7 +62,6 @@ from typing import ClassVar
 from csi_kit.backend import Backend
 from csi_kit.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
 from csi_kit.linux import blockfs, mounts
-from csi_kit.linux._libc import errno_name
 from csi_kit.types import (
     AccessMode,
     AccessType,
@@ -75,6 +74,11 @@ from csi_kit.types import (
 )
 
 __all__ = ["BlockDeviceBackend", "BLOCK_STAGE_SOURCE"]
+
+
+def _errno_name(err: int | None) -> str:
+    return errno.errorcode.get(err, str(err)) if err is not None else "unknown error"
+
 
 log = logging.getLogger("csi_kit.block")
 
@@ -108,7 +112,7 @@ def _remove_target(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise FailedPrecondition(f"cannot remove {path}: {errno_name(e.errno)} ({e.strerror})") from None
+        raise FailedPrecondition(f"cannot remove {path}: {_errno_name(e.errno)} ({e.strerror})") from None
 
 
 class BlockDeviceBackend(Backend):
@@ -397,7 +401,7 @@ class BlockDeviceBackend(Backend):
                 raise NotFound(f"{volume_path} does not exist") from None
             # An I/O error from a filesystem whose device went away is a condition, not a failure.
             return VolumeStats(
-                usage=(), condition=VolumeCondition(True, f"statvfs {volume_path}: {errno_name(e.errno)}")
+                usage=(), condition=VolumeCondition(True, f"statvfs {volume_path}: {_errno_name(e.errno)}")
             )
         return VolumeStats(
             usage=(

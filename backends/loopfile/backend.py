@@ -55,7 +55,6 @@ from csi_kit.errors import (
     ResourceExhausted,
 )
 from csi_kit.linux import blockfs, copy, fs, loop
-from csi_kit.linux._libc import errno_name
 from csi_kit.types import (
     AccessType,
     CreatedSnapshot,
@@ -70,6 +69,11 @@ from csi_kit.types import (
 )
 
 __all__ = ["LoopfileBackend", "LoopfileConfig"]
+
+
+def _errno_name(err: int | None) -> str:
+    return errno.errorcode.get(err, str(err)) if err is not None else "unknown error"
+
 
 log = logging.getLogger("csi_kit.loopfile")
 
@@ -111,8 +115,8 @@ def _fsync_dir(path: str) -> None:
 
 def _space_error(e: OSError, what: str) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"{what}: not enough space under the root ({errno_name(e.errno)})")
-    return Internal(f"{what}: {errno_name(e.errno)} ({e.strerror})")
+        return ResourceExhausted(f"{what}: not enough space under the root ({_errno_name(e.errno)})")
+    return Internal(f"{what}: {_errno_name(e.errno)} ({e.strerror})")
 
 
 class LoopfileBackend(BlockDeviceBackend):
