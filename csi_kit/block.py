@@ -37,7 +37,7 @@ when the CO retries, and every method is idempotent.
 
 **Subclass hooks** (see each method): `device_of`, `attach`, `detach`
 (required); `attached`, `refresh_capacity`, `device_condition`,
-`mount_options` (optional).  The controller side (create, delete,
+`mount_options` and the class attribute `prezeroed` (optional).  The controller side (create, delete,
 snapshots...) stays the subclass's own business; `device_users` helps its
 `delete_volume` refuse a volume still in use.
 
