@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent.parent
@@ -599,11 +600,33 @@ def _boot_and_run(cfg: VMConfig, kernel: Kernel, initrd: Path, timings: Timings)
 def _stream(argv: list[str], marker: re.Pattern[str], timings: Timings) -> int:
     """Relay the guest console to stdout; pick the harness markers out of it."""
     t0 = time.monotonic()
-    t_cmd: float | None = None
-    rc: int | None = None
     out = sys.stdout.buffer
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
+    try:
+        rc = _relay(proc, marker, timings, t0, out)
+    except BaseException:
+        # Interrupted (^C, a failing write to stdout): take qemu down with us.
+        # SIGTERM to timeout(1) is passed on to qemu.
+        proc.terminate()
+        proc.wait()
+        raise
+    qrc = proc.wait()
+    if rc is not None:
+        return rc
+    if qrc == EXIT_TIMEOUT:
+        say("ERROR: the guest timed out (see --timeout); no result")
+        return EXIT_TIMEOUT
+    say(f"ERROR: the guest stopped without a result (qemu exit status {qrc}: panic or crash?)")
+    return EXIT_HARNESS
+
+
+def _relay(
+    proc: subprocess.Popen[bytes], marker: re.Pattern[str], timings: Timings, t0: float, out: BinaryIO
+) -> int | None:
+    assert proc.stdout is not None
+    t_cmd: float | None = None
+    rc: int | None = None
     for raw in proc.stdout:
         line = raw.replace(b"\r", b"")
         m = marker.search(line.decode(errors="replace"))
@@ -622,16 +645,10 @@ def _stream(argv: list[str], marker: re.Pattern[str], timings: Timings) -> int:
             if t_cmd is not None:
                 timings.phases["command"] = now - t_cmd
             t_cmd = now
-    qrc = proc.wait()
+    proc.wait()
     if t_cmd is not None and rc is not None:
         timings.phases["shutdown"] = time.monotonic() - t_cmd
-    if rc is not None:
-        return rc
-    if qrc == EXIT_TIMEOUT:
-        say("ERROR: the guest timed out (see --timeout); no result")
-        return EXIT_TIMEOUT
-    say(f"ERROR: the guest stopped without a result (qemu exit status {qrc}: panic or crash?)")
-    return EXIT_HARNESS
+    return rc
 
 
 # ----------------------------------------------------------------------------- CLI
