@@ -30,7 +30,8 @@ the backend object directly (no gRPC, no store).
 
 Needs root.  Run::
 
-    sudo .venv/bin/python benchmarks/loopfile_snapshot.py [--data 256 512 1024] [--rounds 3]
+    sudo .venv/bin/python benchmarks/loopfile_snapshot.py [--data 256 512 1024] [--rounds 3] \
+        [--state-parent DIR]
 
 Exits non-zero only on an error (including a checksum mismatch), never on a
 missed target.
@@ -339,6 +340,12 @@ def main() -> int:
     parser.add_argument("--data", type=int, nargs="+", default=[256, 512, 1024], help="MiB of data per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--driver", choices=("thread", "process"), default="thread")
+    parser.add_argument(
+        "--state-parent",
+        default=None,
+        help="directory for the driver's state (its SQLite store) and the staging paths; "
+        "e.g. /dev/shm to take the store's fsyncs out of the figures",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("loopfile_snapshot: needs root (loop devices and mounts)", file=sys.stderr)
@@ -353,8 +360,7 @@ def main() -> int:
         need = 4 * max(args.data) + 4096
         with loop_mounted_fs(tmp, "xfs", need, reflink=True) as mnt:
             root = os.path.join(mnt, "root")
-            work = os.path.join(tmp, "w")
-            os.makedirs(work)
+            work = tempfile.mkdtemp(prefix="csi-kit-bench-lf-state-", dir=args.state_parent or tmp)
             print(f"   root: XFS (reflink=1) on a {need} MiB loop-mounted image; driver in a {args.driver}")
             state_ms, root_ms = fsync_latency(work) * 1000, fsync_latency(mnt) * 1000
             print(
@@ -366,6 +372,7 @@ def main() -> int:
                 for mib in args.data:
                     results.append(bench_data_size(n, root, mib, args.rounds))
                 bench_stage(n, args.rounds)
+            shutil.rmtree(work, ignore_errors=True)
     print("\nsummary:")
     for r in results:
         print(
