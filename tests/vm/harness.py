@@ -153,28 +153,46 @@ def resolve_kernel_package() -> str | None:
     return None
 
 
-def fetch_kernel(cache: Path, timings: Timings) -> Kernel:
+def _version_key(version: str) -> list[tuple[int, str]]:
+    """Natural order, so that 6.1.0-57 sorts after 6.1.0-9."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", version)]
+
+
+def cached_kernels(cache: Path) -> list[Kernel]:
+    """Complete unpacked kernels in the cache, oldest first."""
+    kernels = cache / "kernels"
+    found = [Kernel(p.name, p) for p in kernels.glob("*")] if kernels.is_dir() else []
+    complete = [k for k in found if k.vmlinuz.is_file() and (k.modules_dir / "modules.dep").is_file()]
+    return sorted(complete, key=lambda k: _version_key(k.version))
+
+
+def fetch_kernel(cache: Path, timings: Timings, *, refresh: bool = False) -> Kernel:
     """Download and unpack the kernel package without installing it.
 
     The .deb carries no module index (its postinst would build one), hence
-    ``depmod -b``.  An unpacked kernel already in the cache is reused; when
-    apt knows no candidate (no lists) the newest cached one is used.
+    ``depmod -b``.  The newest kernel already in the cache is used as is
+    (asking apt costs seconds per run, and tests do not need the latest
+    kernel); ``refresh`` asks apt for the current candidate and fetches it if
+    it is new.  ``$CSI_KIT_VM_KERNEL_PKG`` pins a package.
     """
-    kernels = cache / "kernels"
     with timings.phase("kernel"), cache_lock(cache):
+        cached = cached_kernels(cache)
+        pinned = os.environ.get("CSI_KIT_VM_KERNEL_PKG")
+        if cached and not refresh and not pinned:
+            timings.notes["kernel"] = f"cached {cached[-1].version}"
+            return cached[-1]
         pkg = resolve_kernel_package()
         if pkg is None:
-            cached = sorted(p for p in kernels.glob("*") if (p / "boot").is_dir()) if kernels.is_dir() else []
             if not cached:
                 raise HarnessError(
                     f"apt does not know {KERNEL_METAPACKAGE} and the cache is empty: run apt-get update"
                 )
             timings.notes["kernel"] = "cached, apt has no candidate"
-            return Kernel(cached[-1].name, cached[-1])
+            return cached[-1]
         version = pkg.removeprefix("linux-image-")
-        root = kernels / version
-        kernel = Kernel(version, root)
-        if kernel.vmlinuz.is_file() and (kernel.modules_dir / "modules.dep").is_file():
+        kernels = cache / "kernels"
+        kernel = Kernel(version, kernels / version)
+        if kernel in cached:
             timings.notes["kernel"] = f"cached {version}"
             return kernel
         kernels.mkdir(parents=True, exist_ok=True)
@@ -186,8 +204,8 @@ def fetch_kernel(cache: Path, timings: Timings) -> Kernel:
             tree = Path(tmp) / "tree"
             run_checked(["dpkg-deb", "-x", str(debs[0]), str(tree)])
             run_checked(["depmod", "-b", str(tree), version])
-            shutil.rmtree(root, ignore_errors=True)
-            tree.rename(root)
+            shutil.rmtree(kernel.root, ignore_errors=True)
+            tree.rename(kernel.root)
         timings.notes["kernel"] = f"downloaded {pkg}"
         return kernel
 
@@ -352,6 +370,7 @@ class VMConfig:
     python: str = sys.executable
     cpu: str | None = None
     kernel_args: list[str] = field(default_factory=list)
+    refresh_kernel: bool = False
 
 
 def guest_env(extra: dict[str, str]) -> dict[str, str]:
@@ -544,7 +563,7 @@ def run_vm(cfg: VMConfig, timings: Timings | None = None, *, preselect_tests: bo
                 say("no tests selected: not booting the guest")
                 return EXIT_NO_TESTS
             cfg = selected
-        kernel = fetch_kernel(cfg.cache, timings)
+        kernel = fetch_kernel(cfg.cache, timings, refresh=cfg.refresh_kernel)
         initrd = build_initramfs(cfg.cache, kernel, timings)
         return _boot_and_run(cfg, kernel, initrd, timings)
     except HarnessError as e:
@@ -671,6 +690,9 @@ def parse_args(argv: Sequence[str]) -> tuple[VMConfig, bool]:
         action="store_true",
         help="CMD is PYTHON -m pytest ARGS: collect on the host, import only the selected files in the guest",
     )
+    p.add_argument(
+        "--refresh-kernel", action="store_true", help="ask apt for a newer kernel than the cached one"
+    )
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra guest env")
     p.add_argument("--cwd", type=Path, default=CHECKOUT, help="guest cwd (default: the checkout)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -694,6 +716,7 @@ def parse_args(argv: Sequence[str]) -> tuple[VMConfig, bool]:
         accel=ns.accel,
         cpu=ns.cpu,
         kernel_args=ns.append,
+        refresh_kernel=ns.refresh_kernel,
         cache=cache,
         cwd=ns.cwd.resolve(),
         env=env,

@@ -149,3 +149,24 @@ def test_guest_exit_status_and_readonly_host() -> None:
         cfg = harness.VMConfig(argv=["sh", "-c", script], timeout=600, cache=cache)
         assert harness.run_vm(cfg) == 7
         assert not probe.exists()  # the guest wrote to its overlay, not to the host
+
+
+def test_newest_complete_cached_kernel_is_used_without_apt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for version, complete in (
+        ("6.1.0-9-cloud-amd64", True),
+        ("6.1.0-57-cloud-amd64", True),
+        ("6.1.0-99-x", False),
+    ):
+        root = tmp_path / "kernels" / version
+        (root / "boot").mkdir(parents=True)
+        (root / "lib" / "modules" / version).mkdir(parents=True)
+        (root / "boot" / f"vmlinuz-{version}").write_bytes(b"k")
+        if complete:
+            (root / "lib" / "modules" / version / "modules.dep").write_text("")
+    monkeypatch.delenv("CSI_KIT_VM_KERNEL_PKG", raising=False)
+    monkeypatch.setattr(harness, "resolve_kernel_package", lambda: pytest.fail("apt was asked"))
+    kernel = harness.fetch_kernel(tmp_path, harness.Timings())
+    assert kernel.version == "6.1.0-57-cloud-amd64"
+    assert kernel.vmlinuz == tmp_path / "kernels" / kernel.version / "boot" / "vmlinuz-6.1.0-57-cloud-amd64"
