@@ -34,7 +34,10 @@ protocol byte for byte so either can take over the other's objects:
   driver removes the selected-node annotation: the scheduler picks another
   node (the upstream reschedule protocol).
 * Per-node mode (`node_name`): only claims selected onto this node, and only
-  PVs whose node affinity matches it -- what node-local backends need.  With
+  PVs whose node affinity matches it -- what node-local backends need.  Its
+  PVs' node affinity also names the node by `kubernetes.io/hostname` (assumed
+  equal to the node name, the kubelet's default), the key distributed
+  snapshotting routes snapshots by.  With
   `immediate_binding` the node also claims Immediate-mode claims by writing
   its own name as selected node with an optimistic (resourceVersion) write, so
   exactly one node wins.
@@ -94,6 +97,7 @@ PV_FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
 SNAPSHOT_SOURCE_FINALIZER = "provisioner.storage.kubernetes.io/volumesnapshot-as-source-protection"
 CLONE_SOURCE_FINALIZER = "provisioner.storage.kubernetes.io/cloning-protection"
 PROVISIONER_IDENTITY_KEY = "storage.kubernetes.io/csiProvisionerIdentity"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 PREFIX = "csi.storage.k8s.io/"
 FSTYPE_KEY = PREFIX + "fstype"
@@ -898,7 +902,16 @@ class Provisioner(Loop):
         }
         if cls.get("mountOptions"):
             pv_spec["mountOptions"] = list(cls["mountOptions"])
-        affinity = node_affinity(vol.accessible_topology) if self.topology_aware else None
+        topologies = vol.accessible_topology if self.topology_aware else ()
+        if self.node_name is not None and self.node_topology is not None:
+            # Per node the volume is here by construction.  The hostname term is what
+            # distributed snapshotting keys on (upstream's snapshot-controller reads only
+            # kubernetes.io/hostname) to send the volume's snapshots to this node.
+            topologies = tuple(
+                dict(t, **{HOSTNAME_LABEL: self.node_name}) if t == self.node_topology else t
+                for t in topologies
+            ) or ({**self.node_topology, HOSTNAME_LABEL: self.node_name},)
+        affinity = node_affinity(topologies)
         if affinity is not None:
             pv_spec["nodeAffinity"] = affinity
         meta: Obj = {"name": pv_name, "annotations": annotations}
@@ -955,7 +968,9 @@ class Provisioner(Loop):
         if k.annotations_of(pv).get(ANN_PROVISIONED_BY) != self.driver_name:
             return False
         if self.node_name is not None:
-            return self.node_topology is not None and affinity_matches(pv, self.node_topology)
+            return self.node_topology is not None and affinity_matches(
+                pv, {**self.node_topology, HOSTNAME_LABEL: self.node_name}
+            )
         return True
 
     async def sync_volume(self, name: str) -> None:

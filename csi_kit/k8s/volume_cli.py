@@ -24,7 +24,7 @@ from csi_kit.k8s.capacity import CapacityTracker
 from csi_kit.k8s.csi_client import DriverInfo
 from csi_kit.k8s.liveness import LivenessServer
 from csi_kit.k8s.loop import Loop
-from csi_kit.k8s.provisioner import Provisioner
+from csi_kit.k8s.provisioner import HOSTNAME_LABEL, Provisioner
 from csi_kit.k8s.registration import KUBELET_REGISTRY, RegistrationServer
 from csi_kit.k8s.resizer import Resizer
 from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
@@ -149,7 +149,8 @@ class VolumeLoops:
                 api,
                 self.client,
                 info,
-                node_topology=topology,
+                # The node's labels as a PV's node affinity may name them (ours add the hostname).
+                node_topology=None if topology is None else {**topology, HOSTNAME_LABEL: str(node)},
                 events=a.k8s_events,
                 workers=a.k8s_workers,
                 **timing,

@@ -118,8 +118,11 @@ async def test_pvc_snapshot_restore_clone_expand_and_clean_up(story: Story) -> N
     assert os.path.isdir(src_dir)
     pv = api.peek(PV, (claim(api, "data") or {})["spec"]["volumeName"])
     assert pv is not None
-    terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
-    assert terms[0]["matchExpressions"][0]["values"] == [NODE]
+    (term,) = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert {(e["key"], tuple(e["values"])) for e in term["matchExpressions"]} == {
+        (f"topology.{DRIVER}/node", (NODE,)),
+        ("kubernetes.io/hostname", (NODE,)),  # what distributed snapshotting routes by
+    }
 
     # 2. The application writes data (what a pod would do through its bind mount).
     with open(os.path.join(src_dir, "hello.txt"), "w") as f:
@@ -211,3 +214,104 @@ async def test_pvc_snapshot_restore_clone_expand_and_clean_up(story: Story) -> N
     await eventually(lambda: not os.listdir(story.volumes_dir), "backend volumes deleted")
     await eventually(lambda: not os.listdir(story.snapshots_dir), "backend snapshots deleted")
     assert not api.objects(PVC) and not api.objects(VOLUME_SNAPSHOT)
+
+
+async def test_one_process_all_controllers_per_node(
+    api: FakeKubeAPI, tmp_path: Any, unused_tcp_port: int
+) -> None:
+    """`--controllers all --node-deployment` as the CLI wires it, on the real driver: one DaemonSet pod."""
+    import argparse
+    import asyncio
+
+    import grpc.aio
+    from test_liveness import http_get
+
+    from csi_kit._pb import pluginregistration_pb2 as rpb
+    from csi_kit._pb import pluginregistration_pb2_grpc as rpbg
+    from csi_kit.k8s.cli import add_controller_options, run_controllers
+    from csi_kit.k8s.volumes import CSI_STORAGE_CAPACITY
+
+    state = str(tmp_path / "driver")
+    os.makedirs(state)
+    parser = argparse.ArgumentParser()
+    add_controller_options(parser)
+    registry = str(tmp_path / "registry")
+    args = parser.parse_args(
+        [
+            "--controllers", "all", "--node-deployment", "--node-name", NODE, "--distributed-snapshotting",
+            "--leader-election", "--leader-election-namespace", "csi",
+            "--kube-api-qps", "0", "--retry-interval-start", "0.01", "--retry-interval-max", "0.1",
+            "--plugin-registry-dir", registry,
+            "--health-address", "127.0.0.1", "--health-port", str(unused_tcp_port),
+            "--capacity-poll-interval", "0.2",
+        ]
+    )  # fmt: skip
+    with running_driver(state, backend="hostpath", node_id=NODE, driver_name=DRIVER) as endpoint:
+        sim_tasks = await run_tasks(ClusterSim(api))
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
+        story = Story(api, state)
+        try:
+            await api.create(
+                STORAGE_CLASS,
+                {
+                    "metadata": {"name": "hostpath"},
+                    "provisioner": DRIVER,
+                    "volumeBindingMode": "WaitForFirstConsumer",
+                    "allowVolumeExpansion": True,
+                },
+            )
+            await api.create(
+                VOLUME_SNAPSHOT_CLASS,
+                {
+                    "metadata": {
+                        "name": "snap",
+                        "annotations": {"snapshot.storage.kubernetes.io/is-default-class": "true"},
+                    },
+                    "driver": DRIVER,
+                    "deletionPolicy": "Delete",
+                },
+            )
+            await story.claim("data")
+            with open(os.path.join(story.volume_dir("data"), "f"), "w") as f:
+                f.write("one process\n")
+            await api.create(
+                VOLUME_SNAPSHOT,
+                {
+                    "metadata": {"name": "s", "namespace": "default"},
+                    "spec": {"source": {"persistentVolumeClaimName": "data"}},
+                },
+            )
+            await eventually(
+                lambda: ((api.peek(VOLUME_SNAPSHOT, "s", "default") or {}).get("status") or {}).get(
+                    "readyToUse"
+                ),
+                "snapshot ready",
+            )
+            await story.claim(
+                "back", source={"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "s"}
+            )
+            with open(os.path.join(story.volume_dir("back"), "f")) as f:
+                assert f.read() == "one process\n"
+            await api.patch(
+                PVC, "data", {"spec": {"resources": {"requests": {"storage": "96Mi"}}}}, "default"
+            )
+            await eventually(
+                lambda: (
+                    ((claim(api, "data") or {}).get("status") or {}).get("capacity", {}).get("storage")
+                    == "96Mi"
+                ),
+                "expanded",
+            )
+            # Capacity for this node, registration with the kubelet, liveness through Probe.
+            await eventually(lambda: api.objects(CSI_STORAGE_CAPACITY), "capacity published")
+            (cap,) = api.objects(CSI_STORAGE_CAPACITY)
+            assert cap["nodeTopology"]["matchLabels"] == {f"topology.{DRIVER}/node": NODE}
+            async with grpc.aio.insecure_channel(f"unix://{registry}/{DRIVER}-reg.sock") as ch:
+                info = await rpbg.RegistrationStub(ch).GetInfo(rpb.InfoRequest())
+            assert (info.name, info.endpoint) == (DRIVER, endpoint.removeprefix("unix://"))
+            assert await http_get(unused_tcp_port) == (200, "ok")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+            await stop_tasks(sim_tasks)

@@ -654,6 +654,11 @@ async def test_cross_namespace_source_needs_a_reference_grant(env: Env) -> None:
 # --------------------------------------------------------------- per node
 
 
+def pinned_to(pv: Obj) -> set[tuple[str, str]]:
+    (term,) = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    return {(e["key"], v) for e in term["matchExpressions"] for v in e["values"]}
+
+
 async def test_per_node_provisioners_take_only_their_own_claims(env: Env) -> None:
     await make_class(env.api, binding="WaitForFirstConsumer")
     a = await env.start("a", node_name="node-a", node_topology={TOPO_KEY: "node-a"})
@@ -665,12 +670,8 @@ async def test_per_node_provisioners_take_only_their_own_claims(env: Env) -> Non
     pb = await provisioned(env, "on-b")
     await settle(env.api)
     assert not bound(env.api, "elsewhere")
-    assert pa["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0][
-        "values"
-    ] == ["node-a"]
-    assert pb["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0][
-        "values"
-    ] == ["node-b"]
+    assert pinned_to(pa) == {(TOPO_KEY, "node-a"), ("kubernetes.io/hostname", "node-a")}
+    assert pinned_to(pb) == {(TOPO_KEY, "node-b"), ("kubernetes.io/hostname", "node-b")}
     assert a.node_name == "node-a" and b.node_name == "node-b"
     # Deletion: each node deletes only its own PVs (both see both PVs).
     await env.api.delete(PVC, "on-a", "default")
@@ -695,9 +696,7 @@ async def test_per_node_immediate_claims_are_won_by_exactly_one_node(env: Env) -
         node = k.annotations_of(c)[ANN_SELECTED_NODE]
         pv = env.api.peek(PV, c["spec"]["volumeName"])
         assert pv is not None
-        assert pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0][
-            "values"
-        ] == [node]
+        assert pinned_to(pv) == {(TOPO_KEY, node), ("kubernetes.io/hostname", node)}
 
 
 async def test_per_node_without_immediate_binding_leaves_immediate_claims(env: Env) -> None:

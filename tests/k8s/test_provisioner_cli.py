@@ -103,8 +103,11 @@ async def test_per_node_all_takes_topology_from_node_get_info(api: FakeKubeAPI, 
             await make_claim(api, "theirs", node="node-3")
             await eventually(lambda: bound(api, "mine"), "own claim bound")
             (pv,) = api.objects(PV)
-            expr = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
-            assert (expr["key"], expr["values"]) == (TOPO_KEY, ["node-9"])
+            (term,) = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+            assert {(e["key"], tuple(e["values"])) for e in term["matchExpressions"]} == {
+                (TOPO_KEY, ("node-9",)),
+                ("kubernetes.io/hostname", ("node-9",)),
+            }
             assert not bound(api, "theirs")
             assert api.objects(LEASE) == []  # per-node loops need no election
             assert api.peek(PVC, "theirs", "default") is not None
