@@ -2,7 +2,9 @@
 
 Runs in the VM harness (or natively on a kernel with device-mapper): PV, VG,
 thin pool, thin LV, ext4 on it, data written, a thin snapshot that keeps the
-old data after the origin changes, and a clean teardown.
+old data after the origin changes, online lvextend + resize2fs, a VG
+deactivated and reactivated (thin_check on the pool metadata), and a clean
+teardown.
 """
 
 from __future__ import annotations
@@ -63,7 +65,24 @@ def test_thin_lv_snapshot_roundtrip(vg: str, tmp_path: Path) -> None:
         assert sha256(snap_mnt / "data") == before
     finally:
         cmd("umount", str(snap_mnt))
-        cmd("umount", str(mnt))
+
+    # Online growth: the LV, then ext4 on it while mounted.
+    blocks_before = os.statvfs(mnt).f_blocks
+    cmd("lvextend", "-q", "-L", "+512M", f"{vg}/origin")
+    cmd("resize2fs", origin_dev)
+    assert os.statvfs(mnt).f_blocks > blocks_before * 1.4
+    cmd("umount", str(mnt))
+
+    # Deactivate and reactivate the whole VG: pool activation runs thin_check
+    # on the pool metadata; -K brings the snapshot back despite its skip flag.
+    cmd("vgchange", "-q", "-an", vg)
+    assert not os.path.exists(f"/dev/{vg}/snap")
+    cmd("vgchange", "-q", "-ay", "-K", vg)
+    cmd("mount", "-o", "ro", f"/dev/{vg}/snap", str(snap_mnt))
+    try:
+        assert sha256(snap_mnt / "data") == before
+    finally:
+        cmd("umount", str(snap_mnt))
 
     lvs = cmd("lvs", "--noheadings", "-o", "lv_name,pool_lv,origin", vg).stdout.split("\n")
     rows = {tuple(line.split()) for line in lvs if line.strip()}
