@@ -128,6 +128,13 @@ class Backend:
 
     # -- sizes --------------------------------------------------------------
 
+    def maximum_volume_size(self, available_bytes: int) -> int | None:
+        """The largest ``required_bytes`` a CreateVolume would accept now, for
+        GetCapacity; None when there is no such limit (the spec then leaves the
+        field unset).  The default suits backends that refuse what they cannot
+        hold: the smaller of the static maximum and the space available."""
+        return min(type(self).max_volume_bytes, available_bytes)
+
     def round_capacity(self, capacity_bytes: int) -> int:
         """Round a size up to what the storage allocates (e.g. LVM extents)."""
         return capacity_bytes

@@ -277,6 +277,10 @@ class HostPathBackend(Backend):
     def get_capacity(self, parameters: Mapping[str, str], capabilities: Sequence[VolumeCapability]) -> int:
         return fs.statvfs_usage(self.root).available_bytes
 
+    def maximum_volume_size(self, available_bytes: int) -> int | None:
+        # Advisory sizes refuse nothing, so there is no maximum to report.
+        return available_bytes if self.enforced else None
+
     def volume_condition(self, volume: Volume) -> VolumeCondition:
         path = self.volume_path(volume.volume_id)
         if not os.path.isdir(path):

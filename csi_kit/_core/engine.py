@@ -79,7 +79,7 @@ class ListedVolume:
 @attrs.frozen
 class CapacityInfo:
     available_bytes: int
-    maximum_volume_bytes: int
+    maximum_volume_bytes: int | None
     minimum_volume_bytes: int
 
 
@@ -462,9 +462,10 @@ class VolumeEngine:
             and topology.segments
             and not self._accessible_here(TopologyRequirement((topology,)))
         ):
-            return CapacityInfo(0, b.max_volume_bytes, b.min_volume_bytes)
+            return CapacityInfo(0, 0, b.min_volume_bytes)
         available = await self._call(lambda: self.backend.get_capacity(parameters, capabilities))
-        return CapacityInfo(max(0, available), min(b.max_volume_bytes, max(0, available)), b.min_volume_bytes)
+        available = max(0, available)
+        return CapacityInfo(available, self.backend.maximum_volume_size(available), b.min_volume_bytes)
 
     async def modify_volume(self, volume_id: str, mutable_parameters: Mapping[str, str]) -> None:
         self._require(self.capabilities.modify, "ControllerModifyVolume")

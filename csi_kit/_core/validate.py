@@ -53,10 +53,20 @@ def _check_string(value: str, field: str, limit: int = MAX_STRING) -> None:
         raise InvalidArgument(f"{field} is {size} bytes long; the limit is {limit} bytes")
 
 
+#: Characters the spec bans from names: control characters other than
+#: common whitespace (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F).
+_BANNED = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)])
+
+
 def check_name(value: str, field: str = "name") -> None:
-    """A CO-chosen name: required, at most 128 bytes, no NUL."""
+    """A CO-chosen name: required, at most 128 bytes, none of the banned characters."""
     require(value, field)
     _check_string(value, field)
+    for ch in value:
+        if ord(ch) in _BANNED:
+            raise InvalidArgument(
+                f"{field} contains the control character U+{ord(ch):04X}, which the spec bans"
+            )
 
 
 def check_id(value: str, field: str) -> None:

@@ -167,7 +167,8 @@ class ControllerServicer(_Base, pb_grpc.ControllerServicer):
             convert.capabilities(request.volume_capabilities), dict(request.parameters), topo
         )
         resp = pb.GetCapacityResponse(available_capacity=info.available_bytes)
-        resp.maximum_volume_size.value = info.maximum_volume_bytes
+        if info.maximum_volume_bytes is not None:
+            resp.maximum_volume_size.value = info.maximum_volume_bytes
         resp.minimum_volume_size.value = info.minimum_volume_bytes
         return resp
 
