@@ -156,7 +156,12 @@ class VolumeLoops:
                 **timing,
             )
             out.append((r, lease("resizer")))
-        if "attacher" in wanted and controller:
+        named = {x.strip() for x in (a.controllers or "").split(",")}
+        publishes = "PUBLISH_UNPUBLISH_VOLUME" in info.controller_capabilities
+        # `all` means the loops this driver needs: a driver without controller publish
+        # runs with attachRequired: false, so no attachments exist.  Asked for by name,
+        # the attacher runs anyway (upstream's trivial handler marks attachments attached).
+        if "attacher" in wanted and controller and (publishes or "attacher" in named):
             # Attachments are cluster-wide even for node-local drivers: always one elected attacher.
             out.append(
                 (Attacher(api, self.client, info, workers=a.k8s_workers, **timing), leases["attacher"])

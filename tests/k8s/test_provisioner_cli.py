@@ -23,8 +23,10 @@ from volume_peer import (
 )
 
 from csi_kit.k8s.api import LEASE, PV, PVC, ApiError
+from csi_kit.k8s.attacher import Attacher
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
-from csi_kit.k8s.volume_cli import lease_names
+from csi_kit.k8s.volume_cli import VolumeLoops, lease_names
+from csi_kit.k8s.volumes import VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
@@ -210,3 +212,24 @@ async def test_leader_hand_over_mid_create_volume(api: FakeKubeAPI, tmp_path: An
             stop_b.set()
             await asyncio.wait_for(asyncio.gather(*replicas, return_exceptions=True), 30)
             await stop_tasks(sim_tasks)
+
+
+async def test_all_runs_the_attacher_only_for_drivers_that_publish(api: FakeKubeAPI, tmp_path: Any) -> None:
+    peer = VolumeCSI()
+    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
+        for caps, controllers, expected in (
+            ({"PUBLISH_UNPUBLISH_VOLUME"}, "all", True),
+            (set(), "all", False),
+            (set(), "attacher", True),
+        ):
+            peer.controller_caps = {"CREATE_DELETE_VOLUME", *caps}
+            args = parse("--controllers", controllers)
+            client = VolumeClient(endpoint)
+            info = await client.driver_info()
+            await client.close()
+            vl = VolumeLoops(args, endpoint, info, selected(args))
+            try:
+                loops = await vl.loops(api, "csi")
+            finally:
+                await vl.close()
+            assert any(isinstance(lp, Attacher) for lp, _ in loops) is expected, (caps, controllers)
