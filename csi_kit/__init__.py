@@ -10,6 +10,7 @@ from __future__ import annotations
 from csi_kit import errors, types
 from csi_kit._version import __version__
 from csi_kit.backend import Backend, BackendContext, Capabilities, GiB, MiB, capabilities_of
+from csi_kit.block import BlockDeviceBackend
 from csi_kit.driver import Driver, DriverConfig, run_driver
 from csi_kit.plugin import BackendRegistry, hookimpl
 from csi_kit.types import (
@@ -39,6 +40,7 @@ __all__ = [
     "types",
     "Backend",
     "BackendContext",
+    "BlockDeviceBackend",
     "BackendRegistry",
     "Capabilities",
     "capabilities_of",
