@@ -204,6 +204,7 @@ class HostPathBackend(Backend):
             self._apply_quota(staged, capacity_bytes, recursive=recursive)
             fs.sync_path(staged)
             os.rename(staged, self.volume_path(volume_id))
+            fs.fsync_dir(self.volumes_dir)  # the new name survives a power loss
         except BaseException:
             _remove_tree(staged)
             raise
@@ -304,6 +305,7 @@ class HostPathBackend(Backend):
             copy.copy_tree(src, staged, reflink=self.reflink)
             fs.sync_path(staged)
             os.rename(staged, self.snapshot_path(snapshot_id))
+            fs.fsync_dir(self.snapshots_dir)
         except BaseException:
             _remove_tree(staged)
             raise

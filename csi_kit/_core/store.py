@@ -156,6 +156,7 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed row survives power loss, not only a killed process.
+        self._sync = synchronous
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
@@ -165,15 +166,24 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction.  ``durable=False`` skips the WAL flush for this commit:
+        only for removals whose ``deleting`` state is already durable — the next
+        durable commit carries them, and start-up finishes a lost one."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable and self._sync == "FULL":
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable and self._sync == "FULL":
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -252,7 +262,7 @@ class Store:
             db.execute("UPDATE volumes SET mutable=? WHERE id=?", (_dump(dict(mutable)), volume_id))
 
     def remove_volume(self, volume_id: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM volumes WHERE id=?", (volume_id,))
 
     def volume(self, volume_id: str) -> VolumeRecord | None:
@@ -336,7 +346,7 @@ class Store:
             db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, snapshot_id))
 
     def remove_snapshot(self, snapshot_id: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
 
     def snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
@@ -421,7 +431,7 @@ class Store:
             db.execute("UPDATE snapshots SET state=? WHERE group_id=?", (state, group_id))
 
     def remove_group(self, group_id: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM snapshots WHERE group_id=?", (group_id,))
             db.execute("DELETE FROM groups WHERE id=?", (group_id,))
 

@@ -17,7 +17,7 @@ from csi_kit.errors import FailedPrecondition, Internal, InvalidArgument, NotFou
 from csi_kit.linux._libc import errno_name, syncfs
 from csi_kit.linux.mounts import MountInfo, read_mountinfo
 
-__all__ = ["Usage", "filesystem_of", "frozen", "statvfs_usage", "sync_path", "tree_usage"]
+__all__ = ["Usage", "filesystem_of", "frozen", "fsync_dir", "statvfs_usage", "sync_path", "tree_usage"]
 
 log = logging.getLogger("csi_kit.linux")
 
@@ -182,13 +182,17 @@ def frozen(mount_path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path)) or "/"
-    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_dir(directory: str) -> None:
+    """Make a directory's entries durable (after a rename or unlink inside it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_parent(path: str) -> None:
+    fsync_dir(os.path.dirname(os.path.abspath(path)) or "/")
 
 
 def _fsync_tree(root_fd: int) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
@@ -25,10 +25,16 @@ from csi_kit.driver import Driver, DriverConfig
 __all__ = ["running_driver", "driver_process", "wait_for_socket", "DriverProcess"]
 
 
-def wait_for_socket(path: str, timeout: float = 30.0) -> None:
-    """Wait until a gRPC server answers on the unix socket ``path``."""
+def wait_for_socket(path: str, timeout: float = 30.0, alive: Callable[[], bool] = lambda: True) -> None:
+    """Wait until a gRPC server answers on the unix socket ``path``.
+
+    ``alive`` is polled too: when it turns False (the server process died)
+    the wait ends at once instead of running out the timeout.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not alive():
+            raise TimeoutError(f"the server for {path} exited before it answered")
         if os.path.exists(path):
             with grpc.insecure_channel(f"unix://{path}") as ch:
                 try:
@@ -128,7 +134,9 @@ class DriverProcess:
         )
         log.close()
         try:
-            wait_for_socket(self.socket_path, timeout)
+            wait_for_socket(
+                self.socket_path, timeout, alive=lambda: self.proc is not None and self.proc.poll() is None
+            )
         except TimeoutError:
             self.stop()
             with open(self.log_path, errors="replace") as f:

@@ -145,7 +145,8 @@ def test_get_capacity_matches_statvfs(hostpath: HostPath) -> None:
     resp = hostpath.csi.controller.GetCapacity(pb.GetCapacityRequest())
     st = os.statvfs(hostpath.root)
     assert abs(resp.available_capacity - st.f_bavail * st.f_frsize) <= MiB
-    assert resp.maximum_volume_size.value == resp.available_capacity
+    # Advisory sizes (no quota here) refuse no size, so no maximum is reported.
+    assert not resp.HasField("maximum_volume_size")
     other_node = pb.GetCapacityRequest(
         accessible_topology=pb.Topology(segments={"topology.hostpath.csi-kit.io/node": "elsewhere"})
     )
