@@ -31,6 +31,11 @@ def test_vg_and_pool_figures(vg: str) -> None:
     assert 0 <= pool.data_percent < 1
     assert pool.tags == frozenset({f"{lvm.TAG_PREFIX}pool"})
 
+    grown = lvm.extend_lv(vg, "pool", (1 << 30) + 256 * MiB)
+    assert grown.is_thin_pool and grown.size == (1 << 30) + 256 * MiB
+    assert lvm.thin_pool(vg, "pool").size == grown.size
+    assert lvm.vg_info(vg).free == info.free - 256 * MiB
+
 
 def test_thin_lv_create_tag_write_extend_remove(vg: str) -> None:
     name = lvm.lv_name_for("pvc/ä_1", "csi-v-", vg)
@@ -52,6 +57,10 @@ def test_thin_lv_create_tag_write_extend_remove(vg: str) -> None:
         after = lvm.get_lv(vg, name)
         assert after is not None and after.data_percent is not None
         assert after.data_percent >= 25.0  # 8 of 32 MiB
+
+        lvm.add_tags(vg, name, [f"{lvm.TAG_PREFIX}name=pvc_2F1"])
+        tagged = lvm.get_lv(vg, name)
+        assert tagged is not None and tagged.tags == {OWNER, f"{lvm.TAG_PREFIX}name=pvc_2F1"}
 
         grown = lvm.extend_lv(vg, name, 64 * MiB)
         assert grown.size == 64 * MiB
