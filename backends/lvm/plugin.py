@@ -1,16 +1,11 @@
-"""Entry point (``csi_kit`` group) for the lvm backend."""
+"""Entry point (``csi_kit`` group): registers the lvm backend."""
 
 from __future__ import annotations
 
 from csi_kit.plugin import BackendRegistry, hookimpl
+from csi_kit_backends.lvm.backend import LvmBackend, LvmConfig
 
 
 @hookimpl
 def csi_kit_register_backends(registry: BackendRegistry) -> None:
-    # Registered once the backend module lands; kept importable meanwhile so
-    # the entry point never breaks discovery of the other backends.
-    try:
-        from csi_kit_backends.lvm.backend import BACKEND, CONFIG
-    except ImportError:
-        return
-    registry.add("lvm", BACKEND, config=CONFIG)
+    registry.add("lvm", LvmBackend, config=LvmConfig)
