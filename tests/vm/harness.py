@@ -5,7 +5,11 @@ device-mapper and without quota support, so LVM thin provisioning and XFS
 project quotas cannot be tested natively.  This runner boots a Debian cloud
 kernel under qemu and runs one command there, e.g.::
 
-    python tests/vm/harness.py -- .venv/bin/python -m pytest -m "vm or lvm" tests
+    python tests/vm/harness.py -- sh -c 'lvm version'
+    python tests/vm/harness.py --preselect -- .venv/bin/python -m pytest -m "vm or lvm" tests
+
+``--preselect`` collects on the host and lets the guest import only the test
+files that hold selected tests (Python is 20-50x slower under TCG).
 
 How the guest sees the host: virtiofsd shares the host's ``/`` and the guest
 mounts it read-only under a tmpfs overlay, so the checkout, its ``.venv``, the
@@ -15,7 +19,7 @@ there reaches the host.  A sparse scratch file is the guest's virtio disk for
 LVM physical volumes; its device path is in ``$CSI_KIT_VM_DISK``.
 
 The kernel package is fetched once with ``apt-get download`` into a cache
-(``$CSI_KIT_VM_CACHE`` or /var/cache/csi-kit-vm); the initramfs (static
+(``$CSI_KIT_VM_CACHE`` or /var/cache/csi-kit-vm) and reused; the initramfs (static
 busybox, a handful of modules and ``init``) is cached by a hash of its
 inputs.  The command's output streams to stdout; the exit status is the
 command's, or 124 when the guest timed out, 125 when the harness or guest
