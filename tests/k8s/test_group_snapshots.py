@@ -1,0 +1,466 @@
+"""Volume group snapshots end to end: the four snapshot loops on the fake API, the real hostPath driver.
+
+A VolumeGroupSnapshot selects PVCs by label; the group loops cut one group
+snapshot through the driver's GroupController and hand each member to the
+single-snapshot loops as its own VolumeSnapshot, which must be ready and
+restorable alone.  Deletion follows the policy; a driver without a
+GroupController leaves a readable error; a crash at any write is recovered
+from the API objects alone, with nothing cut twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from csi_peer import ScriptedCSI
+from k8s_helpers import DRIVER as SCRIPTED_DRIVER
+from k8s_helpers import eventually, make_volume
+
+from csi_kit._pb import csi_pb2 as pb
+from csi_kit._pb import csi_pb2_grpc as pbg
+from csi_kit.k8s.api import (
+    PV,
+    PVC,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CONTENT,
+    ApiError,
+    Obj,
+    Resource,
+)
+from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.snapshot import group as g
+from csi_kit.k8s.snapshot.controller import SnapshotController
+from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.testing.driver import running_driver
+from csi_kit.testing.fake_k8s import FakeKubeAPI
+
+DRIVER = "hostpath.csi-kit.io"
+NS = "default"
+FAST = {"base_delay": 0.01, "max_delay": 0.1}
+USER = contextvars.ContextVar("user", default=False)
+WRITES = {"create", "update", "update_status", "patch", "patch_status", "delete"}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def as_user(fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+    """Writes a cluster user makes (never counted as, nor crashed like, the loops' writes)."""
+    token = USER.set(True)
+    try:
+        return await fn(*args, **kw)
+    finally:
+        USER.reset(token)
+
+
+async def create_volume(endpoint: str, name: str) -> str:
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        cap = pb.VolumeCapability(
+            mount=pb.VolumeCapability.MountVolume(),
+            access_mode=pb.VolumeCapability.AccessMode(
+                mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        r = await pbg.ControllerStub(ch).CreateVolume(
+            pb.CreateVolumeRequest(
+                name=name, capacity_range=pb.CapacityRange(required_bytes=1 << 20), volume_capabilities=[cap]
+            )
+        )
+        return str(r.volume.volume_id)
+
+
+async def restore(endpoint: str, name: str, snapshot_id: str) -> str:
+    """CreateVolume from one snapshot: what a PVC with that VolumeSnapshot as dataSource gets."""
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        cap = pb.VolumeCapability(
+            mount=pb.VolumeCapability.MountVolume(),
+            access_mode=pb.VolumeCapability.AccessMode(
+                mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        r = await pbg.ControllerStub(ch).CreateVolume(
+            pb.CreateVolumeRequest(
+                name=name,
+                capacity_range=pb.CapacityRange(required_bytes=1 << 20),
+                volume_capabilities=[cap],
+                volume_content_source=pb.VolumeContentSource(
+                    snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
+                ),
+            )
+        )
+        return str(r.volume.volume_id)
+
+
+async def labelled_volume(api: FakeKubeAPI, name: str, handle: str, driver: str, app: str = "db") -> None:
+    await as_user(
+        api.create,
+        PV,
+        {
+            "metadata": {"name": f"pv-{name}"},
+            "spec": {"csi": {"driver": driver, "volumeHandle": handle}, "volumeMode": "Filesystem"},
+        },
+    )
+    pvc = await as_user(
+        api.create,
+        PVC,
+        {
+            "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
+            "spec": {"volumeName": f"pv-{name}"},
+        },
+    )
+    pvc["status"] = {"phase": "Bound"}
+    await as_user(api.update_status, PVC, pvc)
+
+
+async def group_class(api: FakeKubeAPI, driver: str, policy: str = "Delete", **params: str) -> None:
+    await as_user(
+        api.create,
+        g.VOLUME_GROUP_SNAPSHOT_CLASS,
+        {
+            "metadata": {"name": "groups", "annotations": {g.ANN_GROUP_IS_DEFAULT_CLASS: "true"}},
+            "driver": driver,
+            "deletionPolicy": policy,
+            "parameters": dict(params),
+        },
+    )
+
+
+async def group_snapshot(api: FakeKubeAPI, name: str = "grp", app: str = "db") -> Obj:
+    obj: Obj = await as_user(
+        api.create,
+        g.VOLUME_GROUP_SNAPSHOT,
+        {
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"source": {"selector": {"matchLabels": {"app": app}}}},
+        },
+    )
+    return obj
+
+
+def peek_group(api: FakeKubeAPI, name: str = "grp") -> Obj | None:
+    return api.peek(g.VOLUME_GROUP_SNAPSHOT, name, NS)
+
+
+def group_ready(api: FakeKubeAPI, name: str = "grp") -> bool:
+    o = peek_group(api, name)
+    return bool(o and (o.get("status") or {}).get("readyToUse") is True)
+
+
+def members(api: FakeKubeAPI) -> list[Obj]:
+    return [s for s in api.objects(VOLUME_SNAPSHOT) if g.group_owner(s)]
+
+
+def everything_gone(api: FakeKubeAPI) -> bool:
+    return (
+        peek_group(api) is None
+        and not api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        and not api.objects(VOLUME_SNAPSHOT)
+        and not api.objects(VOLUME_SNAPSHOT_CONTENT)
+    )
+
+
+class AllLoops:
+    """The single-snapshot and group loops against one driver; restartable from nothing."""
+
+    def __init__(self, api: FakeKubeAPI, endpoint: str, driver: str) -> None:
+        self.api, self.endpoint, self.driver = api, endpoint, driver
+        self.tasks: list[asyncio.Task[None]] = []
+        self.clients: list[Any] = []
+
+    async def start(self) -> None:
+        client = CSIClient(self.endpoint, timeout=10)
+        group_client = g.GroupCSIClient(self.endpoint, timeout=10)
+        self.clients = [client, group_client]
+        info = await client.driver_info()
+        loops: list[Loop] = [
+            SnapshotController(self.api, **FAST),
+            Snapshotter(self.api, client, self.driver, **FAST),
+            g.GroupSnapshotController(self.api, **FAST),
+            g.GroupSnapshotter(
+                self.api,
+                group_client,
+                self.driver,
+                supported=g.GROUP_CAPABILITY in info.group_capabilities,
+                **FAST,
+            ),
+        ]
+        for loop in loops:
+            self.tasks.append(asyncio.create_task(loop.run()))
+            await loop.started.wait()
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.tasks.clear()
+        for c in self.clients:
+            await c.close()
+        self.clients.clear()
+
+
+@contextlib.asynccontextmanager
+async def hostpath(tmp_path: os.PathLike[str]) -> AsyncIterator[tuple[FakeKubeAPI, str, AllLoops]]:
+    """The real hostPath driver with two labelled PVCs (and an unlabelled one) and all four loops."""
+    api = FakeKubeAPI()
+    with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
+        for name in ("data-0", "data-1"):
+            await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER)
+        await labelled_volume(api, "other", await create_volume(endpoint, "other"), DRIVER, app="web")
+        loops = AllLoops(api, endpoint, DRIVER)
+        await loops.start()
+        try:
+            yield api, endpoint, loops
+        finally:
+            await loops.stop()
+
+
+async def backend_group(endpoint: str, handle: str, snapshot_ids: list[str]) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        try:
+            await pbg.GroupControllerStub(ch).GetVolumeGroupSnapshot(
+                pb.GetVolumeGroupSnapshotRequest(group_snapshot_id=handle, snapshot_ids=snapshot_ids)
+            )
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+
+async def backend_snapshot_count(endpoint: str) -> int:
+    async with CSIClient(endpoint) as c:
+        return len(await c.list_snapshots())
+
+
+# --------------------------------------------------------------------- tests
+
+
+def test_names_and_selector() -> None:
+    assert g.member_snapshot_name("u", "v").startswith("snapshot-")
+    assert g.member_snapshot_name("u", "v")[len("snapshot-") :] == g.member_content_name("u", "v")[12:]
+    assert g.member_snapshot_name("u", "v") != g.member_snapshot_name("u", "w")
+    sel = {
+        "matchLabels": {"app": "db"},
+        "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}],
+    }
+    assert g.selector_matches(sel, {"app": "db"})
+    assert not g.selector_matches(sel, {"app": "db", "tier": "x"})
+    assert not g.selector_matches(sel, {"app": "web"})
+    assert g.selector_matches({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"a": ""})
+    with pytest.raises(ValueError):
+        g.selector_matches({"matchExpressions": [{"key": "a", "operator": "Near"}]}, {})
+    params = {g.GROUP_SECRET_NAME_KEY: "s-${volumegroupsnapshot.name}", g.GROUP_SECRET_NAMESPACE_KEY: "ns"}
+    assert g.group_secret_ref(params, "c", "grp", NS) == ("s-grp", "ns")
+    assert g.strip_group_params({**params, "k": "v"}) == {"k": "v"}
+    with pytest.raises(ValueError, match="unknown parameter key"):
+        g.strip_group_params({"csi.storage.k8s.io/snapshotter-secret-name": "x"})
+
+
+async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.PathLike[str]) -> None:
+    async with hostpath(tmp_path) as (api, endpoint, _):
+        await group_class(api, DRIVER)
+        grp = await group_snapshot(api)
+        await eventually(lambda: group_ready(api), "group ready on the real driver", limit=60)
+
+        uid = grp["metadata"]["uid"]
+        final = peek_group(api)
+        assert final is not None
+        st = final["status"]
+        assert st["boundVolumeGroupSnapshotContentName"] == f"groupsnapcontent-{uid}"
+        assert st["creationTime"] and not st.get("error")
+        assert final["spec"]["volumeGroupSnapshotClassName"] == "groups", "the default class is recorded"
+        assert g.GROUP_BOUND_FINALIZER in final["metadata"]["finalizers"]
+
+        content = api.peek(g.VOLUME_GROUP_SNAPSHOT_CONTENT, f"groupsnapcontent-{uid}")
+        assert content is not None
+        assert content["spec"]["volumeGroupSnapshotRef"]["uid"] == uid
+        assert content["metadata"]["finalizers"] == [g.GROUP_CONTENT_BOUND_FINALIZER]
+        assert g.ANN_GROUP_BEING_CREATED not in (content["metadata"].get("annotations") or {})
+        handles = {pv["spec"]["csi"]["volumeHandle"]: pv["metadata"]["name"] for pv in api.objects(PV)}
+        picked = sorted(h for h, pv in handles.items() if pv != "pv-other")
+        assert sorted(content["spec"]["source"]["volumeHandles"]) == picked, (
+            "the selector picks data-0/1 only"
+        )
+        infos = content["status"]["volumeSnapshotInfoList"]
+        assert sorted(i["volumeHandle"] for i in infos) == picked
+        group_handle = content["status"]["volumeGroupSnapshotHandle"]
+
+        vss = members(api)
+        assert len(vss) == 2
+        for vs in vss:
+            volume = next(
+                i["volumeHandle"]
+                for i in infos
+                if g.member_snapshot_name(uid, i["volumeHandle"]) == vs["metadata"]["name"]
+            )
+            assert vs["status"]["readyToUse"] is True and vs["status"]["volumeGroupSnapshotName"] == "grp"
+            assert vs["metadata"]["ownerReferences"][0]["uid"] == uid
+            assert g.SNAPSHOT_IN_GROUP_FINALIZER in vs["metadata"]["finalizers"]
+            vsc = api.peek(VOLUME_SNAPSHOT_CONTENT, vs["status"]["boundVolumeSnapshotContentName"])
+            assert vsc is not None and vsc["metadata"]["name"] == g.member_content_name(uid, volume)
+            assert vsc["spec"]["volumeSnapshotRef"]["uid"] == vs["metadata"]["uid"], "bound both ways"
+            assert vsc["status"]["volumeGroupSnapshotHandle"] == group_handle
+            # Restorable alone: its handle is a snapshot id the driver knows.
+            restored = await restore(endpoint, f"restore-{volume[-6:]}", vsc["status"]["snapshotHandle"])
+            assert restored
+
+        assert (
+            await backend_group(endpoint, group_handle, [i["snapshotHandle"] for i in infos])
+            == grpc.StatusCode.OK
+        )
+
+
+async def _cut_then_delete(api: FakeKubeAPI, endpoint: str) -> tuple[str, list[str]]:
+    await group_snapshot(api)
+    await eventually(lambda: group_ready(api), "group ready", limit=60)
+    [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+    handle = content["status"]["volumeGroupSnapshotHandle"]
+    ids = [i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]]
+    await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+    await eventually(lambda: peek_group(api) is None, "group gone", limit=60)
+    return handle, ids
+
+
+async def test_delete_policy_removes_the_group_on_the_driver(tmp_path: os.PathLike[str]) -> None:
+    async with hostpath(tmp_path) as (api, endpoint, _):
+        await group_class(api, DRIVER, "Delete")
+        handle, ids = await _cut_then_delete(api, endpoint)
+        await eventually(lambda: everything_gone(api), "every object gone", limit=60)
+        assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.NOT_FOUND
+        assert await backend_snapshot_count(endpoint) == 0
+
+
+async def test_retain_policy_keeps_the_group(tmp_path: os.PathLike[str]) -> None:
+    async with hostpath(tmp_path) as (api, endpoint, _):
+        await group_class(api, DRIVER, "Retain")
+        handle, ids = await _cut_then_delete(api, endpoint)
+        await eventually(lambda: not members(api), "member snapshots gone", limit=60)
+        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        assert g.ANN_GROUP_BEING_DELETED in content["metadata"]["annotations"]
+        assert not content["metadata"].get("deletionTimestamp")
+        assert len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2, "member contents kept with the group"
+        assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.OK
+        assert await backend_snapshot_count(endpoint) == 2
+
+
+async def test_driver_without_group_controller_reports_it(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    csi, endpoint = peer
+    for name in ("a", "b"):
+        await make_volume(api, name)
+        pvc = api.peek(PVC, name, NS)
+        assert pvc is not None
+        await api.patch(PVC, name, {"metadata": {"labels": {"app": "db"}}}, NS)
+    await group_class(api, SCRIPTED_DRIVER)
+    loops = AllLoops(api, endpoint, SCRIPTED_DRIVER)
+    await loops.start()
+    try:
+        await group_snapshot(api)
+
+        def error() -> str:
+            o = peek_group(api)
+            return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
+
+        await eventually(lambda: "does not support volume group snapshots" in error(), "status.error")
+        o = peek_group(api)
+        assert o is not None and o["status"]["readyToUse"] is False
+        assert not members(api)
+        assert csi.calls["CreateSnapshot"] == 0, "no member is cut one by one instead"
+        # Deleting it needs nothing from the driver.
+        await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await eventually(lambda: everything_gone(api), "gone")
+    finally:
+        await loops.stop()
+
+
+async def test_missing_pvcs_and_class_are_reported(tmp_path: os.PathLike[str]) -> None:
+    async with hostpath(tmp_path) as (api, _endpoint, _):
+        await group_snapshot(api, "nobody", app="none")
+
+        def error(name: str) -> str:
+            o = peek_group(api, name)
+            return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
+
+        await eventually(lambda: "not applied to any PVC" in error("nobody"), "no PVC error")
+        await group_snapshot(api)
+        await eventually(lambda: "cannot find default group snapshot class" in error("grp"), "no class")
+        await group_class(api, DRIVER)
+        await eventually(lambda: group_ready(api), "ready once the class exists", limit=60)
+        o = peek_group(api)
+        assert o is not None and not o["status"].get("error")
+
+
+class Crash:
+    """Kill the loops right when they attempt their N-th write (the write does not happen)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.writes = 0
+        self.crashed = asyncio.Event()
+
+    def __call__(self, verb: str, res: Resource, name: str, body: Obj | None) -> None:
+        if verb not in WRITES or USER.get() or self.crashed.is_set():
+            return
+        self.writes += 1
+        if self.writes == self.at:
+            self.crashed.set()
+            raise ApiError(503, "ServiceUnavailable", "process killed here")
+
+
+async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash) -> None:
+    async with hostpath(tmp_path) as (api, endpoint, loops):
+        await group_class(api, DRIVER, "Delete")
+        api.reactors.append(crash)
+        restarted = False
+
+        async def until(pred: Callable[[], bool], what: str) -> None:
+            nonlocal restarted
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not pred():
+                if crash.crashed.is_set() and not restarted:
+                    restarted = True
+                    await loops.stop()
+                    await loops.start()
+                if loop.time() > deadline:
+                    raise AssertionError(f"timed out waiting for {what}")
+                await asyncio.sleep(0.005)
+
+        await group_snapshot(api)
+        await until(lambda: group_ready(api), "ready")
+        assert len(members(api)) == 2 and len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2
+        assert await backend_snapshot_count(endpoint) == 2, "one group of two was cut, never a second"
+        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        handle = content["status"]["volumeGroupSnapshotHandle"]
+        ids = [i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]]
+        await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await until(lambda: everything_gone(api), "all gone")
+        assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.NOT_FOUND
+        assert await backend_snapshot_count(endpoint) == 0, "nothing leaked on the backend"
+
+
+WRITES_PER_FLOW = 50
+
+
+async def test_flow_counts_its_writes(tmp_path: os.PathLike[str]) -> None:
+    counter = Crash(at=10**9)
+    await _flow_with_crash(tmp_path, counter)
+    # The crash parametrisation below must reach every write of the flow.
+    assert counter.writes <= WRITES_PER_FLOW, counter.writes
+    print(f"group of 2, create → ready → deleted: {counter.writes} loop writes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", range(1, WRITES_PER_FLOW + 1))
+async def test_restart_at_every_write(tmp_path: os.PathLike[str], at: int) -> None:
+    await _flow_with_crash(tmp_path, Crash(at))
