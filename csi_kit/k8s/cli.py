@@ -25,6 +25,7 @@ from csi_kit.k8s.events import EventRecorder
 from csi_kit.k8s.leader import LeaderElector
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
+from csi_kit.k8s.snapshot import group
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
 from csi_kit.k8s.snapshot.sidecar import Snapshotter
@@ -39,6 +40,11 @@ CONTROLLERS = {
     "snapshot": ("snapshot-controller", "snapshotter"),
     "snapshot-controller": ("snapshot-controller",),
     "snapshotter": ("snapshotter",),
+    # Volume group snapshots (groupsnapshot.storage.k8s.io/v1): opt-in, as upstream's
+    # --enable-volume-group-snapshots, because they need the group CRDs installed.
+    "group-snapshot": ("group-snapshot-controller", "group-snapshotter"),
+    "group-snapshot-controller": ("group-snapshot-controller",),
+    "group-snapshotter": ("group-snapshotter",),
     "provisioner": ("provisioner",),
     "resizer": ("resizer",),
     "attacher": ("attacher",),
@@ -74,7 +80,8 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "--controllers",
         default=_env("controllers", ""),
         help="comma list of loops to run: snapshot (= snapshot-controller + snapshotter), "
-        "snapshot-controller, snapshotter, provisioner, resizer, attacher, capacity, registration, "
+        "snapshot-controller, snapshotter, group-snapshot (= group-snapshot-controller + group-snapshotter), "
+        "provisioner, resizer, attacher, capacity, registration, "
         "liveness, all; empty runs none",
     )
     g.add_argument(
@@ -266,6 +273,27 @@ async def run_controllers(
                 # Per-node snapshotters each own their node's contents: no election among them.
                 lease = None if node else "external-snapshotter-leader-" + sanitize_lease_name(info.name)
                 loops.append((snapper, lease))
+
+        if "group-snapshot-controller" in wanted:
+            gctrl = group.GroupSnapshotController(
+                api, workers=args.k8s_workers, resync_period=args.resync_period, **timing
+            )
+            loops.append((gctrl, "snapshot-controller-group-leader"))
+        if "group-snapshotter" in wanted:
+            # Run even without the capability: its contents then say why nothing happens.
+            gclient = group.GroupCSIClient(csi_endpoint, timeout=args.csi_timeout)
+            clients.append(gclient)
+            gsnapper = group.GroupSnapshotter(
+                api,
+                gclient,
+                info.name,
+                supported=group.GROUP_CAPABILITY in info.group_capabilities,
+                workers=args.k8s_workers,
+                resync_period=args.resync_period,
+                extra_create_metadata=args.extra_create_metadata,
+                **timing,
+            )
+            loops.append((gsnapper, "external-snapshotter-group-leader-" + sanitize_lease_name(info.name)))
 
         namespace = args.leader_election_namespace or _default_namespace()
         volume = VolumeLoops(args, csi_endpoint, info, wanted)
