@@ -10,7 +10,9 @@ from the API objects alone, with nothing cut twice.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
 import contextlib
 import contextvars
 import os
@@ -20,6 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import test_manifests as manifests
 from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER as SCRIPTED_DRIVER
 from k8s_helpers import eventually, make_volume
@@ -29,12 +32,14 @@ from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.api import (
     PV,
     PVC,
+    SECRET,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CONTENT,
     ApiError,
     Obj,
     Resource,
 )
+from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
 from csi_kit.k8s.csi_client import CSIClient
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.snapshot import group as g
@@ -464,3 +469,91 @@ async def test_flow_counts_its_writes(tmp_path: os.PathLike[str]) -> None:
 @pytest.mark.parametrize("at", range(1, WRITES_PER_FLOW + 1))
 async def test_restart_at_every_write(tmp_path: os.PathLike[str], at: int) -> None:
     await _flow_with_crash(tmp_path, Crash(at))
+
+
+# ------------------------------------------------------------- CLI and RBAC
+
+
+async def test_cli_runs_the_group_loops(tmp_path: os.PathLike[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_controller_options(parser)
+    args = parser.parse_args(
+        ["--controllers", "snapshot,group-snapshot", "--kube-api-qps", "0",
+         "--retry-interval-start", "0.01", "--retry-interval-max", "0.05"]
+    )  # fmt: skip
+    assert selected(args) >= {"group-snapshot-controller", "group-snapshotter"}
+    assert "group-snapshotter" not in selected(parser.parse_args(["--controllers", "all"]))
+    api = FakeKubeAPI()
+    with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
+        for name in ("data-0", "data-1"):
+            await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER)
+        await group_class(api, DRIVER)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
+        try:
+            await group_snapshot(api)
+            await eventually(lambda: group_ready(api), "group ready through the CLI", limit=60)
+            assert len(members(api)) == 2
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+
+async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathLike[str]) -> None:
+    d = manifests.docs()
+    api = FakeKubeAPI()
+    ctrl_api, snap_api = manifests.Recording(api), manifests.Recording(api)
+    with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
+        for name in ("data-0", "data-1"):
+            await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER)
+        await api.create(
+            SECRET,
+            {"metadata": {"name": "creds", "namespace": NS}, "data": {"k": base64.b64encode(b"v").decode()}},
+        )
+        await group_class(api, DRIVER, **{g.GROUP_SECRET_NAME_KEY: "creds", g.GROUP_SECRET_NAMESPACE_KEY: NS})
+        client, gclient = CSIClient(endpoint), g.GroupCSIClient(endpoint)
+        loops: list[Loop] = [
+            SnapshotController(api, **FAST),
+            Snapshotter(api, client, DRIVER, **FAST),
+            g.GroupSnapshotController(ctrl_api, **FAST),  # type: ignore[arg-type]
+            g.GroupSnapshotter(snap_api, gclient, DRIVER, **FAST),  # type: ignore[arg-type]
+        ]
+        tasks = [asyncio.create_task(loop.run()) for loop in loops]
+        try:
+            await group_snapshot(api)
+            await eventually(lambda: group_ready(api), "group ready", limit=60)
+            [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+            assert content["metadata"]["annotations"][g.ANN_GROUP_DELETION_SECRET_NAME] == "creds"
+            await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+            await eventually(lambda: everything_gone(api), "all gone", limit=60)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await client.close()
+            await gclient.close()
+    # Granted but only reached after a crash between creating an object and caching it.
+    rare = {
+        ("group-snapshot-controller", g.GROUP, "volumegroupsnapshotcontents", "get"),
+        ("group-snapshot-controller", "snapshot.storage.k8s.io", "volumesnapshots", "get"),
+        ("group-snapshot-controller", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+    }
+    roles = {
+        "group-snapshot-controller": (
+            ctrl_api.used,
+            manifests.granted(d[("ClusterRole", "csi-kit-group-snapshot-controller")]),
+        ),
+        "group-snapshotter": (
+            snap_api.used,
+            manifests.granted(d[("ClusterRole", "csi-kit-group-snapshotter")]),
+        ),
+    }
+    for who, (used, allowed) in roles.items():
+        assert used - allowed == set(), f"{who} uses verbs its role does not grant"
+        unused = {x for x in allowed - used if (who, *x) not in rare}
+        assert unused == set(), f"{who}'s role grants verbs it never uses"
+    cls = d[("VolumeGroupSnapshotClass", "csi-kit-hostpath-group")]
+    assert cls["apiVersion"] == g.VOLUME_GROUP_SNAPSHOT_CLASS.api_version and cls["driver"] == DRIVER
+    assert cls["metadata"]["annotations"][g.ANN_GROUP_IS_DEFAULT_CLASS] == "true"
