@@ -16,6 +16,8 @@ import base64
 import contextlib
 import contextvars
 import os
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,7 +27,7 @@ import pytest
 import test_manifests as manifests
 from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER as SCRIPTED_DRIVER
-from k8s_helpers import eventually, make_volume
+from k8s_helpers import eventually, make_volume, settle
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
@@ -40,7 +42,7 @@ from csi_kit.k8s.api import (
     Resource,
 )
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
-from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.csi_client import CSIClient, CSIError, SnapshotInfo
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.snapshot import group as g
 from csi_kit.k8s.snapshot.controller import SnapshotController
@@ -557,3 +559,182 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
     cls = d[("VolumeGroupSnapshotClass", "csi-kit-hostpath-group")]
     assert cls["apiVersion"] == g.VOLUME_GROUP_SNAPSHOT_CLASS.api_version and cls["driver"] == DRIVER
     assert cls["metadata"]["annotations"][g.ANN_GROUP_IS_DEFAULT_CLASS] == "true"
+
+
+# ---------------------------------------------- scripted GroupController faults
+
+
+class ScriptedGroups:
+    """An in-process GroupController whose answers a test scripts (gates, errors).
+
+    Members are also registered with the scripted single-snapshot driver, so
+    its ListSnapshots knows them as a real driver would.
+    """
+
+    def __init__(self, csi: ScriptedCSI) -> None:
+        self.csi = csi
+        self.groups: dict[str, g.GroupSnapshotInfo] = {}  # by name
+        self.names: set[str] = set()
+        self.calls: Counter[str] = Counter()
+        self.create_errors: list[CSIError] = []
+        self.gate: asyncio.Event | None = None
+        self.started = asyncio.Event()
+
+    async def create_group_snapshot(
+        self, name: str, volume_ids: list[str], parameters: dict[str, str], secrets: dict[str, str]
+    ) -> g.GroupSnapshotInfo:
+        self.calls["create"] += 1
+        self.names.add(name)
+        if self.create_errors:
+            raise self.create_errors.pop(0)
+        if name not in self.groups:  # the backend starts cutting at once, whatever happens to the caller
+            now = time.time_ns()
+            snaps = tuple(
+                SnapshotInfo(f"{name}/{v}", v, 1 << 20, now, True, f"gid-{name}") for v in volume_ids
+            )
+            self.groups[name] = g.GroupSnapshotInfo(f"gid-{name}", snaps, now, True)
+            for s in snaps:
+                self.csi.add_existing(s.snapshot_id)
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.groups[name]
+
+    async def delete_group_snapshot(
+        self, group_id: str, snapshot_ids: list[str], secrets: dict[str, str]
+    ) -> None:
+        self.calls["delete"] += 1
+        for name, info in list(self.groups.items()):
+            if info.group_snapshot_id == group_id:
+                assert sorted(snapshot_ids) == sorted(s.snapshot_id for s in info.snapshots)
+                del self.groups[name]
+
+    async def get_group_snapshot(
+        self, group_id: str, snapshot_ids: list[str], secrets: dict[str, str]
+    ) -> g.GroupSnapshotInfo:
+        self.calls["get"] += 1
+        for info in self.groups.values():
+            if info.group_snapshot_id == group_id:
+                return info
+        raise CSIError("GetVolumeGroupSnapshot", grpc.StatusCode.NOT_FOUND, group_id)
+
+
+class ScriptedLoops(AllLoops):
+    def __init__(self, api: FakeKubeAPI, endpoint: str, groups: ScriptedGroups) -> None:
+        super().__init__(api, endpoint, SCRIPTED_DRIVER)
+        self.groups = groups
+
+    async def start(self) -> None:
+        client = CSIClient(self.endpoint, timeout=10)
+        self.clients = [client]
+        loops: list[Loop] = [
+            SnapshotController(self.api, **FAST),
+            Snapshotter(self.api, client, self.driver, **FAST),
+            g.GroupSnapshotController(self.api, **FAST),
+            g.GroupSnapshotter(self.api, self.groups, self.driver, **FAST),
+        ]
+        for loop in loops:
+            self.tasks.append(asyncio.create_task(loop.run()))
+            await loop.started.wait()
+
+
+@contextlib.asynccontextmanager
+async def scripted(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> AsyncIterator[tuple[ScriptedGroups, ScriptedLoops]]:
+    csi, endpoint = peer
+    for name in ("a", "b"):
+        await make_volume(api, name)
+        await api.patch(PVC, name, {"metadata": {"labels": {"app": "db"}}}, NS)
+    await group_class(api, SCRIPTED_DRIVER)
+    groups = ScriptedGroups(csi)
+    loops = ScriptedLoops(api, endpoint, groups)
+    await loops.start()
+    try:
+        yield groups, loops
+    finally:
+        await loops.stop()
+
+
+def group_error(api: FakeKubeAPI, name: str = "grp") -> str:
+    o = peek_group(api, name)
+    return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
+
+
+async def test_deletion_while_create_group_in_flight_leaks_nothing(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    async with scripted(api, peer) as (groups, _):
+        groups.gate = asyncio.Event()
+        await group_snapshot(api)
+        await eventually(lambda: groups.started.is_set(), "CreateVolumeGroupSnapshot sent")
+        await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await settle(api)
+        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        assert g.ANN_GROUP_BEING_CREATED in content["metadata"]["annotations"], "the deletion waits"
+        groups.gate.set()
+        await eventually(lambda: everything_gone(api), "all gone")
+        assert groups.groups == {} and groups.calls["delete"] == 1, "cut, recorded, then deleted"
+        assert len(groups.names) == 1
+
+
+async def test_restart_while_create_group_in_flight_reuses_the_name(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    async with scripted(api, peer) as (groups, loops):
+        groups.gate = asyncio.Event()
+        await group_snapshot(api)
+        await eventually(lambda: groups.started.is_set(), "CreateVolumeGroupSnapshot sent")
+        await loops.stop()  # the process dies with the call in flight; the backend finishes it anyway
+        groups.gate.set()
+        await loops.start()
+        await eventually(lambda: group_ready(api), "ready after restart")
+        assert len(groups.groups) == 1 and len(groups.names) == 1 and groups.calls["create"] >= 2
+        assert len(members(api)) == 2
+
+
+async def test_driver_errors_non_final_retried_final_reported(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    async with scripted(api, peer) as (groups, _):
+        groups.create_errors = [
+            CSIError("CreateVolumeGroupSnapshot", grpc.StatusCode.UNAVAILABLE, "busy")
+        ] * 2
+        await group_snapshot(api)
+        await eventually(lambda: group_ready(api), "ready after transient errors")
+        assert groups.calls["create"] == 3 and len(groups.names) == 1
+        assert not group_error(api)
+
+        final = CSIError(
+            "CreateVolumeGroupSnapshot", grpc.StatusCode.INVALID_ARGUMENT, "volumes on two pools"
+        )
+        groups.create_errors = [final] * 1000
+        await group_snapshot(api, "bad")
+        await eventually(lambda: "volumes on two pools" in group_error(api, "bad"), "error mirrored")
+        bad = peek_group(api, "bad")
+        assert bad is not None and bad["status"]["readyToUse"] is False
+        content = api.peek(g.VOLUME_GROUP_SNAPSHOT_CONTENT, g.group_content_name_for(bad))
+        assert content is not None
+        assert g.ANN_GROUP_BEING_CREATED not in (content["metadata"].get("annotations") or {}), (
+            "final: nothing cut"
+        )
+        groups.create_errors = []
+        await eventually(lambda: group_ready(api, "bad"), "retried until the driver agrees")
+        assert not group_error(api, "bad"), "the error is cleared on success"
+
+
+async def test_member_deleted_alone_waits_for_its_group(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    async with scripted(api, peer) as (groups, _):
+        await group_snapshot(api)
+        await eventually(lambda: group_ready(api), "ready")
+        one = members(api)[0]
+        await api.delete(VOLUME_SNAPSHOT, one["metadata"]["name"], NS)
+        await settle(api)
+        kept = api.peek(VOLUME_SNAPSHOT, one["metadata"]["name"], NS)
+        assert kept is not None and kept["metadata"]["finalizers"] == [g.SNAPSHOT_IN_GROUP_FINALIZER]
+        assert len(groups.groups) == 1 and groups.calls["delete"] == 0, "a member's storage is the group's"
+        await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await eventually(lambda: everything_gone(api), "all gone")
+        assert groups.groups == {}

@@ -713,6 +713,7 @@ class GroupSnapshotController(Loop):
                 "snapshotHandle": str(info.get("snapshotHandle", "")),
                 "volumeGroupSnapshotHandle": group_handle,
                 "readyToUse": bool(info.get("readyToUse")),
+                "error": None,
             }
             if info.get("creationTime") is not None:
                 mst["creationTime"] = int(info["creationTime"])
