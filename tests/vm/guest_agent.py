@@ -55,6 +55,9 @@ global {
 
 RB_POWER_OFF = 0x4321FEDC
 MS_BIND = 4096
+MS_REC = 16384
+#: Paths the guest mounts a fresh tmpfs (or devpts) on.
+FRESH_TMPFS = ("/tmp", "/var/tmp", "/run", "/dev/shm")
 
 
 def log(msg: str) -> None:
@@ -79,6 +82,16 @@ def sh(*argv: str) -> None:
 def prepare(job: dict[str, Any]) -> None:
     # The kernel starts PID 1 with no PATH at all.
     os.environ["PATH"] = job["env"]["PATH"]
+    # The guest gets fresh tmpfs on /tmp, /run...; a checkout that lives under
+    # one of them (CI may clone into /tmp) would vanish: hold it aside first
+    # and bind it back at its own path afterwards.
+    held = []
+    for path in {job["cwd"]}:
+        if any(path == t or path.startswith(t + "/") for t in FRESH_TMPFS):
+            hold = f"/mnt/csi-kit-held-{len(held)}"
+            os.makedirs(hold, exist_ok=True)
+            mount(path, hold, "", flags=MS_BIND | MS_REC)
+            held.append((hold, path))
     for target, fstype, opts in (
         ("/tmp", "tmpfs", "mode=1777"),
         ("/var/tmp", "tmpfs", "mode=1777"),
@@ -88,6 +101,9 @@ def prepare(job: dict[str, Any]) -> None:
     ):
         os.makedirs(target, exist_ok=True)
         mount(fstype, target, fstype, opts)
+    for hold, path in held:
+        os.makedirs(path, exist_ok=True)
+        mount(hold, path, "", flags=MS_BIND | MS_REC)
     for d in ("/run/lock/lvm", "/run/lvm", "/etc/lvm"):
         os.makedirs(d, exist_ok=True)
 
