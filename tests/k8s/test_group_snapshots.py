@@ -734,3 +734,83 @@ async def test_member_deleted_alone_waits_for_its_group(
         await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await eventually(lambda: everything_gone(api), "all gone")
         assert groups.groups == {}
+
+
+async def test_pre_provisioned_group_binds_and_makes_members(tmp_path: os.PathLike[str]) -> None:
+    async with hostpath(tmp_path) as (api, endpoint, _):
+        pvs = {pv["metadata"]["name"]: pv["spec"]["csi"]["volumeHandle"] for pv in api.objects(PV)}
+        volumes = [pvs["pv-data-0"], pvs["pv-data-1"]]
+        async with grpc.aio.insecure_channel(endpoint) as ch:
+            r = await pbg.GroupControllerStub(ch).CreateVolumeGroupSnapshot(
+                pb.CreateVolumeGroupSnapshotRequest(name="made-elsewhere", source_volume_ids=volumes)
+            )
+        handle = r.group_snapshot.group_snapshot_id
+        ids = [s.snapshot_id for s in r.group_snapshot.snapshots]
+        await as_user(
+            api.create,
+            g.VOLUME_GROUP_SNAPSHOT_CONTENT,
+            {
+                "metadata": {"name": "imported"},
+                "spec": {
+                    "deletionPolicy": "Delete",
+                    "driver": DRIVER,
+                    "source": {
+                        "groupSnapshotHandles": {
+                            "volumeGroupSnapshotHandle": handle,
+                            "volumeSnapshotHandles": ids,
+                        }
+                    },
+                    "volumeGroupSnapshotRef": {"name": "grp", "namespace": NS},
+                },
+            },
+        )
+        grp = await as_user(
+            api.create,
+            g.VOLUME_GROUP_SNAPSHOT,
+            {
+                "metadata": {"name": "grp", "namespace": NS},
+                "spec": {"source": {"volumeGroupSnapshotContentName": "imported"}},
+            },
+        )
+        await eventually(lambda: group_ready(api), "pre-provisioned group ready", limit=60)
+        content = api.peek(g.VOLUME_GROUP_SNAPSHOT_CONTENT, "imported")
+        assert (
+            content is not None and content["spec"]["volumeGroupSnapshotRef"]["uid"] == grp["metadata"]["uid"]
+        )
+        assert content["metadata"]["finalizers"] == [g.GROUP_CONTENT_BOUND_FINALIZER]
+        assert content["status"]["volumeGroupSnapshotHandle"] == handle
+        assert sorted(i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]) == sorted(ids)
+        vss = members(api)
+        assert len(vss) == 2 and all(v["status"]["readyToUse"] for v in vss)
+        await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await eventually(lambda: everything_gone(api), "all gone", limit=60)
+        assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pre_provisioned_content_mismatches_are_reported(tmp_path: os.PathLike[str]) -> None:
+    async with hostpath(tmp_path) as (api, _endpoint, _):
+        await group_class(api, DRIVER)
+        await group_snapshot(api, "dyn")
+        await eventually(lambda: group_ready(api, "dyn"), "dynamic group ready", limit=60)
+        dyn = peek_group(api, "dyn")
+        assert dyn is not None
+        for name, content in (
+            ("missing", "nope"),
+            ("thief", dyn["status"]["boundVolumeGroupSnapshotContentName"]),
+        ):
+            await as_user(
+                api.create,
+                g.VOLUME_GROUP_SNAPSHOT,
+                {
+                    "metadata": {"name": name, "namespace": NS},
+                    "spec": {"source": {"volumeGroupSnapshotContentName": content}},
+                },
+            )
+
+        def err(name: str) -> str:
+            o = peek_group(api, name)
+            return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
+
+        await eventually(lambda: "is missing" in err("missing"), "missing content reported")
+        await eventually(lambda: "bound to a different group snapshot" in err("thief"), "misbound reported")
+        assert group_ready(api, "dyn"), "the other group's content is untouched"

@@ -516,7 +516,11 @@ class GroupSnapshotController(Loop):
         return defaults[0]
 
     def _content_for(self, group: Obj) -> Obj | None:
-        name = p.status(group).get("boundVolumeGroupSnapshotContentName") or group_content_name_for(group)
+        name = (
+            p.status(group).get("boundVolumeGroupSnapshotContentName")
+            or (p.spec(group).get("source") or {}).get("volumeGroupSnapshotContentName")
+            or group_content_name_for(group)
+        )
         content = self.contents.get(str(name))
         if content is None:
             return None
@@ -551,14 +555,10 @@ class GroupSnapshotController(Loop):
                 group, "Exactly one of Selector and VolumeGroupSnapshotContentName should be specified"
             )
             return
-        if source.get("volumeGroupSnapshotContentName"):
-            await self._report(
-                group,
-                "pre-provisioned volume group snapshots (source.volumeGroupSnapshotContentName) "
-                "are not supported",
-            )
-            return
         try:
+            if source.get("volumeGroupSnapshotContentName"):
+                await self._sync_preprovisioned(group, str(source["volumeGroupSnapshotContentName"]))
+                return
             content = self._content_for(group)
             if content is None:
                 if self.contents.get(group_content_name_for(group)) is not None:
@@ -573,6 +573,39 @@ class GroupSnapshotController(Loop):
         except GroupSnapshotError as e:
             await self._report(group, str(e))
             raise
+
+    async def _sync_preprovisioned(self, group: Obj, name: str) -> None:
+        """Bind a group to an existing content (source.groupSnapshotHandles), then make its members."""
+        content = self.contents.get(name)
+        if content is None:
+            raise GroupSnapshotError(f"VolumeGroupSnapshotContent {name} is missing")
+        ref = p.spec(content).get("volumeGroupSnapshotRef") or {}
+        if (
+            ref.get("name") != k.name_of(group)
+            or ref.get("namespace") != k.namespace_of(group)
+            or (ref.get("uid") and ref["uid"] != k.uid_of(group))
+        ):
+            raise GroupSnapshotError(
+                f"VolumeGroupSnapshotContent [{name}] is bound to a different group snapshot"
+            )
+        if not (p.spec(content).get("source") or {}).get("groupSnapshotHandles"):
+            raise GroupSnapshotError(
+                "VolumeGroupSnapshotContent is dynamically provisioned while expecting a pre-provisioned one"
+            )
+        if not ref.get("uid") or (
+            GROUP_CONTENT_BOUND_FINALIZER not in k.finalizers_of(content) and not k.is_deleting(content)
+        ):
+            # Bind and protect in one write: the uid completes the two-way binding.
+            patch: Obj = {"spec": {"volumeGroupSnapshotRef": {"uid": k.uid_of(group)}}}
+            if GROUP_CONTENT_BOUND_FINALIZER not in k.finalizers_of(content) and not k.is_deleting(content):
+                patch["metadata"] = {
+                    "finalizers": [*k.finalizers_of(content), GROUP_CONTENT_BOUND_FINALIZER],
+                    "resourceVersion": k.rv_of(content),
+                }
+            content = await self.api.patch(VOLUME_GROUP_SNAPSHOT_CONTENT, name, patch)
+            self.contents.store_update(content)
+        group = await self._ensure_finalizer(group)
+        await self._sync_members(group, content)
 
     async def _ensure_finalizer(self, group: Obj, default_class: str | None = None) -> Obj:
         if GROUP_BOUND_FINALIZER in k.finalizers_of(group) and default_class is None:
@@ -914,6 +947,11 @@ class GroupSnapshotter(Loop):
     def _should_delete(content: Obj) -> bool:
         if not k.is_deleting(content):
             return False
+        spec = p.spec(content)
+        if (spec.get("source") or {}).get("groupSnapshotHandles") and not (
+            spec.get("volumeGroupSnapshotRef") or {}
+        ).get("uid"):
+            return True  # a pre-provisioned content nobody ever bound
         ann = k.annotations_of(content)
         if ANN_GROUP_BEING_CREATED in ann:
             return False  # the driver may be cutting it right now: finish first, then delete
@@ -921,7 +959,16 @@ class GroupSnapshotter(Loop):
 
     @staticmethod
     def _snapshot_ids(content: Obj) -> list[str]:
-        return [str(i.get("snapshotHandle")) for i in p.status(content).get("volumeSnapshotInfoList") or []]
+        ids = [str(i.get("snapshotHandle")) for i in p.status(content).get("volumeSnapshotInfoList") or []]
+        pre = (p.spec(content).get("source") or {}).get("groupSnapshotHandles") or {}
+        return ids or [str(i) for i in pre.get("volumeSnapshotHandles") or []]
+
+    @staticmethod
+    def _handle(content: Obj) -> str:
+        pre = (p.spec(content).get("source") or {}).get("groupSnapshotHandles") or {}
+        return str(
+            p.status(content).get("volumeGroupSnapshotHandle") or pre.get("volumeGroupSnapshotHandle") or ""
+        )
 
     def _status(self, info: GroupSnapshotInfo) -> dict[str, Any]:
         created = info.creation_time_ns or time.time_ns()
@@ -951,8 +998,8 @@ class GroupSnapshotter(Loop):
             return
         st = p.status(content)
         if not st.get("volumeGroupSnapshotHandle"):
-            if not (p.spec(content).get("source") or {}).get("volumeHandles"):
-                await self._report(content, "pre-provisioned group snapshot contents are not supported")
+            if (p.spec(content).get("source") or {}).get("groupSnapshotHandles"):
+                await self._refresh(content)  # pre-provisioned: ask the driver what the handles are
                 return
             if k.is_deleting(content) and ANN_GROUP_BEING_CREATED not in k.annotations_of(content):
                 return
@@ -1011,7 +1058,14 @@ class GroupSnapshotter(Loop):
             raise Retry(f"group snapshot {info.group_snapshot_id} is not ready yet")
 
     async def _refresh(self, content: Obj) -> None:
-        handle = str(p.status(content)["volumeGroupSnapshotHandle"])
+        handle = self._handle(content)
+        if not self.supported:
+            msg = (
+                f"Failed to check and update group snapshot content: CSI driver {self.driver_name} "
+                "does not support volume group snapshots"
+            )
+            await self._report(content, msg)
+            raise Retry(msg)
         try:
             secrets = await self._secrets(self._deletion_secret(content))
             info = await self.driver.get_group_snapshot(handle, self._snapshot_ids(content), secrets)
@@ -1023,7 +1077,7 @@ class GroupSnapshotter(Loop):
             raise Retry(f"group snapshot {handle} is not ready yet")
 
     async def _delete(self, content: Obj) -> None:
-        handle = p.status(content).get("volumeGroupSnapshotHandle")
+        handle = self._handle(content)
         if p.spec(content).get("deletionPolicy") == p.DELETE and handle and self.supported:
             try:
                 secrets = await self._secrets(self._deletion_secret(content))
