@@ -424,9 +424,46 @@ class Crash:
             raise ApiError(503, "ServiceUnavailable", "process killed here")
 
 
-async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash) -> None:
+async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
+    """A group cut outside Kubernetes, then represented by a pre-provisioned content and its group."""
+    pvs = {pv["metadata"]["name"]: pv["spec"]["csi"]["volumeHandle"] for pv in api.objects(PV)}
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        r = await pbg.GroupControllerStub(ch).CreateVolumeGroupSnapshot(
+            pb.CreateVolumeGroupSnapshotRequest(
+                name="made-elsewhere", source_volume_ids=[pvs["pv-data-0"], pvs["pv-data-1"]]
+            )
+        )
+    handles = {
+        "volumeGroupSnapshotHandle": r.group_snapshot.group_snapshot_id,
+        "volumeSnapshotHandles": [s.snapshot_id for s in r.group_snapshot.snapshots],
+    }
+    await as_user(
+        api.create,
+        g.VOLUME_GROUP_SNAPSHOT_CONTENT,
+        {
+            "metadata": {"name": "imported"},
+            "spec": {
+                "deletionPolicy": "Delete",
+                "driver": DRIVER,
+                "source": {"groupSnapshotHandles": handles},
+                "volumeGroupSnapshotRef": {"name": "grp", "namespace": NS},
+            },
+        },
+    )
+    await as_user(
+        api.create,
+        g.VOLUME_GROUP_SNAPSHOT,
+        {
+            "metadata": {"name": "grp", "namespace": NS},
+            "spec": {"source": {"volumeGroupSnapshotContentName": "imported"}},
+        },
+    )
+
+
+async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash, flow: str = "delete") -> None:
+    """One group of two through its whole life; `flow` is delete, retain or pre-provisioned."""
     async with hostpath(tmp_path) as (api, endpoint, loops):
-        await group_class(api, DRIVER, "Delete")
+        await group_class(api, DRIVER, "Retain" if flow == "retain" else "Delete")
         api.reactors.append(crash)
         restarted = False
 
@@ -443,7 +480,10 @@ async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash) -> None:
                     raise AssertionError(f"timed out waiting for {what}")
                 await asyncio.sleep(0.005)
 
-        await group_snapshot(api)
+        if flow == "pre-provisioned":
+            await _import_group(api, endpoint)
+        else:
+            await group_snapshot(api)
         await until(lambda: group_ready(api), "ready")
         assert len(members(api)) == 2 and len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2
         assert await backend_snapshot_count(endpoint) == 2, "one group of two was cut, never a second"
@@ -451,26 +491,38 @@ async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash) -> None:
         handle = content["status"]["volumeGroupSnapshotHandle"]
         ids = [i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]]
         await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        if flow == "retain":
+            await until(lambda: peek_group(api) is None and not members(api), "group and members gone")
+            await settle(api)
+            [kept] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+            assert not kept["metadata"].get("deletionTimestamp")
+            assert len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2
+            assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.OK
+            assert await backend_snapshot_count(endpoint) == 2, "Retain keeps the storage"
+            return
         await until(lambda: everything_gone(api), "all gone")
         assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.NOT_FOUND
         assert await backend_snapshot_count(endpoint) == 0, "nothing leaked on the backend"
 
 
-WRITES_PER_FLOW = 50
+WRITES_PER_FLOW = {"delete": 50, "retain": 40, "pre-provisioned": 50}
 
 
-async def test_flow_counts_its_writes(tmp_path: os.PathLike[str]) -> None:
+@pytest.mark.parametrize("flow", sorted(WRITES_PER_FLOW))
+async def test_flow_counts_its_writes(tmp_path: os.PathLike[str], flow: str) -> None:
     counter = Crash(at=10**9)
-    await _flow_with_crash(tmp_path, counter)
+    await _flow_with_crash(tmp_path, counter, flow)
     # The crash parametrisation below must reach every write of the flow.
-    assert counter.writes <= WRITES_PER_FLOW, counter.writes
-    print(f"group of 2, create → ready → deleted: {counter.writes} loop writes")
+    assert counter.writes <= WRITES_PER_FLOW[flow], counter.writes
+    print(f"group of 2, {flow}: {counter.writes} loop writes")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("at", range(1, WRITES_PER_FLOW + 1))
-async def test_restart_at_every_write(tmp_path: os.PathLike[str], at: int) -> None:
-    await _flow_with_crash(tmp_path, Crash(at))
+@pytest.mark.parametrize(
+    ("flow", "at"), [(flow, at) for flow, n in sorted(WRITES_PER_FLOW.items()) for at in range(1, n + 1)]
+)
+async def test_restart_at_every_write(tmp_path: os.PathLike[str], flow: str, at: int) -> None:
+    await _flow_with_crash(tmp_path, Crash(at), flow)
 
 
 # ------------------------------------------------------------- CLI and RBAC
