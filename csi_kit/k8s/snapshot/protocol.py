@@ -44,6 +44,24 @@ META_CONTENT_NAME = PARAM_PREFIX + "volumesnapshotcontent/name"
 DELETE = "Delete"
 RETAIN = "Retain"
 
+# Volume group snapshots (groupsnapshot.storage.k8s.io; loops in group.py).
+GROUP_GROUP = "groupsnapshot.storage.k8s.io"
+GROUP_CONTENT_BOUND_FINALIZER = (
+    "groupsnapshot.storage.kubernetes.io/volumegroupsnapshotcontent-bound-protection"
+)
+GROUP_BOUND_FINALIZER = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-bound-protection"
+SNAPSHOT_IN_GROUP_FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-in-group-protection"
+ANN_GROUP_BEING_CREATED = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-being-created"
+ANN_GROUP_BEING_DELETED = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-being-deleted"
+ANN_GROUP_DELETION_SECRET_NAME = "groupsnapshot.storage.kubernetes.io/deletion-secret-name"
+ANN_GROUP_DELETION_SECRET_NAMESPACE = "groupsnapshot.storage.kubernetes.io/deletion-secret-namespace"
+ANN_GROUP_IS_DEFAULT_CLASS = "groupsnapshot.storage.kubernetes.io/is-default-class"
+GROUP_SECRET_NAME_KEY = PARAM_PREFIX + "group-snapshotter-secret-name"
+GROUP_SECRET_NAMESPACE_KEY = PARAM_PREFIX + "group-snapshotter-secret-namespace"
+META_GROUP_NAME = PARAM_PREFIX + "volumegroupsnapshot/name"
+META_GROUP_NAMESPACE = PARAM_PREFIX + "volumegroupsnapshot/namespace"
+META_GROUP_CONTENT_NAME = PARAM_PREFIX + "volumegroupsnapshotcontent/name"
+
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
