@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 pbg: Any = _pbg  # generated, untyped
 
-GROUP = "groupsnapshot.storage.k8s.io"
+GROUP = p.GROUP_GROUP
 VERSION = "v1"
 
 VOLUME_GROUP_SNAPSHOT = Resource(GROUP, VERSION, "VolumeGroupSnapshot", "volumegroupsnapshots", True)
@@ -76,26 +76,20 @@ VOLUME_GROUP_SNAPSHOT_CLASS = Resource(
     GROUP, VERSION, "VolumeGroupSnapshotClass", "volumegroupsnapshotclasses", False, has_status=False
 )
 
-# Finalizers (upstream's names, byte for byte).
-GROUP_CONTENT_BOUND_FINALIZER = (
-    "groupsnapshot.storage.kubernetes.io/volumegroupsnapshotcontent-bound-protection"
-)
-GROUP_BOUND_FINALIZER = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-bound-protection"
-SNAPSHOT_IN_GROUP_FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-in-group-protection"
-
-# Annotations.
-ANN_GROUP_BEING_CREATED = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-being-created"
-ANN_GROUP_BEING_DELETED = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-being-deleted"
-ANN_GROUP_DELETION_SECRET_NAME = "groupsnapshot.storage.kubernetes.io/deletion-secret-name"
-ANN_GROUP_DELETION_SECRET_NAMESPACE = "groupsnapshot.storage.kubernetes.io/deletion-secret-namespace"
-ANN_GROUP_IS_DEFAULT_CLASS = "groupsnapshot.storage.kubernetes.io/is-default-class"
-
-# Class parameters.
-GROUP_SECRET_NAME_KEY = p.PARAM_PREFIX + "group-snapshotter-secret-name"
-GROUP_SECRET_NAMESPACE_KEY = p.PARAM_PREFIX + "group-snapshotter-secret-namespace"
-META_GROUP_NAME = p.PARAM_PREFIX + "volumegroupsnapshot/name"
-META_GROUP_NAMESPACE = p.PARAM_PREFIX + "volumegroupsnapshot/namespace"
-META_GROUP_CONTENT_NAME = p.PARAM_PREFIX + "volumegroupsnapshotcontent/name"
+# The protocol names live with the snapshot ones (upstream's, byte for byte).
+GROUP_CONTENT_BOUND_FINALIZER = p.GROUP_CONTENT_BOUND_FINALIZER
+GROUP_BOUND_FINALIZER = p.GROUP_BOUND_FINALIZER
+SNAPSHOT_IN_GROUP_FINALIZER = p.SNAPSHOT_IN_GROUP_FINALIZER
+ANN_GROUP_BEING_CREATED = p.ANN_GROUP_BEING_CREATED
+ANN_GROUP_BEING_DELETED = p.ANN_GROUP_BEING_DELETED
+ANN_GROUP_DELETION_SECRET_NAME = p.ANN_GROUP_DELETION_SECRET_NAME
+ANN_GROUP_DELETION_SECRET_NAMESPACE = p.ANN_GROUP_DELETION_SECRET_NAMESPACE
+ANN_GROUP_IS_DEFAULT_CLASS = p.ANN_GROUP_IS_DEFAULT_CLASS
+GROUP_SECRET_NAME_KEY = p.GROUP_SECRET_NAME_KEY
+GROUP_SECRET_NAMESPACE_KEY = p.GROUP_SECRET_NAMESPACE_KEY
+META_GROUP_NAME = p.META_GROUP_NAME
+META_GROUP_NAMESPACE = p.META_GROUP_NAMESPACE
+META_GROUP_CONTENT_NAME = p.META_GROUP_CONTENT_NAME
 
 GROUP_CAPABILITY = "CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT"
 
