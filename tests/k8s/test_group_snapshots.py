@@ -32,6 +32,7 @@ from k8s_helpers import eventually, make_volume, settle
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.api import (
+    LEASE,
     PV,
     PVC,
     SECRET,
@@ -40,6 +41,7 @@ from csi_kit.k8s.api import (
     ApiError,
     Obj,
     Resource,
+    conflict,
 )
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
 from csi_kit.k8s.csi_client import CSIClient, CSIError, SnapshotInfo
@@ -866,3 +868,41 @@ async def test_pre_provisioned_content_mismatches_are_reported(tmp_path: os.Path
         await eventually(lambda: "is missing" in err("missing"), "missing content reported")
         await eventually(lambda: "bound to a different group snapshot" in err("thief"), "misbound reported")
         assert group_ready(api, "dyn"), "the other group's content is untouched"
+
+
+async def test_watch_expiry_and_conflicts_converge(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
+    async with scripted(api, peer) as (groups, _):
+        api.expire_watches()
+        api.fail("patch", g.VOLUME_GROUP_SNAPSHOT, conflict("the object has been modified"), times=3)
+        api.fail("patch", g.VOLUME_GROUP_SNAPSHOT_CONTENT, conflict("the object has been modified"), times=2)
+        await group_snapshot(api)
+        await eventually(lambda: group_ready(api), "ready despite 410 and 409s")
+        assert len(groups.names) == 1 and len(members(api)) == 2
+        grp = peek_group(api)
+        assert grp is not None and grp["metadata"]["finalizers"] == [g.GROUP_BOUND_FINALIZER]
+
+
+async def test_cli_group_loops_take_their_own_leases(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
+    _, endpoint = peer
+    parser = argparse.ArgumentParser()
+    add_controller_options(parser)
+    args = parser.parse_args(
+        ["--controllers", "snapshot,group-snapshot", "--leader-election",
+         "--leader-election-namespace", "kube-system", "--kube-api-qps", "0",
+         "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
+         "--leader-election-retry-period", "0.05"]
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
+    try:
+        suffix = SCRIPTED_DRIVER.replace(".", "-")
+        want = {
+            "snapshot-controller-leader",
+            f"external-snapshotter-leader-{suffix}",
+            "snapshot-controller-group-leader",
+            f"external-snapshotter-group-leader-{suffix}",
+        }
+        await eventually(lambda: {o["metadata"]["name"] for o in api.objects(LEASE)} == want, "four leases")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
