@@ -906,3 +906,20 @@ async def test_cli_group_loops_take_their_own_leases(api: FakeKubeAPI, peer: tup
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_lost_content_is_reported_never_cut_again(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
+) -> None:
+    async with scripted(api, peer) as (groups, _):
+        await group_snapshot(api)
+        await eventually(lambda: group_ready(api), "ready")
+        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        name = content["metadata"]["name"]
+        await api.patch(g.VOLUME_GROUP_SNAPSHOT_CONTENT, name, {"metadata": {"finalizers": None}})
+        await api.delete(g.VOLUME_GROUP_SNAPSHOT_CONTENT, name)
+        await eventually(
+            lambda: f"VolumeGroupSnapshotContent {name} is missing" in group_error(api), "reported"
+        )
+        await settle(api)
+        assert groups.calls["create"] == 1 and not api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)

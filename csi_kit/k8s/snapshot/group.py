@@ -394,6 +394,7 @@ class GroupSnapshotController(Loop):
         self.groups.add_handler(self._on_group)
         self.contents.add_handler(self._on_content)
         self.snapshots.add_handler(self._on_member)
+        self.snapshot_contents.add_handler(self._forget)
         self.pvcs.add_handler(self._on_pvc)
 
     # ------------------------------------------------------------ routing
@@ -404,13 +405,21 @@ class GroupSnapshotController(Loop):
         self.group_queue.add(k.key_of(obj))
 
     def _on_content(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        self._forget(event, old, new)
         obj = new or old
         assert obj is not None
         ref = p.spec(obj).get("volumeGroupSnapshotRef") or {}
         if ref.get("name") and ref.get("namespace"):
             self.group_queue.add(f"{ref['namespace']}/{ref['name']}")
 
+    def _forget(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        """The watch has seen a deletion this process asked for: stop remembering it."""
+        obj = new or old
+        if obj is not None and (event == "DELETED" or k.is_deleting(obj)):
+            self._deleted.discard(k.uid_of(obj))
+
     def _on_member(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        self._forget(event, old, new)
         obj = new or old
         assert obj is not None
         owner = group_owner(obj)
@@ -554,6 +563,10 @@ class GroupSnapshotController(Loop):
                 await self._sync_preprovisioned(group, str(source["volumeGroupSnapshotContentName"]))
                 return
             content = self._content_for(group)
+            bound = p.status(group).get("boundVolumeGroupSnapshotContentName")
+            if content is None and bound:
+                # Never cut a second group because the first one's content went.
+                raise GroupSnapshotError(f"VolumeGroupSnapshotContent {bound} is missing")
             if content is None:
                 if self.contents.get(group_content_name_for(group)) is not None:
                     raise GroupSnapshotError(
