@@ -16,7 +16,7 @@ from csi_kit.testing.fake_k8s import FakeKubeAPI
 DRIVER = "scripted.csi-kit.io"
 
 
-async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 30.0) -> Any:
+async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 120.0) -> Any:
     """Poll until `pred()` is truthy; the limit only bounds a hang, it is not what the test measures."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit

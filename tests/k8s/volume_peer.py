@@ -355,7 +355,7 @@ class ClusterSim(Loop):
 # ----------------------------------------------------------------- objects
 
 
-async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 30.0) -> Any:
+async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 120.0) -> Any:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     while True:
