@@ -95,6 +95,11 @@ def main() -> int:
     print(f"# virtualisation: {'hypervisor flag set' if 'hypervisor' in flags else 'bare metal'}")
     print(f"# lvm: {run(['lvm', 'version']).stdout.splitlines()[0].strip()}")
     print(f"# load average at start: {os.getloadavg()}")
+    floor: list[float] = []
+    for _ in range(3):
+        with timed(floor):
+            run(["lvm", "vgs", "--reportformat", "json"])
+    print(f"# one lvm command (vgs) here: {statistics.median(floor):.3f} s: the floor under every figure")
 
     results: dict[int, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, block_device(Path(tmp), size_gb=8) as device:

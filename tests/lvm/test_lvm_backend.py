@@ -186,8 +186,10 @@ def test_full_pool_is_resource_exhausted_and_shows_in_the_condition(vg: str, tmp
     try:
         backend = make_backend(vg, str(tmp_path), extra_pools="small", nearly_full_percent=80.0)
         assert backend.get_capacity({"pool": "small"}, ()) == 32 * MiB
-        backend.create_volume("filler", request("f", 64 * MiB, "block", pool="small"))  # over-provisioned
-        filler = volume("filler", 64 * MiB, "block", pool="small")
+        with pytest.raises(ResourceExhausted, match="33554432 bytes"):  # one volume may not exceed the offer
+            backend.create_volume("filler", request("f", 36 * MiB, "block", pool="small"))
+        backend.create_volume("filler", request("f", 32 * MiB, "block", pool="small"))
+        filler = volume("filler", 32 * MiB, "block", pool="small")
         assert backend.volume_condition(filler).abnormal is False
         with staged(backend, "filler", "block", str(tmp_path)) as device:
             write(device, "block", "", os.urandom(28 * MiB))
