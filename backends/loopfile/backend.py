@@ -105,14 +105,6 @@ def _allocation(parameters: Mapping[str, str]) -> str:
     return value
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _space_error(e: OSError, what: str) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"{what}: not enough space under the root ({_errno_name(e.errno)})")
@@ -136,6 +128,7 @@ class LoopfileBackend(BlockDeviceBackend):
         self.reflink: bool | None = False if config.reflink == "off" else None
         self.direct_io = config.direct_io == "auto"
         self.detached_at_start: tuple[str, ...] = ()
+        self.ordered_log = False  # set by start(): the root is XFS
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -152,6 +145,7 @@ class LoopfileBackend(BlockDeviceBackend):
                 os.unlink(leftover)
         if self.reflink is None:
             self.reflink = copy.reflink_supported(self.root)
+        self.ordered_log = fs.filesystem_of(self.root).fs_type == "xfs"
         log.info("loopfile root %s: copies by %s", self.root, "reflink" if self.reflink else "in-kernel copy")
 
     def _detach_strays(self) -> list[str]:
@@ -247,20 +241,34 @@ class LoopfileBackend(BlockDeviceBackend):
 
     # -- images -------------------------------------------------------------------------
 
-    def _finish_image(self, staged: str, capacity_bytes: int, allocation: str, final: str) -> None:
-        """Size a prepared image, allocate it if thick, make it durable and give it its name."""
+    def _install(self, fd: int, staged: str, final: str, *, metadata_only: bool) -> None:
+        """Give a finished image (open as `fd`) its real name, durably.
+
+        One log force is enough on XFS when the image holds no data of its
+        own (a reflink, holes, unwritten extents): XFS commits metadata to
+        its log in order, so the force that makes the rename durable carries
+        the clone and the size change made before it.  Anything else is
+        flushed before the rename, so a name never points at lost data.
+        """
+        if not (metadata_only and self.ordered_log):
+            os.fsync(fd)
+        os.rename(staged, final)
+        fs.fsync_dir(os.path.dirname(final))
+
+    def _finish_image(
+        self, staged: str, capacity_bytes: int, allocation: str, final: str, *, metadata_only: bool
+    ) -> None:
+        """Size a prepared image, allocate it if thick, and give it its name, durably."""
         try:
             fd = os.open(staged, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 if os.fstat(fd).st_size < capacity_bytes:
                     os.ftruncate(fd, capacity_bytes)
                 if allocation == "preallocated":
-                    os.posix_fallocate(fd, 0, capacity_bytes)
-                os.fsync(fd)
+                    os.posix_fallocate(fd, 0, capacity_bytes)  # unwritten extents: metadata only
+                self._install(fd, staged, final, metadata_only=metadata_only)
             finally:
                 os.close(fd)
-            os.rename(staged, final)
-            _fsync_dir(os.path.dirname(final))
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -296,7 +304,7 @@ class LoopfileBackend(BlockDeviceBackend):
             os.unlink(staged)
             fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.close(fd)
-        self._finish_image(staged, size, allocation, self.image_path(volume_id))
+        self._finish_image(staged, size, allocation, self.image_path(volume_id), metadata_only=True)
         return CreatedVolume(size, self._context(allocation))
 
     @contextlib.contextmanager
@@ -338,10 +346,12 @@ class LoopfileBackend(BlockDeviceBackend):
         size = max(self._size_for(request), snapshot.size_bytes)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
-        self._copy_image(
+        method = self._copy_image(
             self.snapshot_path(snapshot.snapshot_id), staged, f"snapshot {snapshot.snapshot_id!r}"
         )
-        self._finish_image(staged, size, allocation, self.image_path(volume_id))
+        self._finish_image(
+            staged, size, allocation, self.image_path(volume_id), metadata_only=method == "reflink"
+        )
         return CreatedVolume(size, self._context(allocation))
 
     def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
@@ -350,8 +360,12 @@ class LoopfileBackend(BlockDeviceBackend):
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         with self._quiesced(source.volume_id):
-            self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
-        self._finish_image(staged, size, allocation, self.image_path(volume_id))
+            method = self._copy_image(
+                self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}"
+            )
+        self._finish_image(
+            staged, size, allocation, self.image_path(volume_id), metadata_only=method == "reflink"
+        )
         return CreatedVolume(size, self._context(allocation))
 
     def _discard(self, path: str, kind: str, object_id: str) -> None:
@@ -421,16 +435,14 @@ class LoopfileBackend(BlockDeviceBackend):
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def _publish_snapshot(self, staged: str, snapshot_id: str) -> None:
-        """Make a copied image durable, then give it its snapshot name (durable when acknowledged)."""
+    def _publish_snapshot(self, staged: str, snapshot_id: str, method: str) -> None:
+        """Give a copied image its snapshot name, durably (durable when acknowledged)."""
         try:
             fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                os.fsync(fd)
+                self._install(fd, staged, self.snapshot_path(snapshot_id), metadata_only=method == "reflink")
             finally:
                 os.close(fd)
-            os.rename(staged, self.snapshot_path(snapshot_id))
-            _fsync_dir(self.snapshots_dir)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -441,8 +453,10 @@ class LoopfileBackend(BlockDeviceBackend):
     ) -> CreatedSnapshot:
         staged = self._incoming("snap", snapshot_id)
         with self._quiesced(source.volume_id):
-            self._copy_image(self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}")
-        self._publish_snapshot(staged, snapshot_id)
+            method = self._copy_image(
+                self.image_path(source.volume_id), staged, f"volume {source.volume_id!r}"
+            )
+        self._publish_snapshot(staged, snapshot_id, method)
         return CreatedSnapshot(size_bytes=source.capacity_bytes, ready_to_use=True)
 
     def create_group_snapshot(
@@ -458,12 +472,14 @@ class LoopfileBackend(BlockDeviceBackend):
             with contextlib.ExitStack() as frozen:
                 for _, volume in sorted(members, key=lambda m: m[1].volume_id):
                     frozen.enter_context(self._quiesced(volume.volume_id))
-                for (_, volume), (_, path) in zip(members, staged, strict=True):
+                methods = [
                     self._copy_image(self.image_path(volume.volume_id), path, f"volume {volume.volume_id!r}")
+                    for (_, volume), (_, path) in zip(members, staged, strict=True)
+                ]
             done: list[str] = []
             try:
-                for snapshot_id, path in staged:
-                    self._publish_snapshot(path, snapshot_id)
+                for (snapshot_id, path), method in zip(staged, methods, strict=True):
+                    self._publish_snapshot(path, snapshot_id, method)
                     done.append(snapshot_id)
             except BaseException:
                 for snapshot_id in done:

@@ -154,14 +154,19 @@ def loop_device(number: int) -> LoopDevice | None:
     )
 
 
-def list_devices() -> list[LoopDevice]:
-    """Every bound loop device on the machine, by number."""
+def _numbers() -> list[int]:
+    """The numbers of the loop devices the kernel has made, in order."""
     try:
         names = os.listdir(SYS_BLOCK)
     except FileNotFoundError:
         raise FailedPrecondition(f"{SYS_BLOCK} does not exist (is sysfs mounted?)") from None
+    return sorted(n for n in map(_number_of, names) if n is not None)
+
+
+def list_devices() -> list[LoopDevice]:
+    """Every bound loop device on the machine, by number."""
     found = []
-    for number in sorted(n for n in map(_number_of, names) if n is not None):
+    for number in _numbers():
         device = loop_device(number)
         if device is not None:
             found.append(device)
@@ -177,7 +182,17 @@ def devices_of(image: str, *, include_deleted: bool = False) -> list[LoopDevice]
     that path count too (only safe when paths are never reused).
     """
     wanted = os.path.realpath(image)
-    return [d for d in list_devices() if d.backing_file == wanted and (include_deleted or not d.deleted)]
+    found = []
+    # Only the backing file of each device is read here, the full record of a
+    # match only: this runs on every snapshot, clone and delete.
+    for number in _numbers():
+        backing = _read_sys(os.path.join(SYS_BLOCK, f"loop{number}", "loop", "backing_file"))
+        if backing not in (wanted, wanted + _DELETED):
+            continue
+        device = loop_device(number)
+        if device is not None and device.backing_file == wanted and (include_deleted or not device.deleted):
+            found.append(device)
+    return found
 
 
 def device_for(image: str, *, include_deleted: bool = False) -> LoopDevice | None:

@@ -5,6 +5,7 @@ delete a volume that is mounted or bound."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from csi_kit.types import (
     CapacityRange,
     MountAccess,
     PublishRequest,
+    Snapshot,
     StageRequest,
     Volume,
     VolumeCapability,
@@ -169,3 +171,34 @@ def test_publish_onto_a_target_holding_another_volume_is_refused(driver_root: Pa
         for name, staging in staged:
             backend.node_unstage(name, staging)
             backend.delete_volume(name)
+
+
+def test_only_images_with_data_of_their_own_are_flushed_before_they_are_named(
+    driver_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copied image is fsynced before its rename; on XFS a reflinked one needs only the
+    directory's log force (XFS logs metadata in order), so one flush per snapshot or restore."""
+    backend = _backend(driver_root)
+    backend.create_volume("vol", _request(8 * MiB))
+    with open(backend.image_path("vol"), "r+b") as f:
+        f.write(b"data of its own" * 1000)
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        flushed.append("file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    made = backend.create_snapshot("snap", Volume("vol", "v", 8 * MiB), {})
+    backend.restore_snapshot("restored", _request(8 * MiB), Snapshot("snap", "s", "vol", made.size_bytes, 0))
+    monkeypatch.undo()
+    xfs = backend.reflink  # the XFS root reflinks, the ext4 one copies
+    assert backend.ordered_log == xfs
+    assert flushed == (["dir", "dir"] if xfs else ["file", "dir", "file", "dir"])
+    with open(backend.image_path("restored"), "rb") as f:
+        assert f.read(15) == b"data of its own"
+    for vid in ("vol", "restored"):
+        backend.delete_volume(vid)
+    backend.delete_snapshot("snap")
