@@ -21,6 +21,8 @@ from typing import Any
 from csi_kit.k8s import metrics
 from csi_kit.k8s.api import KubeAPI
 from csi_kit.k8s.csi_client import CSIClient, CSIError, DriverInfo
+from csi_kit.k8s.envopts import env as _env
+from csi_kit.k8s.envopts import env_bool as _env_bool
 from csi_kit.k8s.events import EventRecorder
 from csi_kit.k8s.leader import LeaderElector
 from csi_kit.k8s.loop import Loop
@@ -55,15 +57,6 @@ CONTROLLERS = {
 }
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get("CSI_KIT_" + name.upper().replace("-", "_"), default)
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    v = _env(name, None)
-    return default if v is None else str(v).lower() in ("1", "true", "yes", "on")
 
 
 def _default_namespace() -> str:

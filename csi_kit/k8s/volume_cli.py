@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Any
 
 from csi_kit.k8s.api import KubeAPI
 from csi_kit.k8s.attacher import Attacher
 from csi_kit.k8s.capacity import CapacityTracker
 from csi_kit.k8s.csi_client import DriverInfo
+from csi_kit.k8s.envopts import env as _env
+from csi_kit.k8s.envopts import env_bool as _env_bool
 from csi_kit.k8s.liveness import LivenessServer
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.provisioner import HOSTNAME_LABEL, Provisioner
@@ -33,15 +34,6 @@ from csi_kit.k8s.volumes import VolumeClient
 log = logging.getLogger(__name__)
 
 VOLUME_LOOPS = ("provisioner", "resizer", "attacher", "capacity", "registration", "liveness")
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get("CSI_KIT_" + name.upper().replace("-", "_"), default)
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    v = _env(name, None)
-    return default if v is None else str(v).lower() in ("1", "true", "yes", "on")
 
 
 def add_volume_options(g: Any) -> None:

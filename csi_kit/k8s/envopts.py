@@ -1,0 +1,21 @@
+"""Defaults of the Kubernetes loops' command-line options from the environment.
+
+Every ``--some-option`` can also be set as ``CSI_KIT_SOME_OPTION`` (a
+Deployment's env is easier to patch than its args); the flag wins.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def env(name: str, default: Any) -> Any:
+    """``CSI_KIT_<NAME>`` for the option ``--name``, else `default`."""
+    return os.environ.get("CSI_KIT_" + name.upper().replace("-", "_"), default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """A boolean option's default: 1/true/yes/on (any case) are true."""
+    v = env(name, None)
+    return default if v is None else str(v).lower() in ("1", "true", "yes", "on")
