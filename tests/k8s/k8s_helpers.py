@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from csi_kit.k8s.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT, Obj
+from csi_kit.k8s.api import (
+    PV,
+    PVC,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CLASS,
+    VOLUME_SNAPSHOT_CONTENT,
+    Obj,
+    Resource,
+)
 from csi_kit.k8s.csi_client import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.sidecar import Snapshotter
@@ -148,3 +156,54 @@ class Loops:
 
 
 Waiter = Callable[..., Awaitable[Any]]
+
+
+#: The RBAC verb each FakeKubeAPI method needs.
+RBAC_VERB = {
+    "get": "get", "list": "list", "watch": "watch", "create": "create", "update": "update",
+    "update_status": "update", "patch": "patch", "patch_status": "patch", "delete": "delete",
+}  # fmt: skip
+
+
+class Recording:
+    """Passes every call to the fake API, noting (group, resource[/status], RBAC verb)."""
+
+    def __init__(self, inner: FakeKubeAPI) -> None:
+        self.inner = inner
+        self.used: set[tuple[str, str, str]] = set()
+
+    def _note(self, res: Resource, verb: str, status: bool = False) -> None:
+        self.used.add((res.group, res.plural + ("/status" if status else ""), RBAC_VERB[verb]))
+
+    async def get(self, res: Resource, *a: Any, **kw: Any) -> Any:
+        self._note(res, "get")
+        return await self.inner.get(res, *a, **kw)
+
+    async def list(self, res: Resource, *a: Any, **kw: Any) -> Any:
+        self._note(res, "list")
+        return await self.inner.list(res, *a, **kw)
+
+    async def watch(self, res: Resource, *a: Any, **kw: Any) -> AsyncIterator[Any]:
+        self._note(res, "watch")
+        async for ev in self.inner.watch(res, *a, **kw):
+            yield ev
+
+    async def create(self, res: Resource, *a: Any, **kw: Any) -> Any:
+        self._note(res, "create")
+        return await self.inner.create(res, *a, **kw)
+
+    async def update(self, res: Resource, *a: Any, **kw: Any) -> Any:
+        self._note(res, "update")
+        return await self.inner.update(res, *a, **kw)
+
+    async def update_status(self, res: Resource, *a: Any, **kw: Any) -> Any:
+        self._note(res, "update", status=True)
+        return await self.inner.update_status(res, *a, **kw)
+
+    async def patch(self, res: Resource, *a: Any, status: bool = False, **kw: Any) -> Any:
+        self._note(res, "patch", status=status)
+        return await self.inner.patch(res, *a, status=status, **kw)
+
+    async def delete(self, res: Resource, *a: Any, **kw: Any) -> Any:
+        self._note(res, "delete")
+        return await self.inner.delete(res, *a, **kw)

@@ -12,13 +12,13 @@ import asyncio
 import base64
 import contextlib
 import pathlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import yaml
 from csi_peer import ScriptedCSI
 from k8s_helpers import (
     DRIVER,
+    Recording,
     contents,
     eventually,
     is_ready,
@@ -29,7 +29,7 @@ from k8s_helpers import (
 )
 
 from csi_kit.k8s import api as k
-from csi_kit.k8s.api import SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, Resource
+from csi_kit.k8s.api import SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
 from csi_kit.k8s.csi_client import CSIClient
 from csi_kit.k8s.leader import LeaderElector
 from csi_kit.k8s.snapshot import protocol as p
@@ -38,54 +38,8 @@ from csi_kit.k8s.snapshot.sidecar import Snapshotter
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy" / "snapshot"
-VERB = {"get": "get", "list": "list", "watch": "watch", "create": "create", "update": "update",
-        "update_status": "update", "patch": "patch", "delete": "delete"}  # fmt: skip
 # Granted but only reached after a crash between creating a content and caching it.
 RARE = {("snapshot-controller", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get")}
-
-
-class Recording:
-    """Passes every call to the fake, noting (group, resource[/status], RBAC verb)."""
-
-    def __init__(self, inner: FakeKubeAPI) -> None:
-        self.inner = inner
-        self.used: set[tuple[str, str, str]] = set()
-
-    def _note(self, res: Resource, verb: str, status: bool = False) -> None:
-        self.used.add((res.group, res.plural + ("/status" if status else ""), VERB[verb]))
-
-    async def get(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "get")
-        return await self.inner.get(res, *a, **kw)
-
-    async def list(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "list")
-        return await self.inner.list(res, *a, **kw)
-
-    async def watch(self, res: Resource, *a: Any, **kw: Any) -> AsyncIterator[Any]:
-        self._note(res, "watch")
-        async for ev in self.inner.watch(res, *a, **kw):
-            yield ev
-
-    async def create(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "create")
-        return await self.inner.create(res, *a, **kw)
-
-    async def update(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "update")
-        return await self.inner.update(res, *a, **kw)
-
-    async def update_status(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "update", status=True)
-        return await self.inner.update_status(res, *a, **kw)
-
-    async def patch(self, res: Resource, *a: Any, status: bool = False, **kw: Any) -> Any:
-        self._note(res, "patch", status=status)
-        return await self.inner.patch(res, *a, status=status, **kw)
-
-    async def delete(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "delete")
-        return await self.inner.delete(res, *a, **kw)
 
 
 def docs() -> dict[tuple[str, str], dict[str, Any]]:

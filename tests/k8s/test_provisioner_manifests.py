@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import pathlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 import yaml
+from k8s_helpers import Recording
 from volume_peer import (
     TOPO_KEY,
     ClusterSim,
@@ -32,7 +32,7 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s.api import PVC, SECRET, Resource
+from csi_kit.k8s.api import PVC, SECRET
 from csi_kit.k8s.capacity import CapacityTracker
 from csi_kit.k8s.provisioner import Provisioner
 from csi_kit.k8s.resizer import Resizer
@@ -41,53 +41,7 @@ from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy"
 DRIVERS = {"hostpath": "hostpath.csi-kit.io", "loopfile": "loopfile.csi-kit.io", "lvm": "lvm.csi-kit.io"}
-VERB = {"get": "get", "list": "list", "watch": "watch", "create": "create", "update": "update",
-        "update_status": "update", "patch": "patch", "patch_status": "patch", "delete": "delete"}  # fmt: skip
 Used = set[tuple[str, str, str]]
-
-
-class Recording:
-    """Passes every call to the fake API, noting (group, resource[/status], RBAC verb)."""
-
-    def __init__(self, inner: FakeKubeAPI) -> None:
-        self.inner = inner
-        self.used: Used = set()
-
-    def _note(self, res: Resource, verb: str, status: bool = False) -> None:
-        self.used.add((res.group, res.plural + ("/status" if status else ""), VERB[verb]))
-
-    async def get(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "get")
-        return await self.inner.get(res, *a, **kw)
-
-    async def list(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "list")
-        return await self.inner.list(res, *a, **kw)
-
-    async def watch(self, res: Resource, *a: Any, **kw: Any) -> AsyncIterator[Any]:
-        self._note(res, "watch")
-        async for ev in self.inner.watch(res, *a, **kw):
-            yield ev
-
-    async def create(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "create")
-        return await self.inner.create(res, *a, **kw)
-
-    async def update(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "update")
-        return await self.inner.update(res, *a, **kw)
-
-    async def update_status(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "update", status=True)
-        return await self.inner.update_status(res, *a, **kw)
-
-    async def patch(self, res: Resource, *a: Any, status: bool = False, **kw: Any) -> Any:
-        self._note(res, "patch", status=status)
-        return await self.inner.patch(res, *a, status=status, **kw)
-
-    async def delete(self, res: Resource, *a: Any, **kw: Any) -> Any:
-        self._note(res, "delete")
-        return await self.inner.delete(res, *a, **kw)
 
 
 def docs(driver: str, name: str) -> list[dict[str, Any]]:
