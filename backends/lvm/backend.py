@@ -151,9 +151,10 @@ class LvmBackend(BlockDeviceBackend):
         except CommandFailed as e:
             raise FailedPrecondition(f"cannot read LVM volume groups: {e.message}") from e
         self.extent_size = info.extent_size
+        report = lvm.report(self.vg)
         for pool in self.pools:
             try:
-                lvm.thin_pool(self.vg, pool)
+                report.pool(pool)
             except NotFound:
                 raise FailedPrecondition(
                     f"thin pool {self.vg}/{pool} does not exist; create it (lvcreate --type thin-pool) "
@@ -197,9 +198,9 @@ class LvmBackend(BlockDeviceBackend):
     def snapshot_lv(self, snapshot_id: str) -> str:
         return lvm.lv_name_for(snapshot_id, SNAPSHOT_PREFIX, self.vg)
 
-    def _owned(self, name: str, tag: str) -> lvm.LogicalVolume | None:
+    def _owned(self, name: str, tag: str, report: lvm.VgReport | None = None) -> lvm.LogicalVolume | None:
         """The LV if it exists and carries our tag; an untagged LV of that name is not ours."""
-        lv = lvm.get_lv(self.vg, name)
+        lv = (report or lvm.report(self.vg)).lv(name)
         if lv is None:
             return None
         if tag not in lv.tags:
@@ -246,14 +247,14 @@ class LvmBackend(BlockDeviceBackend):
                 size = floor
         return self.round_capacity(size)
 
-    def _available(self, placement: _Placement) -> int:
+    def _available(self, placement: _Placement, report: lvm.VgReport | None = None) -> int:
         if placement.kind == "linear":
             return lvm.vg_info(self.vg).free
-        pool = lvm.thin_pool(self.vg, placement.pool)
+        pool = (report or lvm.report(self.vg)).pool(placement.pool)
         return int(max(0, pool.size - pool.used_bytes) * self.ratio)
 
-    def _check_space(self, size: int, placement: _Placement) -> None:
-        available = self._available(placement)
+    def _check_space(self, size: int, placement: _Placement, report: lvm.VgReport | None = None) -> None:
+        available = self._available(placement, report)
         if size > available:
             where = (
                 f"volume group {self.vg} has {available} bytes free"
@@ -288,17 +289,18 @@ class LvmBackend(BlockDeviceBackend):
                 log.exception("removing the half-made %s/%s failed", self.vg, name)
             raise
 
-    def _fresh(self, name: str) -> None:
+    def _fresh(self, name: str, tag: str, report: lvm.VgReport) -> None:
         """Clear the way for a new LV: a tagged leftover of ours (an interrupted try) goes."""
-        if self._owned(name, VOLUME_TAG) is not None:
-            lvm.remove_lv(self.vg, name)
+        if self._owned(name, tag, report) is not None:
+            lvm.remove_lv(self.vg, name, seen=True)
 
     def create_volume(self, volume_id: str, request: VolumeRequest) -> CreatedVolume:
         placement = self._placement(request.parameters)
         size = self._size_for(request)
-        self._check_space(size, placement)
+        report = lvm.report(self.vg)
+        self._check_space(size, placement, report)
         name = self.volume_lv(volume_id)
-        self._fresh(name)
+        self._fresh(name, VOLUME_TAG, report)
         with self._making(name, VOLUME_TAG):
             if placement.kind == "linear":
                 lv = lvm.create_linear_lv(self.vg, name, size, tags=[VOLUME_TAG])
@@ -307,7 +309,12 @@ class LvmBackend(BlockDeviceBackend):
         return CreatedVolume(lv.size, self._context(placement))
 
     def _thin_copy(
-        self, volume_id: str, request: VolumeRequest, origin: str, origin_size: int
+        self,
+        volume_id: str,
+        request: VolumeRequest,
+        origin: str,
+        origin_size: int,
+        report: lvm.VgReport | None = None,
     ) -> CreatedVolume:
         """A new volume as a thin snapshot of `origin` (a snapshot or a volume), grown to the request."""
         placement = self._placement(request.parameters)
@@ -316,7 +323,8 @@ class LvmBackend(BlockDeviceBackend):
                 f"{TYPE_KEY}=linear cannot hold a restore or clone: those are thin snapshots (no copy); "
                 f"use {TYPE_KEY}=thin"
             )
-        origin_lv = lvm.get_lv(self.vg, origin)
+        report = report or lvm.report(self.vg)
+        origin_lv = report.lv(origin)
         if origin_lv is None:
             raise NotFound(f"the logical volume {self.vg}/{origin} is missing")
         if origin_lv.pool != placement.pool and POOL_KEY in request.parameters:
@@ -326,26 +334,28 @@ class LvmBackend(BlockDeviceBackend):
             )
         placement = _Placement("thin", origin_lv.pool or placement.pool)
         size = max(self._size_for(request), origin_size)
-        self._check_space(size, placement)
+        self._check_space(size, placement, report)
         name = self.volume_lv(volume_id)
-        self._fresh(name)
+        self._fresh(name, VOLUME_TAG, report)
         with self._making(name, VOLUME_TAG):
-            lv = lvm.thin_snapshot(self.vg, origin, name, tags=[VOLUME_TAG], activate=True)
-            if size > lv.size:
-                lv = lvm.extend_lv(self.vg, name, size)
-        return CreatedVolume(lv.size, self._context(placement))
+            lvm.create_thin_snapshot(self.vg, origin, name, tags=[VOLUME_TAG], activate=True)
+            made = origin_lv.size  # a thin snapshot has its origin's size
+            if size > made:
+                made = lvm.extend_lv(self.vg, name, size).size
+        return CreatedVolume(made, self._context(placement))
 
     def restore_snapshot(self, volume_id: str, request: VolumeRequest, snapshot: Snapshot) -> CreatedVolume:
         origin = self.snapshot_lv(snapshot.snapshot_id)
         return self._thin_copy(volume_id, request, origin, snapshot.size_bytes)
 
     def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
-        origin = self._thin_source(source, "cloned")
+        report = lvm.report(self.vg)
+        origin = self._thin_source(source, "cloned", report)
         self._flush(source.volume_id)
-        return self._thin_copy(volume_id, request, origin.name, origin.size)
+        return self._thin_copy(volume_id, request, origin.name, origin.size, report)
 
-    def _thin_source(self, volume: Volume, verb: str) -> lvm.LogicalVolume:
-        lv = self._owned(self.volume_lv(volume.volume_id), VOLUME_TAG)
+    def _thin_source(self, volume: Volume, verb: str, report: lvm.VgReport) -> lvm.LogicalVolume:
+        lv = self._owned(self.volume_lv(volume.volume_id), VOLUME_TAG, report)
         if lv is None:
             raise NotFound(f"volume {volume.volume_id!r}: its logical volume is missing")
         if not lv.is_thin:
@@ -363,7 +373,7 @@ class LvmBackend(BlockDeviceBackend):
         users = self.device_users(volume_id, lv.device_path) if os.path.exists(lv.device_path) else []
         if users:
             raise FailedPrecondition(f"volume {volume_id!r} is still in use at {', '.join(users)}")
-        lvm.remove_lv(self.vg, name)
+        lvm.remove_lv(self.vg, name, seen=True)
 
     def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
         name = self.volume_lv(volume.volume_id)
@@ -374,7 +384,7 @@ class LvmBackend(BlockDeviceBackend):
         if size > lv.size:
             placement = _Placement("thin", lv.pool) if lv.is_thin and lv.pool else _Placement("linear", "")
             self._check_space(size - lv.size, placement)
-            lv = lvm.extend_lv(self.vg, name, size)
+            lv = lvm.extend_lv(self.vg, name, size, current=lv)
         return ExpandResult(lv.size, node_expansion_required=volume.access_type == "mount")
 
     def volume_condition(self, volume: Volume) -> VolumeCondition:
@@ -405,19 +415,19 @@ class LvmBackend(BlockDeviceBackend):
     def create_snapshot(
         self, snapshot_id: str, source: Volume, parameters: Mapping[str, str]
     ) -> CreatedSnapshot:
-        origin = self._thin_source(source, "snapshotted")
+        report = lvm.report(self.vg)
+        origin = self._thin_source(source, "snapshotted", report)
         name = self.snapshot_lv(snapshot_id)
-        if self._owned(name, SNAPSHOT_TAG) is not None:
-            lvm.remove_lv(self.vg, name)  # an interrupted try: never acknowledged
+        self._fresh(name, SNAPSHOT_TAG, report)  # an interrupted try: never acknowledged
         self._flush(source.volume_id)
         with self._making(name, SNAPSHOT_TAG):
-            lvm.thin_snapshot(self.vg, origin.name, name, tags=[SNAPSHOT_TAG], activate=False)
+            lvm.create_thin_snapshot(self.vg, origin.name, name, tags=[SNAPSHOT_TAG], activate=False)
         return CreatedSnapshot(size_bytes=origin.size, ready_to_use=True)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         name = self.snapshot_lv(snapshot_id)
         if self._owned(name, SNAPSHOT_TAG) is not None:
-            lvm.remove_lv(self.vg, name)
+            lvm.remove_lv(self.vg, name, seen=True)
 
     # -- node hooks (csi_kit.block) --------------------------------------------------------------
 
@@ -466,13 +476,14 @@ class LvmBackend(BlockDeviceBackend):
         """Nothing: an LV stays active between uses, as LVM leaves it (see the module docstring)."""
 
     def device_condition(self, volume_id: str) -> VolumeCondition | None:
-        lv = lvm.get_lv(self.vg, self.volume_lv(volume_id))
+        report = lvm.report(self.vg)
+        lv = report.lv(self.volume_lv(volume_id))
         if lv is None:
             return VolumeCondition(True, f"logical volume {self.vg}/{self.volume_lv(volume_id)} is missing")
         if not lv.active:
             return VolumeCondition(True, f"logical volume {self.vg}/{lv.name} is not active")
         if lv.is_thin and lv.pool:
-            pool = lvm.thin_pool(self.vg, lv.pool)
+            pool = report.pool(lv.pool)
             if pool.data_percent >= self.nearly_full or pool.metadata_percent >= self.nearly_full:
                 return VolumeCondition(
                     True,

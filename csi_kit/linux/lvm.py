@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -42,10 +42,12 @@ __all__ = [
     "TAG_PREFIX",
     "LogicalVolume",
     "ThinPool",
+    "VgReport",
     "VolumeGroup",
     "activate",
     "add_tags",
     "create_linear_lv",
+    "create_thin_snapshot",
     "create_thin_lv",
     "create_thin_pool",
     "csi_id_from_lv_name",
@@ -58,6 +60,7 @@ __all__ = [
     "parse_lvs",
     "parse_vgs",
     "remove_lv",
+    "report",
     "thin_pool",
     "thin_snapshot",
     "validate_tag",
@@ -149,6 +152,33 @@ class ThinPool:
     @property
     def used_bytes(self) -> int:
         return int(self.size * self.data_percent / 100)
+
+
+@attrs.frozen
+class VgReport:
+    """One ``lvs`` report of a volume group: each visible LV by name.
+
+    A backend reads it once per operation and answers every question of
+    that operation from it (the source, a leftover target, the pool's fill)
+    rather than asking ``lvs`` three times: each ``lvm`` call costs a
+    process start and a metadata scan.
+    """
+
+    vg: str
+    rows: Mapping[str, Mapping[str, Any]]
+
+    def lv(self, name: str) -> LogicalVolume | None:
+        row = self.rows.get(name)
+        return _lv(row) if row is not None else None
+
+    def pool(self, name: str) -> ThinPool:
+        """Size and fill of a thin pool; NotFound if absent, FailedPrecondition if not a thin pool."""
+        row = self.rows.get(name)
+        if row is None:
+            raise NotFound(f"thin pool {self.vg}/{name} does not exist")
+        if row["segtype"] != "thin-pool":
+            raise FailedPrecondition(f"{self.vg}/{name} is a {row['segtype']} LV, not a thin pool")
+        return _thin_pool_from(row)
 
 
 @attrs.frozen
@@ -281,7 +311,7 @@ def _tags(value: str) -> frozenset[str]:
     return frozenset(t for t in value.split(",") if t)
 
 
-def _lv(row: dict[str, Any]) -> LogicalVolume:
+def _lv(row: Mapping[str, Any]) -> LogicalVolume:
     return LogicalVolume(
         vg=row["vg_name"],
         name=row["lv_name"],
@@ -321,7 +351,7 @@ def parse_vgs(report_json: str) -> list[VolumeGroup]:
     ]
 
 
-def _thin_pool_from(row: dict[str, Any]) -> ThinPool:
+def _thin_pool_from(row: Mapping[str, Any]) -> ThinPool:
     return ThinPool(
         vg=row["vg_name"],
         name=row["lv_name"],
@@ -367,6 +397,11 @@ def _lv_rows(vg: str) -> list[dict[str, Any]]:
     return _rows(out, "lv")
 
 
+def report(vg: str) -> VgReport:
+    """The LVs of ``vg`` as one ``lvs`` call sees them."""
+    return VgReport(vg, {row["lv_name"]: row for row in _lv_rows(vg)})
+
+
 def list_lvs(vg: str, tag: str | None = None) -> list[LogicalVolume]:
     """Visible LVs of ``vg`` (not LVM's hidden sub-volumes), optionally only those carrying ``tag``."""
     lvs = [_lv(row) for row in _lv_rows(vg)]
@@ -378,10 +413,7 @@ def list_lvs(vg: str, tag: str | None = None) -> list[LogicalVolume]:
 def get_lv(vg: str, name: str) -> LogicalVolume | None:
     """The LV, or None if ``vg`` has no LV of that name."""
     _validate_lv_name(name)
-    for lv in list_lvs(vg):
-        if lv.name == name:
-            return lv
-    return None
+    return report(vg).lv(name)
 
 
 def _require_lv(vg: str, name: str) -> LogicalVolume:
@@ -394,12 +426,7 @@ def _require_lv(vg: str, name: str) -> LogicalVolume:
 def thin_pool(vg: str, pool: str) -> ThinPool:
     """Size and fill of a thin pool; NotFound if absent, FailedPrecondition if not a thin pool."""
     _validate_lv_name(pool)
-    for row in _lv_rows(vg):
-        if row["lv_name"] == pool:
-            if row["segtype"] != "thin-pool":
-                raise FailedPrecondition(f"{vg}/{pool} is a {row['segtype']} LV, not a thin pool")
-            return _thin_pool_from(row)
-    raise NotFound(f"thin pool {vg}/{pool} does not exist")
+    return report(vg).pool(pool)
 
 
 # ---------------------------------------------------------------- changes
@@ -461,7 +488,15 @@ def create_linear_lv(vg: str, name: str, size: int, tags: Iterable[str] = ()) ->
 def thin_snapshot(
     vg: str, origin: str, name: str, tags: Iterable[str] = (), *, activate: bool = True
 ) -> LogicalVolume:
-    """A thin snapshot of thin LV ``origin``.
+    """A thin snapshot of thin LV ``origin`` (`create_thin_snapshot`), as ``lvs`` reports it then."""
+    create_thin_snapshot(vg, origin, name, tags, activate=activate)
+    return _require_lv(vg, name)
+
+
+def create_thin_snapshot(
+    vg: str, origin: str, name: str, tags: Iterable[str] = (), *, activate: bool = True
+) -> None:
+    """Make a thin snapshot of thin LV ``origin``: the same size, sharing its blocks.
 
     LVM gives thin snapshots the activation-skip flag, so a plain ``-ay``
     (also at boot) leaves them inactive.  With ``activate`` the flag is
@@ -478,19 +513,19 @@ def thin_snapshot(
     else:
         args += ["--setactivationskip", "y", "--activate", "n"]
     _lvm(*args, f"{vg}/{origin}")
-    return _require_lv(vg, name)
 
 
-def remove_lv(vg: str, name: str) -> None:
+def remove_lv(vg: str, name: str, *, seen: bool = False) -> None:
     """Remove the LV; a missing LV is success (CSI deletes are idempotent).
 
     Rather than parse LVM's wording, a failed ``lvremove`` is followed by a
     look: if the LV is gone (removed concurrently, or never there), fine.
     An LV that is still open (mounted) stays and raises FailedPrecondition.
+    ``seen``: the caller has just found the LV, so no look comes first.
     """
     validate_vg_name(vg)
     _validate_lv_name(name)
-    if get_lv(vg, name) is None:
+    if not seen and get_lv(vg, name) is None:
         return
     try:
         _lvm("lvremove", "--yes", f"{vg}/{name}")
@@ -502,14 +537,15 @@ def remove_lv(vg: str, name: str) -> None:
         raise
 
 
-def extend_lv(vg: str, name: str, size: int) -> LogicalVolume:
+def extend_lv(vg: str, name: str, size: int, *, current: LogicalVolume | None = None) -> LogicalVolume:
     """Grow the LV (thin, linear or a thin pool's data) to at least ``size`` bytes.
 
     Never shrinks: a ``size`` at or below the current one returns the LV as
     is, since LVM refuses "new size matches" and a shrink would destroy data.
-    The filesystem on it is the caller's to grow.
+    The filesystem on it is the caller's to grow.  ``current``: the LV as
+    the caller has just seen it, so no look comes first.
     """
-    lv = _require_lv(vg, name)
+    lv = current or _require_lv(vg, name)
     if size <= lv.size:
         return lv
     _lvm("lvextend", "-L", _positive(size), f"{vg}/{name}")
