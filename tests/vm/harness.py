@@ -43,6 +43,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -728,7 +729,19 @@ def parse_args(argv: Sequence[str]) -> tuple[VMConfig, bool]:
     return cfg, ns.preselect
 
 
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM and SIGHUP (a CI timeout, a kill, a closed terminal) unwind like ^C,
+    so that qemu and virtiofsd go down with the harness instead of running on."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    unwind_on_sigterm()
     cfg, preselect_tests = parse_args(sys.argv[1:] if argv is None else argv)
     return run_vm(cfg, preselect_tests=preselect_tests)
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import harness
@@ -82,6 +83,34 @@ def test_result_comes_from_the_nonce_marker_only(capfd: pytest.CaptureFixture[st
 def test_no_marker_is_a_harness_failure_and_timeout_is_124() -> None:
     assert stream("echo 'Kernel panic'; exit 1")[0] == harness.EXIT_HARNESS
     assert stream("exit 124")[0] == harness.EXIT_TIMEOUT
+
+
+def test_a_terminated_harness_takes_its_child_down(tmp_path: Path) -> None:
+    """SIGTERM to the harness while the guest runs: the guest (here a sleep) does not outlive it."""
+    pidfile = tmp_path / "child.pid"
+    script = (
+        "import re, sys\n"
+        f"sys.path.insert(0, {str(Path(harness.__file__).parent)!r})\n"
+        "import harness\n"
+        "harness.unwind_on_sigterm()\n"
+        f"guest = ['sh', '-c', 'echo $$ > {pidfile}; exec sleep 60']\n"
+        "harness._stream(guest, re.compile('x'), harness.Timings())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(200):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + 15
+        assert (
+            not os.path.exists(f"/proc/{child}") or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+        )
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_guest_env_is_clean_and_carries_the_vm_flags(monkeypatch: pytest.MonkeyPatch) -> None:
