@@ -167,6 +167,11 @@ class VgReport:
     vg: str
     rows: Mapping[str, Mapping[str, Any]]
 
+    @classmethod
+    def parse(cls, vg: str, report_json: str) -> VgReport:
+        """From ``lvm lvs --reportformat json --units b --nosuffix -o <_LV_FIELDS> VG``."""
+        return cls(vg, {row["lv_name"]: row for row in _rows(report_json, "lv")})
+
     def lv(self, name: str) -> LogicalVolume | None:
         row = self.rows.get(name)
         return _lv(row) if row is not None else None
@@ -387,24 +392,23 @@ def vg_info(vg: str) -> VolumeGroup:
     raise FailedPrecondition(f"LVM volume group {vg!r} does not exist on this node")
 
 
-def _lv_rows(vg: str) -> list[dict[str, Any]]:
+def _lvs_json(vg: str) -> str:
     validate_vg_name(vg)
     try:
-        out = _lvm("lvs", *_REPORT, "-o", _LV_FIELDS, vg)
+        return _lvm("lvs", *_REPORT, "-o", _LV_FIELDS, vg)
     except CommandFailed:
         vg_info(vg)  # raises FailedPrecondition when the VG is what is missing
         raise
-    return _rows(out, "lv")
 
 
 def report(vg: str) -> VgReport:
     """The LVs of ``vg`` as one ``lvs`` call sees them."""
-    return VgReport(vg, {row["lv_name"]: row for row in _lv_rows(vg)})
+    return VgReport.parse(vg, _lvs_json(vg))
 
 
 def list_lvs(vg: str, tag: str | None = None) -> list[LogicalVolume]:
     """Visible LVs of ``vg`` (not LVM's hidden sub-volumes), optionally only those carrying ``tag``."""
-    lvs = [_lv(row) for row in _lv_rows(vg)]
+    lvs = parse_lvs(_lvs_json(vg))
     if tag is not None:
         lvs = [lv for lv in lvs if tag in lv.tags]
     return lvs

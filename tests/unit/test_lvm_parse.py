@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csi_kit.errors import InvalidArgument
+from csi_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_kit.linux import lvm
 
 LVS_JSON = """\
@@ -169,3 +169,17 @@ def test_validation() -> None:
     for reserved in ("snapshot1", "pvmove0", "a_tdata", "x_rimage_0"):
         with pytest.raises(InvalidArgument):
             lvm.get_lv("vg0", reserved)  # rejected before any lvm call
+
+
+def test_one_report_answers_every_question_of_an_operation() -> None:
+    report = lvm.VgReport.parse("csikit-rec", LVS_JSON)
+    vol = report.lv("csi-v-pvc-1")
+    assert vol is not None and vol.is_thin and vol.pool == "pool" and "csi-kit.owner" in vol.tags
+    assert report.lv("nosuch") is None
+    pool = report.pool("pool")
+    assert pool.size == 1073741824 and pool.data_percent == 1.95 and pool.metadata_percent == 11.23
+    with pytest.raises(FailedPrecondition, match="linear LV, not a thin pool"):
+        report.pool("lin")
+    with pytest.raises(NotFound, match="does not exist"):
+        report.pool("nosuch")
+    assert lvm.VgReport.parse("csikit-rec", LVS_MISSING_VG_STDOUT).rows == {}
