@@ -37,7 +37,7 @@ when the CO retries, and every method is idempotent.
 
 **Subclass hooks** (see each method): `device_of`, `attach`, `detach`
 (required); `attached`, `refresh_capacity`, `device_condition`,
-`mount_options` and the class attribute `prezeroed` (optional).  The controller side (create, delete,
+`mount_options` and `is_prezeroed` (optional).  The controller side (create, delete,
 snapshots...) stays the subclass's own business; `device_users` helps its
 `delete_volume` refuse a volume still in use.
 
@@ -57,7 +57,6 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from typing import ClassVar
 
 from csi_kit.backend import Backend
 from csi_kit.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
@@ -124,9 +123,6 @@ class BlockDeviceBackend(Backend):
 
     access_types = frozenset({"mount", "block"})
     fs_types = frozenset({"", *blockfs.FILESYSTEMS})
-    #: Every block of a new volume reads as zeros (sparse files, thin LVs):
-    #: mkfs then skips zeroing inode tables and journal (see blockfs.make_filesystem).
-    prezeroed: ClassVar[bool] = False
     default_fs_type = "ext4"
     access_modes = frozenset(
         {
@@ -172,6 +168,13 @@ class BlockDeviceBackend(Backend):
         attached here for ``block`` access must outlive the block.
         """
         yield self.attach(volume_id)
+
+    def is_prezeroed(self, volume_id: str) -> bool:
+        """Whether every block of the volume reads as zeros until written (a new
+        sparse file, a thin LV); then mkfs skips zeroing inode tables and journal
+        (see blockfs.make_filesystem).  Asked only before a blank device is
+        formatted.  Default: False (zeroing is safe, only slower)."""
+        return False
 
     def refresh_capacity(self, volume_id: str, device: str) -> None:
         """Make the device show its new size after the controller grew the volume.
@@ -269,7 +272,7 @@ class BlockDeviceBackend(Backend):
         flags = list(cap.mount.mount_flags) if cap and cap.mount else []
         with self.attached(volume_id, "mount") as device:
             try:
-                fs_type, grow = self._prepare_filesystem(device, wanted)
+                fs_type, grow = self._prepare_filesystem(volume_id, device, wanted)
                 if grow and blockfs.grow_unmounted(device, fs_type):
                     grow = False
                 mounts.mount(device, staging, fs_type, [*self.mount_options(fs_type), *flags])
@@ -280,12 +283,12 @@ class BlockDeviceBackend(Backend):
             blockfs.grow_filesystem(device, staging, fs_type)
         log.info("staged %s volume %s (%s) at %s", fs_type, volume_id, device, staging)
 
-    def _prepare_filesystem(self, device: str, wanted: str) -> tuple[str, bool]:
+    def _prepare_filesystem(self, volume_id: str, device: str, wanted: str) -> tuple[str, bool]:
         """Format a blank device or check an existing filesystem; return (fs type, needs growing)."""
         signature = blockfs.probe(device)
         if signature is None:
             fs_type = wanted or self.default_fs_type
-            blockfs.make_filesystem(device, fs_type, prezeroed=self.prezeroed)
+            blockfs.make_filesystem(device, fs_type, prezeroed=self.is_prezeroed(volume_id))
             return fs_type, False
         if not signature.is_filesystem:
             raise FailedPrecondition(

@@ -113,7 +113,6 @@ def _space_error(e: OSError, what: str) -> Exception:
 
 class LoopfileBackend(BlockDeviceBackend):
     parameter_keys = frozenset({ALLOCATION_KEY})
-    prezeroed = True  # new images are holes or unwritten extents: they read as zeros
     default_volume_bytes = GiB
     min_volume_bytes = MiB
     max_volume_bytes = 1 << 50
@@ -534,6 +533,9 @@ class LoopfileBackend(BlockDeviceBackend):
     def detach(self, volume_id: str) -> None:
         for device in loop.devices_of(self.image_path(volume_id), include_deleted=True):
             loop.detach(device)
+
+    def is_prezeroed(self, volume_id: str) -> bool:
+        return True  # images are made as holes or unwritten extents: they read as zeros
 
     def refresh_capacity(self, volume_id: str, device: str) -> None:
         found = loop.device_for(self.image_path(volume_id), include_deleted=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
@@ -57,7 +56,6 @@ from csi_kit.errors import (
 )
 from csi_kit.linux import blockfs, lvm
 from csi_kit.types import (
-    AccessType,
     CreatedSnapshot,
     CreatedVolume,
     ExpandResult,
@@ -137,7 +135,6 @@ class LvmBackend(BlockDeviceBackend):
         self.ratio = config.overprovision_ratio
         self.nearly_full = config.nearly_full_percent
         self.extent_size = 4 * MiB
-        self._staging = threading.local()
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -455,22 +452,11 @@ class LvmBackend(BlockDeviceBackend):
             raise FailedPrecondition(f"{self.vg}/{name} was activated but {path} did not appear")
         return path
 
-    @property
-    def prezeroed(self) -> bool:  # type: ignore[override]
-        """Whether the device being staged in this thread reads as zeros: a thin LV does
-        (unprovisioned blocks), a linear one may hold an old filesystem's blocks
-        (lvcreate zeroes only its start), so mkfs must not assume zeroed inode tables."""
-        return bool(getattr(self._staging, "thin", False))
-
-    @contextlib.contextmanager
-    def attached(self, volume_id: str, access_type: AccessType) -> Iterator[str]:
-        path = self.attach(volume_id)
+    def is_prezeroed(self, volume_id: str) -> bool:
+        """A thin LV reads as zeros (unprovisioned blocks); a linear one may hold an
+        old filesystem's blocks (lvcreate zeroes only its start)."""
         lv = lvm.get_lv(self.vg, self.volume_lv(volume_id))
-        self._staging.thin = lv is not None and lv.is_thin
-        try:
-            yield path
-        finally:
-            self._staging.thin = False
+        return lv is not None and lv.is_thin
 
     def detach(self, volume_id: str) -> None:
         """Nothing: an LV stays active between uses, as LVM leaves it (see the module docstring)."""
