@@ -59,7 +59,7 @@ import stat
 from collections.abc import Iterator
 
 from csi_kit.backend import Backend
-from csi_kit.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from csi_kit.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, OutOfRange
 from csi_kit.linux import blockfs, mounts
 from csi_kit.types import (
     AccessMode,
@@ -68,6 +68,7 @@ from csi_kit.types import (
     StageRequest,
     VolumeCapability,
     VolumeCondition,
+    VolumeRequest,
     VolumeStats,
     VolumeUsage,
 )
@@ -168,6 +169,22 @@ class BlockDeviceBackend(Backend):
         attached here for ``block`` access must outlive the block.
         """
         yield self.attach(volume_id)
+
+    def size_for(self, request: VolumeRequest) -> int:
+        """The request's size, raised to what its filesystem needs (XFS: 300 MiB);
+        OutOfRange when that is above limit_bytes.  For `create_volume` and friends."""
+        size = request.capacity_bytes
+        if request.access_type == "mount":
+            fs_types = {c.fs_type or self.default_fs_type for c in request.capabilities}
+            floor = max(blockfs.min_size(t) for t in fs_types) if fs_types else 0
+            if size < floor:
+                limit = request.capacity.limit_bytes
+                if limit and floor > limit:
+                    raise OutOfRange(
+                        f"{', '.join(sorted(fs_types))} needs at least {floor} bytes; limit_bytes is {limit}"
+                    )
+                size = floor
+        return size
 
     def is_prezeroed(self, volume_id: str) -> bool:
         """Whether every block of the volume reads as zeros until written (a new

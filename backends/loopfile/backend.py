@@ -51,10 +51,9 @@ from csi_kit.errors import (
     Internal,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
-from csi_kit.linux import blockfs, copy, fs, loop
+from csi_kit.linux import copy, fs, loop
 from csi_kit.types import (
     AccessType,
     CreatedSnapshot,
@@ -223,21 +222,6 @@ class LoopfileBackend(BlockDeviceBackend):
         # Loop devices count 512-byte sectors; whole MiB keep filesystems aligned too.
         return -(-capacity_bytes // MiB) * MiB
 
-    def _size_for(self, request: VolumeRequest) -> int:
-        """The request's size, raised to what its filesystem needs (XFS: 300 MiB)."""
-        size = request.capacity_bytes
-        if request.access_type == "mount":
-            fs_types = {c.fs_type or self.default_fs_type for c in request.capabilities}
-            floor = max(blockfs.min_size(t) for t in fs_types) if fs_types else 0
-            if size < floor:
-                limit = request.capacity.limit_bytes
-                if limit and floor > limit:
-                    raise OutOfRange(
-                        f"{', '.join(sorted(fs_types))} needs at least {floor} bytes; limit_bytes is {limit}"
-                    )
-                size = floor
-        return size
-
     # -- images -------------------------------------------------------------------------
 
     def _install(self, fd: int, staged: str, final: str, *, metadata_only: bool) -> None:
@@ -294,7 +278,7 @@ class LoopfileBackend(BlockDeviceBackend):
 
     def create_volume(self, volume_id: str, request: VolumeRequest) -> CreatedVolume:
         allocation = _allocation(request.parameters)
-        size = self._size_for(request)
+        size = self.size_for(request)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         try:
@@ -342,7 +326,7 @@ class LoopfileBackend(BlockDeviceBackend):
 
     def restore_snapshot(self, volume_id: str, request: VolumeRequest, snapshot: Snapshot) -> CreatedVolume:
         allocation = _allocation(request.parameters)
-        size = max(self._size_for(request), snapshot.size_bytes)
+        size = max(self.size_for(request), snapshot.size_bytes)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         method = self._copy_image(
@@ -355,7 +339,7 @@ class LoopfileBackend(BlockDeviceBackend):
 
     def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
         allocation = _allocation(request.parameters)
-        size = max(self._size_for(request), source.capacity_bytes)
+        size = max(self.size_for(request), source.capacity_bytes)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
         with self._quiesced(source.volume_id):

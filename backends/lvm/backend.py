@@ -51,10 +51,9 @@ from csi_kit.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
-from csi_kit.linux import blockfs, lvm
+from csi_kit.linux import lvm
 from csi_kit.types import (
     CreatedSnapshot,
     CreatedVolume,
@@ -230,19 +229,8 @@ class LvmBackend(BlockDeviceBackend):
         return -(-capacity_bytes // self.extent_size) * self.extent_size
 
     def _size_for(self, request: VolumeRequest) -> int:
-        """The request's size, raised to what its filesystem needs (XFS: 300 MiB), in whole extents."""
-        size = request.capacity_bytes
-        if request.access_type == "mount":
-            fs_types = {c.fs_type or self.default_fs_type for c in request.capabilities}
-            floor = max(blockfs.min_size(t) for t in fs_types) if fs_types else 0
-            if size < floor:
-                limit = request.capacity.limit_bytes
-                if limit and floor > limit:
-                    raise OutOfRange(
-                        f"{', '.join(sorted(fs_types))} needs at least {floor} bytes; limit_bytes is {limit}"
-                    )
-                size = floor
-        return self.round_capacity(size)
+        """`size_for` in whole extents."""
+        return self.round_capacity(self.size_for(request))
 
     def _available(self, placement: _Placement, report: lvm.VgReport | None = None) -> int:
         if placement.kind == "linear":
