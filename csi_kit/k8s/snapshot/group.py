@@ -35,7 +35,6 @@ import base64
 import datetime
 import hashlib
 import logging
-import re
 import time
 from typing import Any, Protocol
 
@@ -92,9 +91,6 @@ META_GROUP_NAMESPACE = p.META_GROUP_NAMESPACE
 META_GROUP_CONTENT_NAME = p.META_GROUP_CONTENT_NAME
 
 GROUP_CAPABILITY = "CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT"
-
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 # --------------------------------------------------------------------- names
@@ -165,50 +161,20 @@ def format_selector(selector: dict[str, Any]) -> str:
 # ------------------------------------------------------------------- secrets
 
 
-def _resolve(template: str, params: dict[str, str]) -> str:
-    missing: list[str] = []
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(1) not in params:
-            missing.append(m.group(1))
-            return ""
-        return params[m.group(1)]
-
-    out = re.sub(r"\$\{([^}]*)\}", sub, template)
-    if missing:
-        raise ValueError(f"invalid tokens: {sorted(set(missing))}")
-    return out
-
-
 def group_secret_ref(
     params: dict[str, str], content_name: str, group_name: str | None, group_namespace: str | None
 ) -> tuple[str, str] | None:
     """The class's `group-snapshotter-secret-*` templates resolved to (name, namespace), or None."""
-    has_name, has_ns = GROUP_SECRET_NAME_KEY in params, GROUP_SECRET_NAMESPACE_KEY in params
-    if has_name != has_ns:
-        raise ValueError(
-            "either name and namespace for GroupSnapshotter secrets specified, Both must be specified"
-        )
-    if not has_name:
-        return None
-    name_t, ns_t = params[GROUP_SECRET_NAME_KEY], params[GROUP_SECRET_NAMESPACE_KEY]
-    if not name_t or not ns_t:
-        raise ValueError(
-            "GroupSnapshotter secrets specified in parameters but value of either namespace or name is empty"
-        )
-    ns_params = {"volumegroupsnapshotcontent.name": content_name}
-    if group_namespace is not None:
-        ns_params["volumegroupsnapshot.namespace"] = group_namespace
-    ns = _resolve(ns_t, ns_params)
-    if not _DNS1123_LABEL.match(ns) or len(ns) > 63:
-        raise ValueError(f"{ns_t!r} resolved to {ns!r} which is not a valid namespace name")
-    name_params = dict(ns_params)
-    if group_name is not None:
-        name_params["volumegroupsnapshot.name"] = group_name
-    name = _resolve(name_t, name_params)
-    if not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
-        raise ValueError(f"{name_t!r} resolved to {name!r} which is not a valid secret name")
-    return name, ns
+    return p.secret_ref(
+        params,
+        content_name,
+        group_name,
+        group_namespace,
+        name_key=GROUP_SECRET_NAME_KEY,
+        namespace_key=GROUP_SECRET_NAMESPACE_KEY,
+        kind="volumegroupsnapshot",
+        sidecar="GroupSnapshotter",
+    )
 
 
 def strip_group_params(params: dict[str, str]) -> dict[str, str]:

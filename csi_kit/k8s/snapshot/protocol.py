@@ -138,33 +138,35 @@ def secret_ref(
     *,
     name_key: str = SECRET_NAME_KEY,
     namespace_key: str = SECRET_NAMESPACE_KEY,
+    kind: str = "volumesnapshot",
+    sidecar: str = "Snapshotter",
 ) -> tuple[str, str] | None:
     """Resolve the class's secret templates to (name, namespace), or None when there is no secret.
 
     Namespace templates may use the content name and the snapshot namespace;
     name templates also the snapshot name (which the snapshot's user controls).
+    `kind` names the template tokens (``${volumesnapshot.name}``...) and
+    `sidecar` the errors, as upstream words them; group snapshots pass their own.
     """
     has_name, has_ns = name_key in params, namespace_key in params
     if has_name != has_ns:
-        raise ValueError(
-            "either name and namespace for Snapshotter secrets specified, Both must be specified"
-        )
+        raise ValueError(f"either name and namespace for {sidecar} secrets specified, Both must be specified")
     if not has_name:
         return None
     name_t, ns_t = params[name_key], params[namespace_key]
     if not name_t or not ns_t:
         raise ValueError(
-            "Snapshotter secrets specified in parameters but value of either namespace or name is empty"
+            f"{sidecar} secrets specified in parameters but value of either namespace or name is empty"
         )
-    ns_params = {"volumesnapshotcontent.name": content_name}
+    ns_params = {f"{kind}content.name": content_name}
     if snapshot_namespace is not None:
-        ns_params["volumesnapshot.namespace"] = snapshot_namespace
+        ns_params[f"{kind}.namespace"] = snapshot_namespace
     ns = _resolve(ns_t, ns_params)
     if not _DNS1123_LABEL.match(ns) or len(ns) > 63:
         raise ValueError(f"{ns_t!r} resolved to {ns!r} which is not a valid namespace name")
     name_params = dict(ns_params)
     if snapshot_name is not None:
-        name_params["volumesnapshot.name"] = snapshot_name
+        name_params[f"{kind}.name"] = snapshot_name
     name = _resolve(name_t, name_params)
     if not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
         raise ValueError(f"{name_t!r} resolved to {name!r} which is not a valid secret name")
