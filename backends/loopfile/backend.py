@@ -298,8 +298,8 @@ class LoopfileBackend(BlockDeviceBackend):
         if device is None:
             yield
             return
-        mounted = [m for m in self.filesystem_mounts(device.path) if m.root == "/"]
-        mounted = mounted or self.filesystem_mounts(device.path)
+        every = self.filesystem_mounts(device.path)
+        mounted = [m for m in every if m.root == "/"] or every
         if mounted:
             with fs.frozen(mounted[0].mount_point):
                 yield
