@@ -12,7 +12,9 @@ echo "== mypy"; .venv/bin/mypy
 echo "== import layers"; .venv/bin/lint-imports
 
 echo "== tests"
-.venv/bin/python -m pytest -m "not vm and not lvm" -p no:cacheprovider "$@"
+# In a private mount namespace: a driver under test that unmounts the wrong
+# thing (the node-path attacks plant exactly that) cannot reach this machine.
+unshare -m --propagation private -- .venv/bin/python -m pytest -m "not vm and not lvm" -p no:cacheprovider "$@"
 
 if [ "${CSI_KIT_SKIP_VM:-0}" != 1 ]; then
   # A qemu guest with a Debian kernel (device-mapper, quotas); see docs/vm-harness.md.
