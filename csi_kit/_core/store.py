@@ -78,7 +78,10 @@ CREATE TABLE IF NOT EXISTS publishes (
     access_type TEXT NOT NULL,
     access_mode INTEGER NOT NULL,
     fs_type TEXT NOT NULL,
-    mount_flags TEXT NOT NULL
+    mount_flags TEXT NOT NULL,
+    created INTEGER NOT NULL DEFAULT 0,
+    dev INTEGER,
+    ino INTEGER
 );
 CREATE INDEX IF NOT EXISTS publishes_by_volume ON publishes (volume_id);
 CREATE TABLE IF NOT EXISTS attachments (
@@ -129,6 +132,13 @@ class PublishRecord:
     access_mode: int
     fs_type: str
     mount_flags: tuple[str, ...]
+    #: The framework created the target (so unpublish removes it; the spec: "the SP MUST delete
+    #: the file or directory it created").
+    created: bool = False
+    #: (st_dev, st_ino) the path showed once mounted: ties the mount to the volume.  None while
+    #: the stage/publish is in flight (the row is written before the mount, so a crash leaves a
+    #: record that unpublish/unstage can finish).
+    identity: tuple[int, int] | None = None
 
 
 @attrs.frozen
@@ -160,6 +170,7 @@ class Store:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate_publishes(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -471,18 +482,31 @@ class Store:
     # -- node stage / publish records ------------------------------------------
 
     _PUBLISH_COLUMNS = (
-        "target_path, volume_id, kind, readonly, access_type, access_mode, fs_type, mount_flags"
+        "target_path, volume_id, kind, readonly, access_type, access_mode, fs_type, mount_flags, "
+        "created, dev, ino"
     )
 
     @staticmethod
+    def _migrate_publishes(db: sqlite3.Connection) -> None:
+        """Stores made before publish rows carried `created` and the mount's identity gain the columns."""
+        have = {row[1] for row in db.execute("PRAGMA table_info(publishes)")}
+        for column, decl in (("created", "INTEGER NOT NULL DEFAULT 0"), ("dev", "INTEGER"), ("ino", "INTEGER")):
+            if column not in have:
+                db.execute(f"ALTER TABLE publishes ADD COLUMN {column} {decl}")
+
+    @staticmethod
     def _publish_row(row: Any) -> PublishRecord:
-        target, vid, kind, ro, atype, mode, fs, flags = row
-        return PublishRecord(target, vid, kind, bool(ro), atype, mode, fs, tuple(json.loads(flags)))
+        target, vid, kind, ro, atype, mode, fs, flags, created, dev, ino = row
+        identity = (int(dev), int(ino)) if dev is not None and ino is not None else None
+        return PublishRecord(
+            target, vid, kind, bool(ro), atype, mode, fs, tuple(json.loads(flags)), bool(created), identity
+        )
 
     def record_publish(self, rec: PublishRecord) -> None:
         with self._tx() as db:
             db.execute(
-                f"INSERT OR REPLACE INTO publishes ({self._PUBLISH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO publishes ({self._PUBLISH_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.target_path,
                     rec.volume_id,
@@ -492,6 +516,9 @@ class Store:
                     rec.access_mode,
                     rec.fs_type,
                     _dump(list(rec.mount_flags)),
+                    int(rec.created),
+                    rec.identity[0] if rec.identity else None,
+                    rec.identity[1] if rec.identity else None,
                 ),
             )
 
