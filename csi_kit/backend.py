@@ -1,7 +1,7 @@
-"""The backend contract: what a storage engineer writes.
+"""The backend contract: what a storage engineer writes, and what csi_kit guarantees.
 
 A backend is a plain class deriving from `Backend`.  csi_kit calls its methods
-from worker threads, one call per RPC, after it has
+from worker threads, one call per RPC.  Before any method runs, csi_kit has
 
 * validated the request against the spec (`csi_kit._core.validate`),
 * taken the per-volume / per-snapshot lock (so two calls never work on the
@@ -17,8 +17,41 @@ capabilities, one without `node_stage` without STAGE_UNSTAGE_VOLUME, and so on
 (`capabilities_of`).  Each method documents the capability it stands for.
 
 Errors: raise `csi_kit.errors` exceptions; anything else becomes INTERNAL.
-IDs passed in are always ids csi_kit generated (safe path components); ids
-from callers never reach a backend unchecked.
+
+Ids
+---
+Every id any method receives — volume, snapshot and group ids, on the
+controller and the node side alike — is either one csi_kit generated (a UUID)
+or a caller's id that passed one framework check
+(`csi_kit._core.validate.check_id`): not empty, at most 128 bytes of UTF-8,
+and one path component — no ``/``, not ``.`` or ``..``, no NUL and no control
+character (U+0000-U+001F, U+007F-U+009F).  A backend may therefore join an id
+into a path as a single component.  A malformed id is answered
+INVALID_ARGUMENT before a backend sees it; a well-formed id that names nothing
+still reaches read-only checks such as `volume_exists`, so answer those by
+looking, not by assuming.  A backend whose ids are opaque to it (it never uses
+one in a path or a command) may set `Backend.opaque_ids` to keep only the
+required, length and NUL rules.
+
+Paths
+-----
+``target_path``, ``staging_path`` and ``volume_path`` given to the node methods
+are caller paths the framework has checked and resolved:
+
+* absolute and already normal (no ``.`` or ``..`` component, no ``//``, no
+  trailing ``/``, no control character), and never ``/`` itself;
+* never inside the driver's state directory, nor inside any directory the
+  backend declares in `Backend.protected_paths`;
+* resolved by the framework with no symlink followed in any component;
+* for `node_stage` / `node_publish`, the target exists when the method is
+  called: the framework creates it when it did not exist (a directory for
+  mount access, a file for block access);
+* `node_unstage` / `node_unpublish` are called only for a path at which this
+  driver recorded a stage / publish of that volume, under the volume's lock
+  and with the intent recorded.
+
+A backend mounts and unmounts through `csi_kit.linux.mounts` (``bind_mount``,
+``mount``, ``unmount``), never by shelling out.
 """
 
 from __future__ import annotations
@@ -71,7 +104,13 @@ class Backend:
     """Base class for storage backends.  Override what your storage can do.
 
     Class attributes describe the static limits csi_kit validates against
-    before a call reaches the backend.
+    before a call reaches the backend.  Every id and path a method receives
+    has passed the framework's checks (see the module docstring): ids are one
+    path component unless `opaque_ids` is set; node paths are absolute,
+    normal, not ``/``, outside the state directory and `protected_paths`,
+    resolved without following a symlink; node methods run under the
+    volume's lock with their intent recorded, and unstage / unpublish only
+    for paths this driver recorded.
     """
 
     #: Access modes this backend can serve.
@@ -100,6 +139,12 @@ class Backend:
     parameter_keys: ClassVar[frozenset[str] | None] = frozenset()
     #: Node-side volume limit reported by NodeGetInfo (0 = no limit).
     max_volumes_per_node: ClassVar[int] = 0
+    #: Ids are opaque to this backend.  By default every caller id is checked
+    #: to be one path component (no ``/``, not ``.``/``..``, no control
+    #: characters) before it reaches a method; True keeps only the required,
+    #: length and NUL rules.  Set True only if your backend never uses an id
+    #: in a path or command.
+    opaque_ids: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: BackendContext) -> None:
         self.config = config
@@ -125,6 +170,17 @@ class Backend:
     def describe(self) -> Mapping[str, str]:
         """Facts about the backend shown at start-up and by `csi-kit backends`."""
         return {}
+
+    def protected_paths(self) -> Sequence[str]:
+        """Directories a caller path (target, staging, volume path) must never
+        be inside: where this backend keeps its storage, e.g. its root.
+
+        csi_kit refuses a node request whose path is one of these directories
+        or lies below one, before any node method is called (the driver's
+        state directory is always protected).  Absolute paths; the default
+        protects nothing beyond the state directory.
+        """
+        return ()
 
     # -- sizes --------------------------------------------------------------
 
@@ -223,18 +279,31 @@ class Backend:
         return True
 
     def node_stage(self, request: StageRequest) -> None:
-        """Prepare a volume at a staging path (STAGE_UNSTAGE_VOLUME)."""
+        """Prepare a volume at a staging path (STAGE_UNSTAGE_VOLUME).
+
+        ``request.staging_path`` is checked, resolved and exists (see the
+        module docstring); the call may be a retry, so a volume already
+        staged there is success.
+        """
         raise Unimplemented("this backend has no stage step")
 
     def node_unstage(self, volume_id: str, staging_path: str) -> None:
+        """Undo node_stage.  Called only for a path where this driver recorded
+        a stage of this volume; must succeed when it is no longer mounted."""
         raise Unimplemented("this backend has no stage step")
 
     def node_publish(self, request: PublishRequest) -> None:
-        """Make the volume appear at the target path.  Required on a node."""
+        """Make the volume appear at the target path.  Required on a node.
+
+        ``request.target_path`` is checked, resolved and exists: a directory
+        for mount access, a file for block access (see the module docstring).
+        """
         raise Unimplemented("this backend cannot publish volumes")
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
-        """Undo node_publish; must succeed when the target is already gone."""
+        """Undo node_publish.  Called only for a path where this driver
+        recorded a publish of this volume; must succeed when the target is no
+        longer mounted or already gone."""
         raise Unimplemented("this backend cannot unpublish volumes")
 
     def node_stats(self, volume_id: str, volume_path: str) -> VolumeStats:

@@ -8,7 +8,6 @@ whether an object exists is the engine's business.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
 from csi_kit.backend import Backend
@@ -56,6 +55,20 @@ def _check_string(value: str, field: str, limit: int = MAX_STRING) -> None:
 #: Characters the spec bans from names: control characters other than
 #: common whitespace (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F).
 _BANNED = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)])
+#: Every C0 and C1 control character and DEL: never part of an id or a path.
+_CONTROL = frozenset([*range(0x00, 0x20), *range(0x7F, 0xA0)])
+
+
+def _quoted(value: str, limit: int = 64) -> str:
+    """``value`` for an error message: its repr, cut to ``limit`` characters so
+    a hostile 10 KiB value is not echoed whole."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _first_control(value: str) -> str | None:
+    return next((ch for ch in value if ord(ch) in _CONTROL), None)
 
 
 def check_name(value: str, field: str = "name") -> None:
@@ -69,26 +82,67 @@ def check_name(value: str, field: str = "name") -> None:
             )
 
 
-def check_id(value: str, field: str) -> None:
-    """An id from a caller: required and well-formed.
+def check_id(value: str, field: str, *, opaque: bool = False) -> None:
+    """An id from a caller: required, at most 128 bytes and one path component.
 
-    Ids are looked up in the store, never joined into a path, but an id that
-    could not have been made by any driver (NUL, over-long) is rejected outright.
+    This is the one check every caller-supplied id passes before any backend
+    method sees it, node RPCs included: not empty, at most `MAX_STRING` bytes
+    of UTF-8, no NUL, no ``/``, not ``.`` or ``..``, and no control character
+    (U+0000-U+001F, U+007F-U+009F).  A backend may therefore join an id into a
+    path as one component.  Ids csi_kit generates (UUIDs) always pass.
+
+    With ``opaque`` (a backend whose `Backend.opaque_ids` is True: it never
+    uses an id in a path or command) only the required, length and NUL rules
+    apply.
+
+    Only malformed ids are INVALID_ARGUMENT here: a well-formed id that names
+    nothing ("some-vol-id") is left to the engine, which answers NOT_FOUND (or
+    OK for a delete) as the spec and csi-sanity expect.
     """
     require(value, field)
     _check_string(value, field)
+    if opaque:
+        return
+    if "/" in value:
+        raise InvalidArgument(f"{field} {_quoted(value)} must be one path component: it contains '/'")
+    if value in (".", ".."):
+        raise InvalidArgument(f"{field} {_quoted(value)} must not be '.' or '..'")
+    ch = _first_control(value)
+    if ch is not None:
+        raise InvalidArgument(f"{field} {_quoted(value)} contains the control character U+{ord(ch):04X}")
 
 
 def check_path(value: str, field: str) -> str:
-    """A CO-chosen absolute path (target, staging, volume path); returns it normalised."""
+    """A CO-chosen path (target, staging, volume path): absolute and already normal.
+
+    The lexical half of the path rule; the engine and `csi_kit.linux` do the
+    rest (not inside the driver's roots, no symlink in any component).  A path
+    that is not already in normal form is rejected, never normalised: what the
+    caller names is exactly what gets checked and used.  Rejected: relative
+    paths, ``/`` itself, ``.`` or ``..`` components, ``//`` anywhere, a
+    trailing ``/``, NUL or any control character, more than `MAX_PATH` bytes.
+    Returns the path unchanged.
+    """
     require(value, field)
     _check_string(value, field, MAX_PATH)
+    shown = _quoted(value)
+    ch = _first_control(value)
+    if ch is not None:
+        raise InvalidArgument(f"{field} {shown} contains the control character U+{ord(ch):04X}")
     if not value.startswith("/"):
-        raise InvalidArgument(f"{field} must be an absolute path, got {value!r}")
+        raise InvalidArgument(f"{field} must be an absolute path, got {shown}")
+    if value == "/":
+        raise InvalidArgument(f"{field} must not be the root directory /")
+    if "//" in value:
+        raise InvalidArgument(f"{field} {shown} is not in normal form: it contains '//'")
+    if value.endswith("/"):
+        raise InvalidArgument(f"{field} {shown} is not in normal form: it ends with '/'")
     parts = value.split("/")
     if ".." in parts:
-        raise InvalidArgument(f"{field} must not contain '..' components, got {value!r}")
-    return os.path.normpath(value)
+        raise InvalidArgument(f"{field} {shown} must not contain '..' components")
+    if "." in parts:
+        raise InvalidArgument(f"{field} {shown} is not in normal form: it contains a '.' component")
+    return value
 
 
 def check_map(value: Mapping[str, str], field: str) -> None:

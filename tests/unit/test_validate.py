@@ -5,7 +5,7 @@ messages that name what was wrong, and nothing touched on disk."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -13,11 +13,25 @@ import pytest
 from helpers import Csi, block_cap, create_req, expect, mount_cap, short_dir, tree
 
 from csi_kit._core import validate as v
+from csi_kit._core.engine import _new_id
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.backend import Backend, BackendContext
 from csi_kit.errors import InvalidArgument, OutOfRange
 from csi_kit.testing.driver import running_driver
-from csi_kit.types import AccessMode, CapacityRange, PublishRequest, StageRequest, Volume, VolumeCapability
+from csi_kit.types import (
+    AccessMode,
+    CapacityRange,
+    CreatedSnapshot,
+    CreatedVolume,
+    ExpandResult,
+    PublishRequest,
+    Snapshot,
+    StageRequest,
+    Volume,
+    VolumeCapability,
+    VolumeRequest,
+    VolumeStats,
+)
 from csi_kit_backends.hostpath.backend import HostPathBackend, HostPathConfig
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -410,9 +424,10 @@ HOSTILE_IDS = ["..", "../..", "../../victim", "/etc", "/tmp", "volumes/../../vic
 
 
 @pytest.mark.parametrize("bad", HOSTILE_IDS)
-def test_traversal_ids_touch_nothing(env: Env, bad: str) -> None:
-    """`..` and absolute ids: the spec's INVALID_ARGUMENT or NOT_FOUND, deletes
-    succeed as for any unknown id, and nothing inside or outside the root changes."""
+def test_traversal_ids_are_invalid_and_touch_nothing(env: Env, bad: str) -> None:
+    """`..`, `.` and ids holding `/` are malformed: INVALID_ARGUMENT naming the
+    field on every RPC, deletes included, and nothing inside or outside the
+    root changes."""
     csi = env.csi
     victim = os.path.join(env.state, "victim")
     os.makedirs(victim, exist_ok=True)
@@ -421,46 +436,318 @@ def test_traversal_ids_touch_nothing(env: Env, bad: str) -> None:
     kept = csi.create("kept-volume")
     before_root, before_victim = tree(env.root), tree(victim)
 
-    csi.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=bad))
-    csi.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=bad))
-    notfound = grpc.StatusCode.NOT_FOUND
-    expect(notfound, csi.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=bad))
-    expect(notfound, csi.controller.GetSnapshot, pb.GetSnapshotRequest(snapshot_id=bad))
-    expect(
-        notfound, csi.controller.CreateSnapshot, pb.CreateSnapshotRequest(name="trav-s", source_volume_id=bad)
-    )
-    expect(notfound, csi.controller.CreateVolume, create_req("trav-r", snapshot=bad))
-    expect(notfound, csi.controller.CreateVolume, create_req("trav-c", volume=bad))
-    expand = pb.ControllerExpandVolumeRequest(volume_id=bad, capacity_range=RANGE)
-    expect(notfound, csi.controller.ControllerExpandVolume, expand)
-    validate = pb.ValidateVolumeCapabilitiesRequest(volume_id=bad, volume_capabilities=[CAP])
-    expect(notfound, csi.controller.ValidateVolumeCapabilities, validate)
-    node_codes = (INVALID, notfound)
-    stats = pb.NodeGetVolumeStatsRequest(volume_id=bad, volume_path=os.path.join(env.state, "t"))
-    assert _code(csi.node.NodeGetVolumeStats, stats) in node_codes
-    stage = pb.NodeStageVolumeRequest(
-        volume_id=bad, staging_target_path=os.path.join(env.state, "st"), volume_capability=CAP
-    )
-    assert _code(csi.node.NodeStageVolume, stage) in node_codes
-    group = pb.CreateVolumeGroupSnapshotRequest(name="trav-g", source_volume_ids=[kept.volume_id, bad])
-    expect(notfound, csi.group.CreateVolumeGroupSnapshot, group)
+    with short_dir() as outside:
+        calls: list[tuple[Any, Any, str]] = [
+            (csi.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=bad), "volume_id"),
+            (csi.controller.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=bad), "snapshot_id"),
+            (
+                csi.controller.ControllerGetVolume,
+                pb.ControllerGetVolumeRequest(volume_id=bad),
+                "volume_id",
+            ),
+            (csi.controller.GetSnapshot, pb.GetSnapshotRequest(snapshot_id=bad), "snapshot_id"),
+            (
+                csi.controller.CreateSnapshot,
+                pb.CreateSnapshotRequest(name="trav-s", source_volume_id=bad),
+                "source_volume_id",
+            ),
+            (
+                csi.controller.CreateVolume,
+                create_req("trav-r", snapshot=bad),
+                "volume_content_source.snapshot.snapshot_id",
+            ),
+            (
+                csi.controller.CreateVolume,
+                create_req("trav-c", volume=bad),
+                "volume_content_source.volume.volume_id",
+            ),
+            (
+                csi.controller.ControllerExpandVolume,
+                pb.ControllerExpandVolumeRequest(volume_id=bad, capacity_range=RANGE),
+                "volume_id",
+            ),
+            (
+                csi.controller.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_id=bad, volume_capabilities=[CAP]),
+                "volume_id",
+            ),
+            (
+                csi.node.NodeGetVolumeStats,
+                pb.NodeGetVolumeStatsRequest(volume_id=bad, volume_path=os.path.join(outside, "t")),
+                "volume_id",
+            ),
+            (
+                csi.node.NodeStageVolume,
+                pb.NodeStageVolumeRequest(
+                    volume_id=bad, staging_target_path=os.path.join(outside, "st"), volume_capability=CAP
+                ),
+                "volume_id",
+            ),
+            (
+                csi.node.NodePublishVolume,
+                pb.NodePublishVolumeRequest(
+                    volume_id=bad,
+                    target_path=os.path.join(outside, "t"),
+                    staging_target_path=os.path.join(outside, "st"),
+                    volume_capability=CAP,
+                ),
+                "volume_id",
+            ),
+            (
+                csi.node.NodeUnpublishVolume,
+                pb.NodeUnpublishVolumeRequest(volume_id=bad, target_path=os.path.join(outside, "t")),
+                "volume_id",
+            ),
+            (
+                csi.group.CreateVolumeGroupSnapshot,
+                pb.CreateVolumeGroupSnapshotRequest(name="trav-g", source_volume_ids=[kept.volume_id, bad]),
+                "source_volume_ids[1]",
+            ),
+        ]
+        for call, request, field in calls:
+            expect(INVALID, call, request, field)
+        assert os.listdir(outside) == []
 
     assert tree(env.root) == before_root
     assert tree(victim) == before_victim
-    assert not os.path.exists(os.path.join(env.state, "st"))
     assert kept.volume_id in csi.list_volume_ids()
 
 
-def _code(call: Any, request: Any) -> grpc.StatusCode:
-    try:
-        call(request, timeout=30)
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
+#: Ids csi-sanity sends for objects that do not exist: well-formed, so the
+#: spec's NOT_FOUND (or OK for deletes), never INVALID_ARGUMENT.
+UNKNOWN_IDS = ["some-vol-id", "reallyfakevolumeid", "vol with spaces", "a..b", ".hidden", "ünïcode"]
 
 
-@pytest.mark.parametrize("path", ["relative/target", "/tmp/../etc/x", "/a/b/../../c"])
-def test_caller_paths_must_be_absolute_without_dotdot(env: Env, path: str) -> None:
+@pytest.mark.parametrize("unknown", UNKNOWN_IDS)
+def test_well_formed_unknown_ids_are_not_found(env: Env, unknown: str) -> None:
+    csi = env.csi
+    notfound = grpc.StatusCode.NOT_FOUND
+    csi.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=unknown))
+    csi.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=unknown))
+    expect(notfound, csi.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=unknown))
+    expect(notfound, csi.controller.GetSnapshot, pb.GetSnapshotRequest(snapshot_id=unknown))
+    snap = pb.CreateSnapshotRequest(name="unknown-s", source_volume_id=unknown)
+    expect(notfound, csi.controller.CreateSnapshot, snap)
+    expect(notfound, csi.controller.CreateVolume, create_req("unknown-r", snapshot=unknown))
+    validate = pb.ValidateVolumeCapabilitiesRequest(volume_id=unknown, volume_capabilities=[CAP])
+    expect(notfound, csi.controller.ValidateVolumeCapabilities, validate)
+
+
+class RecordingBackend(Backend):
+    """Serves every RPC and records each id any method receives, touching nothing."""
+
+    access_modes = frozenset(AccessMode)
+    seen: list[tuple[str, str]]
+
+    def __init__(self, config: Any, context: BackendContext) -> None:
+        super().__init__(config, context)
+        self.seen = []
+
+    def _saw(self, method: str, *ids: str) -> None:
+        self.seen.extend((method, i) for i in ids)
+
+    def volume_exists(self, volume_id: str) -> bool:
+        self._saw("volume_exists", volume_id)
+        return True
+
+    def create_volume(self, volume_id: str, request: VolumeRequest) -> CreatedVolume:
+        self._saw("create_volume", volume_id)
+        return CreatedVolume(request.capacity_bytes)
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._saw("delete_volume", volume_id)
+
+    def restore_snapshot(self, volume_id: str, request: VolumeRequest, snapshot: Snapshot) -> CreatedVolume:
+        self._saw("restore_snapshot", volume_id, snapshot.snapshot_id)
+        return CreatedVolume(request.capacity_bytes)
+
+    def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
+        self._saw("clone_volume", volume_id, source.volume_id)
+        return CreatedVolume(request.capacity_bytes)
+
+    def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
+        self._saw("expand_volume", volume.volume_id)
+        return ExpandResult(capacity_bytes, False)
+
+    def modify_volume(self, volume: Volume, mutable_parameters: Mapping[str, str]) -> None:
+        self._saw("modify_volume", volume.volume_id)
+
+    def create_snapshot(
+        self, snapshot_id: str, source: Volume, parameters: Mapping[str, str]
+    ) -> CreatedSnapshot:
+        self._saw("create_snapshot", snapshot_id, source.volume_id)
+        return CreatedSnapshot(source.capacity_bytes)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._saw("delete_snapshot", snapshot_id)
+
+    def create_group_snapshot(
+        self, group_id: str, members: Sequence[tuple[str, Volume]], parameters: Mapping[str, str]
+    ) -> list[CreatedSnapshot]:
+        self._saw("create_group_snapshot", group_id, *(i for m in members for i in (m[0], m[1].volume_id)))
+        return [CreatedSnapshot(v.capacity_bytes) for _, v in members]
+
+    def controller_publish(
+        self, volume: Volume, node_id: str, capability: VolumeCapability, readonly: bool
+    ) -> Mapping[str, str]:
+        self._saw("controller_publish", volume.volume_id)
+        return {}
+
+    def controller_unpublish(self, volume_id: str, node_id: str) -> None:
+        self._saw("controller_unpublish", volume_id)
+
+    def node_stage(self, request: StageRequest) -> None:
+        self._saw("node_stage", request.volume_id)
+
+    def node_unstage(self, volume_id: str, staging_path: str) -> None:
+        self._saw("node_unstage", volume_id)
+
+    def node_publish(self, request: PublishRequest) -> None:
+        self._saw("node_publish", request.volume_id)
+
+    def node_unpublish(self, volume_id: str, target_path: str) -> None:
+        self._saw("node_unpublish", volume_id)
+
+    def node_stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        self._saw("node_stats", volume_id)
+        return VolumeStats(usage=())
+
+    def node_expand(
+        self, volume_id: str, volume_path: str, capacity_bytes: int, capability: VolumeCapability | None
+    ) -> int:
+        self._saw("node_expand", volume_id)
+        return capacity_bytes
+
+
+#: Malformed ids for the end-to-end check (the empty id is the REQUIRED test's).
+MALFORMED_OVER_THE_WIRE = [
+    "..",
+    ".",
+    "/",
+    "/etc",
+    "a/b",
+    "../../victim",
+    "a\nb",
+    "a\x1b[2Jb",
+    "a\x85b",
+    "a\x00b",
+    "x" * 129,
+]
+
+
+def _id_carrying_calls(csi: Csi, bad: str, paths: str) -> list[tuple[Any, Any, str]]:
+    """Every RPC that carries a volume, snapshot or group id, with ``bad`` in it."""
+    target, staging = os.path.join(paths, "target"), os.path.join(paths, "staging")
+    return [
+        (csi.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=bad), "volume_id"),
+        (
+            csi.controller.ControllerPublishVolume,
+            pb.ControllerPublishVolumeRequest(volume_id=bad, node_id="node-1", volume_capability=CAP),
+            "volume_id",
+        ),
+        (
+            csi.controller.ControllerUnpublishVolume,
+            pb.ControllerUnpublishVolumeRequest(volume_id=bad, node_id="node-1"),
+            "volume_id",
+        ),
+        (
+            csi.controller.ValidateVolumeCapabilities,
+            pb.ValidateVolumeCapabilitiesRequest(volume_id=bad, volume_capabilities=[CAP]),
+            "volume_id",
+        ),
+        (
+            csi.controller.ControllerExpandVolume,
+            pb.ControllerExpandVolumeRequest(volume_id=bad, capacity_range=RANGE),
+            "volume_id",
+        ),
+        (csi.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=bad), "volume_id"),
+        (
+            csi.controller.ControllerModifyVolume,
+            pb.ControllerModifyVolumeRequest(volume_id=bad, mutable_parameters={"a": "b"}),
+            "volume_id",
+        ),
+        (
+            csi.controller.CreateSnapshot,
+            pb.CreateSnapshotRequest(name="rec-s", source_volume_id=bad),
+            "source_volume_id",
+        ),
+        (csi.controller.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=bad), "snapshot_id"),
+        (csi.controller.GetSnapshot, pb.GetSnapshotRequest(snapshot_id=bad), "snapshot_id"),
+        (csi.controller.CreateVolume, create_req("rec-r", snapshot=bad), "snapshot_id"),
+        (csi.controller.CreateVolume, create_req("rec-c", volume=bad), "volume.volume_id"),
+        (
+            csi.group.CreateVolumeGroupSnapshot,
+            pb.CreateVolumeGroupSnapshotRequest(name="rec-g", source_volume_ids=[bad]),
+            "source_volume_ids[0]",
+        ),
+        (
+            csi.group.DeleteVolumeGroupSnapshot,
+            pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=bad, snapshot_ids=["s"]),
+            "group_snapshot_id",
+        ),
+        (
+            csi.group.GetVolumeGroupSnapshot,
+            pb.GetVolumeGroupSnapshotRequest(group_snapshot_id=bad),
+            "group_snapshot_id",
+        ),
+        (
+            csi.node.NodeStageVolume,
+            pb.NodeStageVolumeRequest(volume_id=bad, staging_target_path=staging, volume_capability=CAP),
+            "volume_id",
+        ),
+        (
+            csi.node.NodeUnstageVolume,
+            pb.NodeUnstageVolumeRequest(volume_id=bad, staging_target_path=staging),
+            "volume_id",
+        ),
+        (
+            csi.node.NodePublishVolume,
+            pb.NodePublishVolumeRequest(
+                volume_id=bad, target_path=target, staging_target_path=staging, volume_capability=CAP
+            ),
+            "volume_id",
+        ),
+        (
+            csi.node.NodeUnpublishVolume,
+            pb.NodeUnpublishVolumeRequest(volume_id=bad, target_path=target),
+            "volume_id",
+        ),
+        (
+            csi.node.NodeGetVolumeStats,
+            pb.NodeGetVolumeStatsRequest(volume_id=bad, volume_path=target),
+            "volume_id",
+        ),
+        (
+            csi.node.NodeExpandVolume,
+            pb.NodeExpandVolumeRequest(volume_id=bad, volume_path=target, capacity_range=RANGE),
+            "volume_id",
+        ),
+    ]
+
+
+def test_no_malformed_id_reaches_any_backend_method() -> None:
+    """Finding 7 of issue #11: node RPCs handed `..`, `/` and absolute ids to
+    the backend.  Every id-carrying RPC now stops at the one framework check."""
+    with short_dir() as state, short_dir() as paths:
+        backend = RecordingBackend(None, BackendContext("rec.csi-kit.io", "node-1", state))
+        with running_driver(state, backend_object=backend) as ep, Csi(ep) as csi:
+            made = csi.create("rec-ok").volume_id  # the recorder sees what does get through
+            assert ("create_volume", made) in backend.seen
+            for bad in MALFORMED_OVER_THE_WIRE:
+                for call, request, field in _id_carrying_calls(csi, bad, paths):
+                    expect(INVALID, call, request, field)
+            assert os.listdir(paths) == []
+        leaked = [(method, i) for method, i in backend.seen if i in MALFORMED_OVER_THE_WIRE]
+        assert leaked == []
+        for _, seen_id in backend.seen:
+            v.check_id(seen_id, "volume_id")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["relative/target", "/tmp/../etc/x", "/a/b/../../c", "/tmp//x", "/tmp/x/", "/tmp/./x", "/tmp/a\nb"],
+)
+def test_caller_paths_must_be_absolute_and_normal(env: Env, path: str) -> None:
     req = pb.NodeUnpublishVolumeRequest(volume_id=VID, target_path=path)
     expect(INVALID, env.csi.node.NodeUnpublishVolume, req, "target_path")
     pub = pb.NodePublishVolumeRequest(
@@ -490,8 +777,113 @@ def test_resolve_capacity_rules() -> None:
         v.resolve_capacity(backend, CapacityRange(0, MiB), minimum=2 * MiB)
 
 
-def test_check_path_normalises() -> None:
-    assert v.check_path("/a//b/./c/", "target_path") == "/a/b/c"
+# (value, words the message must hold): each form the id rule rejects.
+MALFORMED_IDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "empty": ("", ("required",)),
+    "slash": ("a/b", ("one path component", "'/'")),
+    "absolute": ("/etc", ("one path component",)),
+    "root": ("/", ("one path component",)),
+    "escape": ("../../victim", ("one path component",)),
+    "dot": (".", ("'.' or '..'",)),
+    "dotdot": ("..", ("'.' or '..'",)),
+    "nul": ("a\x00b", ("NUL",)),
+    "newline": ("a\nb", ("control character", "U+000A")),
+    "tab": ("a\tb", ("U+0009",)),
+    "escape-char": ("a\x1b[31mb", ("U+001B",)),
+    "del": ("a\x7fb", ("U+007F",)),
+    "c1": ("a\x85b", ("U+0085",)),
+    "c1-last": ("a\x9fb", ("U+009F",)),
+    "129-bytes": ("x" * 129, ("129 bytes", "128")),
+    "130-utf8-bytes": ("\u00e9" * 65, ("130 bytes",)),
+    "10KiB": (LONG, ("10240 bytes",)),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_IDS)
+def test_check_id_rejects_malformed_ids_naming_field_and_rule(kind: str) -> None:
+    value, words = MALFORMED_IDS[kind]
+    with pytest.raises(InvalidArgument) as caught:
+        v.check_id(value, "source_volume_id")
+    assert caught.value.code == "INVALID_ARGUMENT"
+    assert caught.value.message.startswith("source_volume_id")
+    for word in words:
+        assert word in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["some-vol-id", "x" * 128, "\u00e9" * 64, "a..b", "...", ".hidden", "vol with space", "\u00a0nbsp"],
+)
+def test_check_id_accepts_one_component_up_to_128_bytes(value: str) -> None:
+    v.check_id(value, "volume_id")
+
+
+def test_check_id_quotes_at_most_64_characters_of_a_value() -> None:
+    value = "a/" + "b" * 120
+    with pytest.raises(InvalidArgument) as caught:
+        v.check_id(value, "volume_id")
+    message = caught.value.message
+    assert repr(value[:64]) in message and "122 characters" in message
+    assert "b" * 63 not in message
+    with pytest.raises(InvalidArgument) as long_path:
+        v.check_path("/" + "c" * 3000 + "/../x", "target_path")
+    assert "c" * 64 not in long_path.value.message and "'..'" in long_path.value.message
+
+
+def test_opaque_ids_keep_only_the_required_length_and_nul_rules() -> None:
+    for value in ["a/b", "..", ".", "/", "a\nb", "a\x1bb"]:
+        v.check_id(value, "volume_id", opaque=True)
+    for value, word in [("", "required"), ("a\x00b", "NUL"), ("x" * 129, "129 bytes")]:
+        with pytest.raises(InvalidArgument, match=word):
+            v.check_id(value, "volume_id", opaque=True)
+
+
+def test_ids_the_framework_generates_always_pass() -> None:
+    for _ in range(1000):
+        v.check_id(_new_id(), "volume_id")
+
+
+def test_backend_ids_are_not_opaque_unless_declared() -> None:
+    assert Backend.opaque_ids is False
+    assert HostPathBackend.opaque_ids is False
+    assert tuple(Backend(None, BackendContext("d", "n", "/s")).protected_paths()) == ()
+
+
+# (path, words the message must hold): each form the lexical path rule rejects.
+MALFORMED_PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "empty": ("", ("required",)),
+    "relative": ("relative/target", ("absolute",)),
+    "dot-relative": ("./x", ("absolute",)),
+    "root": ("/", ("root directory",)),
+    "double-slash": ("/var//lib", ("normal form", "'//'")),
+    "leading-double-slash": ("//var/lib", ("'//'",)),
+    "trailing-slash": ("/var/lib/", ("normal form", "ends with '/'")),
+    "dotdot": ("/var/lib/../etc", ("'..'",)),
+    "dotdot-last": ("/var/lib/..", ("'..'",)),
+    "dot": ("/var/./lib", ("normal form", "'.' component")),
+    "dot-last": ("/var/lib/.", ("'.' component",)),
+    "nul": ("/var/a\x00b", ("NUL",)),
+    "newline": ("/var/a\nb", ("control character", "U+000A")),
+    "c1": ("/var/a\x9bb", ("U+009B",)),
+    "over-max": ("/" + "p" * 4096, ("4097 bytes", "4096")),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_PATHS)
+def test_check_path_rejects_rather_than_normalises(kind: str) -> None:
+    value, words = MALFORMED_PATHS[kind]
+    with pytest.raises(InvalidArgument) as caught:
+        v.check_path(value, "staging_target_path")
+    assert caught.value.message.startswith("staging_target_path")
+    for word in words:
+        assert word in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "value", ["/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount", "/a/..b", "/a/b..", "/a/.x", "/x"]
+)
+def test_check_path_returns_a_normal_path_unchanged(value: str) -> None:
+    assert v.check_path(value, "target_path") == value
 
 
 def test_publish_and_stage_values_hide_secrets_in_repr() -> None:
