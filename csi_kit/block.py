@@ -98,23 +98,6 @@ def _rdev(path: str) -> int | None:
     return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
-def _remove_target(path: str) -> None:
-    """Remove an (unmounted) target: a directory, a file, or a dangling symlink."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    try:
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise FailedPrecondition(f"cannot remove {path}: {_errno_name(e.errno)} ({e.strerror})") from None
-
-
 class BlockDeviceBackend(Backend):
     """Base class for backends whose volumes are block devices on the node.
 
@@ -327,10 +310,13 @@ class BlockDeviceBackend(Backend):
             log.exception("detaching volume %s after a failed stage failed", volume_id)
 
     def node_unstage(self, volume_id: str, staging_path: str) -> None:
-        mounts.unmount_all(staging_path)
+        mounts.unmount_stack(staging_path)
         self.detach(volume_id)
 
     # -- publish --------------------------------------------------------------------
+    # The framework has made the target (a directory, or a file for raw block)
+    # with no symlink in its path, and checked that nothing but this volume is
+    # mounted there; it removes the target again after unpublish if it made it.
 
     def node_publish(self, request: PublishRequest) -> None:
         target = request.target_path
@@ -347,10 +333,7 @@ class BlockDeviceBackend(Backend):
             if (top.major, top.minor) == (source.major, source.minor):
                 return  # published already (a retry, or a restart after the bind)
             raise AlreadyExists(f"target path {target} already has another filesystem mounted")
-        if not os.path.isdir(os.path.dirname(target)):
-            raise NotFound(f"the parent directory of target_path {target} does not exist")
-        os.makedirs(target, mode=0o750, exist_ok=True)
-        mounts.bind_mount(staging, target, readonly=request.readonly)
+        mounts.bind_mount(staging, target, readonly=request.readonly, source_nofollow=True)
 
     def _publish_block(self, volume_id: str, target: str, readonly: bool) -> None:
         device = self._device(volume_id)
@@ -358,29 +341,10 @@ class BlockDeviceBackend(Backend):
             if _rdev(target) == _rdev(device):
                 return
             raise AlreadyExists(f"target path {target} already has another device bound")
-        if not os.path.isdir(os.path.dirname(target)):
-            raise NotFound(f"the parent directory of target_path {target} does not exist")
-        created = False
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-            created = True
-        except FileExistsError:
-            if not stat.S_ISREG(os.lstat(target).st_mode):
-                raise FailedPrecondition(
-                    f"target path {target} exists and is not a file; a block volume is published on a file"
-                ) from None
-        try:
-            mounts.bind_mount(device, target, readonly=readonly)
-        except BaseException:
-            if created:
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
-            raise
+        mounts.bind_mount(device, target, readonly=readonly)
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
-        mounts.unmount_all(target_path)
-        _remove_target(target_path)
+        mounts.unmount_stack(target_path)
 
     # -- stats and expansion ---------------------------------------------------------------
 

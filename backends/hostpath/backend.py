@@ -126,6 +126,9 @@ class HostPathBackend(Backend):
             "reflink" if self.reflink else "in-kernel copy",
         )
 
+    def protected_paths(self) -> Sequence[str]:
+        return (self.root,)
+
     def describe(self) -> Mapping[str, str]:
         return {
             "root": self.root,
@@ -338,23 +341,17 @@ class HostPathBackend(Backend):
         return os.path.isdir(self.volume_path(volume_id))
 
     def node_publish(self, request: PublishRequest) -> None:
-        source = self.volume_path(request.volume_id)
+        # The framework has made the target directory (no symlink anywhere in it)
+        # and checked that nothing but this volume is mounted there.
         target = request.target_path
         if mounts.is_mounted(target):
-            return
-        parent = os.path.dirname(target)
-        if not os.path.isdir(parent):
-            raise NotFound(f"the parent directory of target_path {target} does not exist")
-        os.makedirs(target, mode=0o750, exist_ok=True)
-        mounts.bind_mount(source, target, readonly=request.readonly)
+            return  # published already (a retry after a crash between the bind and its record)
+        mounts.bind_mount(self.volume_path(request.volume_id), target, readonly=request.readonly)
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
-        mounts.unmount_all(target_path)
-        if os.path.isdir(target_path) and not os.path.islink(target_path):
-            try:
-                os.rmdir(target_path)
-            except OSError as e:
-                raise FailedPrecondition(f"cannot remove target_path {target_path}: {e.strerror}") from None
+        # Exactly the mount(s) at target_path, never anything below it; the
+        # framework removes the target if it made it.
+        mounts.unmount_stack(target_path)
 
     def node_stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         usage = fs.statvfs_usage(volume_path)

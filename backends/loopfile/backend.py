@@ -174,6 +174,9 @@ class LoopfileBackend(BlockDeviceBackend):
                     found.append(what)
         return found
 
+    def protected_paths(self) -> Sequence[str]:
+        return (self.root,)
+
     def describe(self) -> Mapping[str, str]:
         facts = {
             "root": self.root,

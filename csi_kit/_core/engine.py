@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +39,7 @@ from csi_kit.errors import (
     ResourceExhausted,
     Unimplemented,
 )
-from csi_kit.linux import mounts
+from csi_kit.linux import mounts, paths
 from csi_kit.types import (
     CapacityRange,
     GroupSnapshot,
@@ -140,9 +142,14 @@ class VolumeEngine:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi-kit-backend")
         self._clock = clock
         self._node_topology = backend.node_topology()
+        self._protected_paths: tuple[str, ...] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def _check_id(self, value: str, field: str) -> None:
+        """The one id check before any backend sees a caller's id (`validate.check_id`)."""
+        v.check_id(value, field, opaque=self.backend_type.opaque_ids)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -209,7 +216,7 @@ class VolumeEngine:
             v.check_map(req.mutable_parameters, "mutable_parameters")
         if req.source is not None:
             field = f"volume_content_source.{req.source.kind}.{req.source.kind}_id"
-            v.check_id(req.source.id, field)
+            self._check_id(req.source.id, field)
             if req.source.kind == "snapshot" and not self.capabilities.restore:
                 raise InvalidArgument("creating a volume from a snapshot is not supported by this backend")
             if req.source.kind == "volume" and not self.capabilities.clone:
@@ -338,7 +345,7 @@ class VolumeEngine:
 
     async def delete_volume(self, volume_id: str) -> None:
         self._require(self.capabilities.create_delete_volume, "DeleteVolume")
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
         await self._run(lambda: self._delete_volume(volume_id), exclusive=[f"volume:{volume_id}"])
 
     def _delete_volume(self, volume_id: str) -> None:
@@ -368,7 +375,7 @@ class VolumeEngine:
 
     async def controller_get_volume(self, volume_id: str) -> ListedVolume:
         self._require(self.capabilities.create_delete_volume, "ControllerGetVolume")
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
         return await self._call(lambda: self._listed(self._volume(volume_id)))
 
     def _listed(self, volume: Volume) -> ListedVolume:
@@ -401,7 +408,7 @@ class VolumeEngine:
         mutable_parameters: Mapping[str, str],
     ) -> tuple[bool, str]:
         """Return (confirmed, message): whether the volume can serve all of them."""
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
         v.require(list(capabilities), "volume_capabilities")
         for i, cap in enumerate(capabilities):
             if cap.access_type is None:
@@ -421,7 +428,7 @@ class VolumeEngine:
         self, volume_id: str, capacity: CapacityRange, capability: VolumeCapability | None
     ) -> tuple[int, bool]:
         self._require(self.capabilities.expand, "ControllerExpandVolume")
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
         v.check_capacity_range(capacity)
         if not capacity.required_bytes and not capacity.limit_bytes:
             raise InvalidArgument("capacity_range is required")
@@ -469,7 +476,7 @@ class VolumeEngine:
 
     async def modify_volume(self, volume_id: str, mutable_parameters: Mapping[str, str]) -> None:
         self._require(self.capabilities.modify, "ControllerModifyVolume")
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
         v.require(dict(mutable_parameters), "mutable_parameters")
         v.check_map(mutable_parameters, "mutable_parameters")
 
@@ -488,7 +495,7 @@ class VolumeEngine:
         self, volume_id: str, node_id: str, cap: VolumeCapability | None, readonly: bool
     ) -> Mapping[str, str]:
         self._require(self.capabilities.controller_publish, "ControllerPublishVolume")
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
         v.require(node_id, "node_id")
         if cap is None:
             raise InvalidArgument("volume_capability is required")
@@ -520,7 +527,7 @@ class VolumeEngine:
 
     async def controller_unpublish(self, volume_id: str, node_id: str) -> None:
         self._require(self.capabilities.controller_publish, "ControllerUnpublishVolume")
-        v.check_id(volume_id, "volume_id")
+        self._check_id(volume_id, "volume_id")
 
         def work() -> None:
             for att in self.store.attachments(volume_id):
@@ -537,7 +544,7 @@ class VolumeEngine:
     ) -> Snapshot:
         self._require(self.capabilities.snapshots, "CreateSnapshot")
         v.check_name(name)
-        v.check_id(source_volume_id, "source_volume_id")
+        self._check_id(source_volume_id, "source_volume_id")
         v.check_map(parameters, "parameters")
         return await self._run(
             lambda: self._create_snapshot(name, source_volume_id, parameters),
@@ -591,7 +598,7 @@ class VolumeEngine:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         self._require(self.capabilities.snapshots, "DeleteSnapshot")
-        v.check_id(snapshot_id, "snapshot_id")
+        self._check_id(snapshot_id, "snapshot_id")
 
         def work() -> None:
             rec = self.store.snapshot(snapshot_id)
@@ -608,7 +615,7 @@ class VolumeEngine:
 
     async def get_snapshot(self, snapshot_id: str) -> Snapshot:
         self._require(self.capabilities.snapshots, "GetSnapshot")
-        v.check_id(snapshot_id, "snapshot_id")
+        self._check_id(snapshot_id, "snapshot_id")
 
         def work() -> Snapshot:
             rec = self.store.snapshot(snapshot_id)
@@ -650,7 +657,7 @@ class VolumeEngine:
         v.check_name(name)
         v.require(list(source_volume_ids), "source_volume_ids")
         for i, vid in enumerate(source_volume_ids):
-            v.check_id(vid, f"source_volume_ids[{i}]")
+            self._check_id(vid, f"source_volume_ids[{i}]")
         if len(set(source_volume_ids)) != len(source_volume_ids):
             raise InvalidArgument("source_volume_ids lists a volume more than once")
         v.check_map(parameters, "parameters")
@@ -729,13 +736,15 @@ class VolumeEngine:
 
     async def delete_group_snapshot(self, group_id: str, snapshot_ids: Sequence[str]) -> None:
         self._require(self.capabilities.group_snapshots, "DeleteVolumeGroupSnapshot")
-        v.check_id(group_id, "group_snapshot_id")
-        v.require(list(snapshot_ids), "snapshot_ids")
+        self._check_id(group_id, "group_snapshot_id")
 
         def work() -> None:
             rec = self.store.group(group_id)
             if rec is None:
+                # Gone already (or never made): deleting it is done, whatever snapshot_ids says —
+                # csi-sanity sends an unknown id with no snapshot_ids and expects OK.
                 return
+            v.require(list(snapshot_ids), "snapshot_ids")
             self._check_members(group_id, snapshot_ids)
             self._destroy_group(group_id)
 
@@ -743,7 +752,7 @@ class VolumeEngine:
 
     async def get_group_snapshot(self, group_id: str, snapshot_ids: Sequence[str]) -> GroupSnapshot:
         self._require(self.capabilities.group_snapshots, "GetVolumeGroupSnapshot")
-        v.check_id(group_id, "group_snapshot_id")
+        self._check_id(group_id, "group_snapshot_id")
 
         def work() -> GroupSnapshot:
             rec = self.store.group(group_id)
@@ -765,6 +774,27 @@ class VolumeEngine:
     def _check_node_volume(self, volume_id: str) -> None:
         if not self.backend.volume_exists(volume_id):
             raise NotFound(f"volume {volume_id!r} does not exist on this node")
+
+    def _protected(self) -> tuple[str, ...]:
+        """The driver's state directory and the backend's own roots, as real paths (computed once)."""
+        if self._protected_paths is None:
+            roots = [self.backend.context.state_dir, *self.backend.protected_paths()]
+            self._protected_paths = tuple(sorted({os.path.realpath(r) for r in roots if r}))
+        return self._protected_paths
+
+    def _check_caller_path(self, value: str, field: str) -> str:
+        """A caller's node path: lexically valid (`validate.check_path`) and clear of the driver's own roots.
+
+        A path inside the state directory or a backend root would mount one
+        volume over another (or over the driver's data); a path above one
+        would hide the driver's roots from itself.  Symlinks are refused where
+        the path is opened (`csi_kit.linux.paths`).
+        """
+        path = v.check_path(value, field)
+        for root in self._protected():
+            if path == root or path.startswith(root + "/") or root.startswith(path + "/"):
+                raise InvalidArgument(f"{field} {path} overlaps the driver's own directory {root}")
+        return path
 
     def _node_capability(
         self, cap: VolumeCapability | None, field: str = "volume_capability"
@@ -798,7 +828,9 @@ class VolumeEngine:
         )
 
     @staticmethod
-    def _record(kind: str, volume_id: str, path: str, cap: VolumeCapability, readonly: bool) -> PublishRecord:
+    def _record(
+        kind: str, volume_id: str, path: str, cap: VolumeCapability, readonly: bool, created: bool = False
+    ) -> PublishRecord:
         return PublishRecord(
             target_path=path,
             volume_id=volume_id,
@@ -808,21 +840,86 @@ class VolumeEngine:
             access_mode=cap.access_mode,
             fs_type=cap.fs_type,
             mount_flags=cap.mount.mount_flags if cap.mount else (),
+            created=created,
         )
+
+    @staticmethod
+    def _mounted_here(path: str, field: str) -> tuple[int, int] | None:
+        """The identity of what is mounted at exactly `path` (no symlink followed), or None if nothing is."""
+        if not mounts.is_mounted(path):
+            return None
+        return paths.identity(path, field=field)
+
+    def _check_ours(self, rec: PublishRecord, field: str) -> bool:
+        """Whether the recorded stage/publish is mounted now; FAILED_PRECONDITION if something else is.
+
+        A record without an identity is one whose mount a crash interrupted:
+        whatever is there is left to the backend, which made it.
+        """
+        here = self._mounted_here(rec.target_path, field)
+        if here is None:
+            return False
+        if rec.identity is not None and here != rec.identity:
+            raise FailedPrecondition(
+                f"{field} {rec.target_path} shows something other than volume {rec.volume_id!r} "
+                "(mounted over it since?); refusing to touch it"
+            )
+        return True
+
+    def _begin(self, rec: PublishRecord, field: str) -> PublishRecord:
+        """Record a stage/publish before the backend mounts, so a crash leaves a row to undo it by."""
+        existing = self.store.publish_at(rec.target_path)
+        here = self._mounted_here(rec.target_path, field)
+        if here is not None and (existing is None or existing.volume_id != rec.volume_id):
+            raise FailedPrecondition(
+                f"{field} {rec.target_path} is already a mount point that this driver did not make for "
+                f"volume {rec.volume_id!r}"
+            )
+        if existing is not None and existing.volume_id == rec.volume_id and existing.created:
+            rec = attrs.evolve(rec, created=True)  # a retry: the target is still the one we made
+        self.store.record_publish(rec)
+        return rec
+
+    def _finish(self, rec: PublishRecord, field: str) -> None:
+        self.store.record_publish(attrs.evolve(rec, identity=paths.identity(rec.target_path, field=field)))
+
+    def _forget(self, rec: PublishRecord, field: str) -> None:
+        """Drop a record whose mount failed or was undone, removing the target if the framework made it."""
+        if rec.created:
+            self._undo(lambda: paths.remove_target(rec.target_path, field=field))
+        self.store.remove_publish(rec.target_path)
+
+    @staticmethod
+    def _check_untouched(path: str, field: str) -> None:
+        """For a path this driver has no record of: refuse a symlink, otherwise touch nothing."""
+        try:
+            st = paths.lstat(path, field=field)
+        except NotFound:
+            return
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise InvalidArgument(f"{field} {path} is a symlink; symlinks are not followed in caller paths")
 
     async def node_stage(self, req: StageRequest) -> None:
         self._require(self.capabilities.node_stage, "NodeStageVolume")
-        v.check_id(req.volume_id, "volume_id")
-        staging = v.check_path(req.staging_path, "staging_target_path")
+        self._check_id(req.volume_id, "volume_id")
+        field = "staging_target_path"
+        staging = self._check_caller_path(req.staging_path, field)
         cap = self._node_capability(req.capability)
         req = attrs.evolve(req, staging_path=staging)
 
         def work() -> None:
             self._check_node_volume(req.volume_id)
             self._check_volume_type(req.volume_id, cap)
+            st = paths.lstat(staging, field=field)
+            if st is None:
+                raise NotFound(f"{field} {staging} does not exist")
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(f"{field} {staging} is not a directory")
             rec = self.store.publish_at(staging)
-            if rec is not None and mounts.is_mounted(staging):
+            if rec is not None and rec.kind == "stage" and self._check_ours(rec, field):
                 if rec.volume_id == req.volume_id and self._same_use(rec, cap, False):
+                    if rec.identity is None:
+                        self._finish(rec, field)
                     return
                 raise AlreadyExists(
                     f"staging path {staging} already holds volume {rec.volume_id!r} staged differently"
@@ -836,43 +933,53 @@ class VolumeEngine:
                     raise FailedPrecondition(
                         f"volume {req.volume_id!r} is already staged at {other.target_path}"
                     )
+            rec = self._begin(self._record("stage", req.volume_id, staging, cap, False), field)
             try:
                 self.backend.node_stage(req)
             except BaseException:
                 self._undo(lambda: self.backend.node_unstage(req.volume_id, staging))
+                self._forget(rec, field)
                 raise
-            self.store.record_publish(self._record("stage", req.volume_id, staging, cap, False))
+            self._finish(rec, field)
 
         await self._run(work, exclusive=[f"node-volume:{req.volume_id}"])
 
     async def node_unstage(self, volume_id: str, staging_path: str) -> None:
         self._require(self.capabilities.node_stage, "NodeUnstageVolume")
-        v.check_id(volume_id, "volume_id")
-        staging = v.check_path(staging_path, "staging_target_path")
+        self._check_id(volume_id, "volume_id")
+        field = "staging_target_path"
+        staging = self._check_caller_path(staging_path, field)
 
         def work() -> None:
-            for rec in self.store.publishes_of(volume_id):
-                if rec.kind == "publish" and mounts.is_mounted(rec.target_path):
+            rec = self.store.publish_at(staging)
+            if rec is None or rec.kind != "stage" or rec.volume_id != volume_id:
+                # Not staged there by this driver: nothing of ours to undo (the spec's OK).
+                self._check_untouched(staging, field)
+                return
+            for pub in self.store.publishes_of(volume_id):
+                if pub.kind == "publish" and mounts.is_mounted(pub.target_path):
                     raise FailedPrecondition(
-                        f"volume {volume_id!r} is still published at {rec.target_path}; unpublish it first"
+                        f"volume {volume_id!r} is still published at {pub.target_path}; unpublish it first"
                     )
+            self._check_ours(rec, field)
             self.backend.node_unstage(volume_id, staging)
-            self.store.remove_publish(staging)
+            self._forget(rec, field)
 
         await self._run(work, exclusive=[f"node-volume:{volume_id}"])
 
     async def node_publish(self, req: PublishRequest) -> None:
         self._require(self.capabilities.node_publish, "NodePublishVolume")
-        v.check_id(req.volume_id, "volume_id")
-        target = v.check_path(req.target_path, "target_path")
+        self._check_id(req.volume_id, "volume_id")
+        field = "target_path"
+        target = self._check_caller_path(req.target_path, field)
         cap = self._node_capability(req.capability)
         staging = ""
         if self.capabilities.node_stage:
             if not req.staging_path:
                 raise FailedPrecondition("staging_target_path is required: this driver stages volumes first")
-            staging = v.check_path(req.staging_path, "staging_target_path")
+            staging = self._check_caller_path(req.staging_path, "staging_target_path")
         elif req.staging_path:
-            staging = v.check_path(req.staging_path, "staging_target_path")
+            staging = self._check_caller_path(req.staging_path, "staging_target_path")
         if cap.mode.read_only and not req.readonly and cap.access_type == "mount":
             # A reader-only mode is published read-only whatever the flag says.
             req = attrs.evolve(req, readonly=True)
@@ -886,8 +993,10 @@ class VolumeEngine:
                 if stage is None or stage.volume_id != req.volume_id or not mounts.is_mounted(staging):
                     raise FailedPrecondition(f"volume {req.volume_id!r} is not staged at {staging}")
             rec = self.store.publish_at(target)
-            if rec is not None and mounts.is_mounted(target):
+            if rec is not None and rec.kind == "publish" and self._check_ours(rec, field):
                 if rec.volume_id == req.volume_id and self._same_use(rec, cap, req.readonly):
+                    if rec.identity is None:
+                        self._finish(rec, field)
                     return
                 raise AlreadyExists(
                     f"target path {target} already has volume {rec.volume_id!r} published with other options"
@@ -902,44 +1011,77 @@ class VolumeEngine:
                     f"volume {req.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
                     f"{others[0].target_path}"
                 )
+            # The framework makes the target (a directory, or a file for a block volume) with no
+            # symlink followed, and remembers that it did: unpublish removes only what it made.
+            rec = self._begin(self._record("publish", req.volume_id, target, cap, req.readonly), field)
+            if paths.make_target(target, directory=not cap.is_block, field=field):
+                rec = attrs.evolve(rec, created=True)
+                self.store.record_publish(rec)
             try:
                 self.backend.node_publish(req)
             except BaseException:
                 self._undo(lambda: self.backend.node_unpublish(req.volume_id, target))
+                self._forget(rec, field)
                 raise
-            self.store.record_publish(self._record("publish", req.volume_id, target, cap, req.readonly))
+            self._finish(rec, field)
 
         await self._run(work, exclusive=[f"node-volume:{req.volume_id}"])
 
     async def node_unpublish(self, volume_id: str, target_path: str) -> None:
         self._require(self.capabilities.node_publish, "NodeUnpublishVolume")
-        v.check_id(volume_id, "volume_id")
-        target = v.check_path(target_path, "target_path")
+        self._check_id(volume_id, "volume_id")
+        field = "target_path"
+        target = self._check_caller_path(target_path, field)
 
         def work() -> None:
             rec = self.store.publish_at(target)
-            if rec is not None and rec.volume_id != volume_id and mounts.is_mounted(target):
-                raise FailedPrecondition(
-                    f"target path {target} holds volume {rec.volume_id!r}, not {volume_id!r}"
-                )
+            if rec is None or rec.kind != "publish":
+                # Never published there by this driver: nothing of ours to undo (the spec's OK).
+                self._check_untouched(target, field)
+                return
+            if rec.volume_id != volume_id:
+                if mounts.is_mounted(target):
+                    raise FailedPrecondition(
+                        f"target path {target} holds volume {rec.volume_id!r}, not {volume_id!r}"
+                    )
+                self._check_untouched(target, field)
+                return
+            self._check_ours(rec, field)
             self.backend.node_unpublish(volume_id, target)
-            self.store.remove_publish(target)
+            if mounts.is_mounted(target):
+                raise Internal(f"target path {target} is still mounted after the backend's unpublish")
+            self._forget(rec, field)
 
         await self._run(work, exclusive=[f"node-volume:{volume_id}"])
 
-    def _known_path(self, volume_id: str, path: str) -> bool:
-        return any(rec.target_path == path for rec in self.store.publishes_of(volume_id))
+    def _shows_volume(self, volume_id: str, path: str, field: str) -> bool:
+        """Whether `path` is a mount point showing one of this volume's stages or publishes.
+
+        A recorded path qualifies, and so does another mount of the same thing:
+        the kubelet asks for a block volume's stats at its own bind of the
+        published device file (…/volumeDevices/<pv>/dev/<pod uid>).
+        """
+        here = self._mounted_here(path, field)
+        if here is None:
+            return False
+        for rec in self.store.publishes_of(volume_id):
+            if rec.target_path == path and rec.identity in (None, here):
+                return True
+            if rec.identity == here:
+                return True
+        return False
 
     async def node_stats(self, volume_id: str, volume_path: str, staging_path: str = "") -> VolumeStats:
         self._require(self.capabilities.node_stats, "NodeGetVolumeStats")
-        v.check_id(volume_id, "volume_id")
-        path = v.check_path(volume_path, "volume_path")
+        self._check_id(volume_id, "volume_id")
+        # An unknown volume is NOT_FOUND whatever the path (csi-sanity sends "some/path").
+        await self._call(lambda: self._check_node_volume(volume_id))
+        path = self._check_caller_path(volume_path, "volume_path")
         if staging_path:
-            v.check_path(staging_path, "staging_target_path")
+            self._check_caller_path(staging_path, "staging_target_path")
 
         def work() -> VolumeStats:
-            self._check_node_volume(volume_id)
-            if not self._known_path(volume_id, path) or not mounts.is_mounted(path):
+            if not self._shows_volume(volume_id, path, "volume_path"):
                 raise NotFound(f"volume {volume_id!r} is not published or staged at {path}")
             return self.backend.node_stats(volume_id, path)
 
@@ -954,17 +1096,18 @@ class VolumeEngine:
         capability: VolumeCapability | None,
     ) -> int:
         self._require(self.capabilities.node_expand, "NodeExpandVolume")
-        v.check_id(volume_id, "volume_id")
-        path = v.check_path(volume_path, "volume_path")
+        self._check_id(volume_id, "volume_id")
+        await self._call(lambda: self._check_node_volume(volume_id))
+        path = self._check_caller_path(volume_path, "volume_path")
         if staging_path:
-            v.check_path(staging_path, "staging_target_path")
+            self._check_caller_path(staging_path, "staging_target_path")
         v.check_capacity_range(capacity)
         if capability is not None:
             v.check_capability(self.backend_type, capability)
 
         def work() -> int:
             self._check_node_volume(volume_id)
-            if not self._known_path(volume_id, path) or not mounts.is_mounted(path):
+            if not self._shows_volume(volume_id, path, "volume_path"):
                 raise NotFound(f"volume {volume_id!r} is not published or staged at {path}")
             rec = self.store.volume(volume_id)
             size = capacity.required_bytes or (rec.volume.capacity_bytes if rec else 0)

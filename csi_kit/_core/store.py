@@ -490,7 +490,8 @@ class Store:
     def _migrate_publishes(db: sqlite3.Connection) -> None:
         """Stores made before publish rows carried `created` and the mount's identity gain the columns."""
         have = {row[1] for row in db.execute("PRAGMA table_info(publishes)")}
-        for column, decl in (("created", "INTEGER NOT NULL DEFAULT 0"), ("dev", "INTEGER"), ("ino", "INTEGER")):
+        columns = (("created", "INTEGER NOT NULL DEFAULT 0"), ("dev", "INTEGER"), ("ino", "INTEGER"))
+        for column, decl in columns:
             if column not in have:
                 db.execute(f"ALTER TABLE publishes ADD COLUMN {column} {decl}")
 

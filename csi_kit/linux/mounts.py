@@ -12,6 +12,13 @@ parse, errors come back as errno, and no helper program has to be installed.
 `mount()` of a real filesystem goes through the ``mount`` tool instead,
 because it knows how to turn an option string into flags plus data, set up
 loop devices and call mount helpers (mount.nfs, mount.fuse...).
+
+Targets are caller paths (a CSI target or staging path): `bind_mount`,
+`mount`, `remount_readonly` and `unmount` reach them with no symlink followed
+in any component (`csi_kit.linux.paths`) and act through the descriptor or
+the verified parent directory, never by re-resolving the string, so a link
+swapped in after the check cannot redirect the mount or the unmount.  An
+unmount acts on exactly one path, never on what lies below it by prefix.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ import errno
 import logging
 import os
 import re
+import threading
 from collections.abc import Sequence
 
 import attrs
 
-from csi_kit.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from csi_kit.errors import CSIError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from csi_kit.linux import paths
 from csi_kit.linux._libc import check_call, errno_name, libc
 from csi_kit.linux.run import run
 
@@ -41,6 +50,7 @@ __all__ = [
     "remount_readonly",
     "unmount",
     "unmount_all",
+    "unmount_stack",
 ]
 
 log = logging.getLogger("csi_kit.linux")
@@ -59,6 +69,7 @@ UMOUNT_NOFOLLOW = 0x8
 _KEEP_ON_REMOUNT = MS_NOSUID | MS_NODEV | MS_NOEXEC
 
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+_CLONE_FS = 0x200
 
 
 @attrs.frozen
@@ -220,35 +231,63 @@ def _mount_error(e: OSError, what: str) -> Exception:
 def _remount_readonly(target: str) -> None:
     # A bind remount sets the per-mount flags to exactly what is passed, so
     # carry over nosuid/nodev/noexec (util-linux mount does the same).
-    keep = os.statvfs(target).f_flag & _KEEP_ON_REMOUNT
-    _mount_syscall(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+    with paths.opened(target, field="mount point") as fd:
+        keep = os.statvfs(paths.fd_path(fd)).f_flag & _KEEP_ON_REMOUNT
+        _mount_syscall(None, paths.fd_path(fd), None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
 
 
-def bind_mount(source: str, target: str, *, readonly: bool = False, recursive: bool = False) -> None:
+def _open_source(source: str, nofollow: bool) -> int:
+    if nofollow:
+        return paths.open_nofollow(source, field="bind source")
+    try:
+        return os.open(source, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise _mount_error(e, f"bind source {source}") from None
+
+
+def bind_mount(
+    source: str,
+    target: str,
+    *,
+    readonly: bool = False,
+    recursive: bool = False,
+    source_nofollow: bool = False,
+) -> None:
     """Bind `source` onto `target` (a directory onto a directory, or a file or device node onto a file).
 
-    For read-only the kernel ignores MS_RDONLY on the bind itself, so the
-    mount is remounted read-only right after; if that fails the bind is undone
-    rather than left writable.  With `recursive` only the top mount is made
-    read-only.
+    `target` is reached with no symlink followed in any component and mounted
+    on through its descriptor.  `source` is the backend's own path (its
+    symlinks are followed: /dev/mapper names are links) unless
+    `source_nofollow`, for a source that is itself a caller path (a staging
+    path).  For read-only the kernel ignores MS_RDONLY on the bind itself, so
+    the mount is remounted read-only right after; if that fails the bind is
+    undone rather than left writable.  With `recursive` only the top mount is
+    made read-only.
     """
     what = f"bind mount {source} on {target}"
     log.debug("%s (readonly=%s, recursive=%s)", what, readonly, recursive)
     flags = MS_BIND | (MS_REC if recursive else 0)
+    src = _open_source(source, source_nofollow)
     try:
-        _mount_syscall(source, target, None, flags)
-    except OSError as e:
-        raise _mount_error(e, what) from e
+        with paths.opened(target, field="target") as dst:
+            try:
+                _mount_syscall(paths.fd_path(src), paths.fd_path(dst), None, flags)
+            except OSError as e:
+                raise _mount_error(e, what) from e
+    finally:
+        os.close(src)
     if readonly:
         try:
             _remount_readonly(target)
-        except OSError as e:
+        except (OSError, CSIError) as e:
             try:
-                _umount2(target, UMOUNT_NOFOLLOW | (MNT_DETACH if recursive else 0))
-            except OSError as undo:
+                _unmount_exact(target, MNT_DETACH if recursive else 0)
+            except (OSError, CSIError) as undo:
                 log.error(
                     "%s: cannot undo the writable bind after a failed read-only remount: %s", what, undo
                 )
+            if isinstance(e, CSIError):
+                raise
             raise _mount_error(e, f"{what} read-only") from e
 
 
@@ -280,22 +319,67 @@ def mount(
         _check_option(option)
     if readonly and "ro" not in opts:
         opts.append("ro")
-    argv = ["mount", "-t", fs_type]
-    if opts:
-        argv += ["-o", ",".join(opts)]
-    argv += ["--", source, target]
-    run(argv)
+    with paths.opened(target, field="mount point") as fd:
+        # --no-canonicalize: mount(8) hands /proc/self/fd/N (the verified
+        # directory, inherited at the same number) to mount(2) as it is.
+        argv = ["mount", "--no-canonicalize", "-t", fs_type]
+        if opts:
+            argv += ["-o", ",".join(opts)]
+        argv += ["--", source, paths.fd_path(fd)]
+        run(argv, pass_fds=(fd,))
+
+
+class _ThreadFs(threading.local):
+    private = False
+
+
+_thread_fs = _ThreadFs()
+
+
+def _private_cwd() -> None:
+    """Give this thread a working directory of its own (unshare(CLONE_FS)), once.
+
+    umount2(2) takes no directory descriptor, and a descriptor opened on the
+    mount point would pin the mount (EBUSY).  So an unmount runs in the
+    verified parent directory with a relative name, and the chdir must not
+    move the cwd of the driver's other threads.
+    """
+    if _thread_fs.private:
+        return
+    fn = libc().unshare
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    check_call(fn(_CLONE_FS), "unshare(CLONE_FS)")
+    _thread_fs.private = True
+
+
+def _unmount_exact(target: str, flags: int) -> None:
+    """umount2 of the mount at exactly `target`: its name, in its parent opened with no symlink followed."""
+    parent, name = os.path.split(target)
+    if not name:
+        raise InvalidArgument(f"refusing to unmount {target!r}")
+    with paths.opened(
+        parent or "/", field="the parent of the mount point", flags=os.O_PATH | os.O_DIRECTORY
+    ) as fd:
+        _private_cwd()
+        os.fchdir(fd)
+        try:
+            _umount2(name, flags | UMOUNT_NOFOLLOW)
+        finally:
+            os.chdir("/")
 
 
 def unmount(target: str, *, lazy: bool = False) -> None:
-    """Unmount the top mount at `target`; success if nothing is mounted there or the path is gone.
+    """Unmount the top mount at exactly `target`; success if nothing is mounted there or the path is gone.
 
-    Symlinks at `target` are not followed (UMOUNT_NOFOLLOW): a pod could
-    otherwise point a target path at a mount of its choice.
+    No symlink is followed in any component (UMOUNT_NOFOLLOW for the last,
+    `csi_kit.linux.paths` for the parents): a link could otherwise point the
+    unmount at a mount of someone else's choosing.
     """
-    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
     try:
-        _umount2(target, flags)
+        _unmount_exact(target, MNT_DETACH if lazy else 0)
+    except NotFound:
+        return
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOENT):
             return
@@ -307,11 +391,36 @@ def unmount(target: str, *, lazy: bool = False) -> None:
     log.debug("unmounted %s%s", target, " (lazy)" if lazy else "")
 
 
+def unmount_stack(target: str, *, lazy: bool = False) -> int:
+    """Unmount the mounts stacked at exactly `target` showing what the top one shows; return how many.
+
+    A publish retried after a crash can leave the same bind twice at one
+    path; a single `unmount` would leave the lower one.  Only mounts at
+    exactly `target` are touched, and only while they show what the top one
+    showed (same device and root): anything else below is not ours.
+    """
+    count = 0
+    first: tuple[int, int, str] | None = None
+    for _ in range(64):
+        here = mounts_at(target)
+        if not here:
+            return count
+        top = here[-1]
+        key = (top.major, top.minor, top.root)
+        if first is None:
+            first = key
+        elif key != first:
+            return count
+        unmount(target, lazy=lazy)
+        count += 1
+    raise FailedPrecondition(f"mounts at {target} keep reappearing; gave up after {count} unmounts")
+
+
 def unmount_all(target: str, *, lazy: bool = False) -> int:
     """Unmount every mount stacked at `target` and below it, deepest first; return how many.
 
-    For a target that was mounted more than once (a retried publish after a
-    crash) a single `unmount` would leave the lower mount in place.
+    For the backend's own paths only (a scratch mount of its own): never on a
+    caller path, where "below it" may be mounts that are not ours.
     """
     count = 0
     for _ in range(64):

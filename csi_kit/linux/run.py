@@ -83,11 +83,13 @@ def run(
     input: bytes | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     """Run argv and wait for it; raise `CommandFailed` on a non-zero exit when `check`.
 
     `env` entries are added to (and override) the driver's environment, which
-    always carries ``LC_ALL=C`` unless `env` sets it.
+    always carries ``LC_ALL=C`` unless `env` sets it.  `pass_fds` are
+    inherited by the child at the same numbers (for ``/proc/self/fd/N`` paths).
     """
     args = _check_argv(argv)
     child_env = dict(os.environ)
@@ -103,6 +105,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
             env=child_env,
             start_new_session=True,
         )

@@ -166,12 +166,13 @@ def test_delete_twice_succeeds_and_the_volume_is_gone(csi: Csi, state: str) -> N
     assert csi.create("twice").volume_id != vol.volume_id
 
 
-def test_unpublish_of_unknown_target_succeeds(csi: Csi, state: str) -> None:
-    target = os.path.join(state, "never-published")
-    csi.node.NodeUnpublishVolume(
-        pb.NodeUnpublishVolumeRequest(volume_id="no-such-volume", target_path=target)
-    )
-    assert not os.path.exists(target)
+def test_unpublish_of_unknown_target_succeeds(csi: Csi) -> None:
+    with short_dir("ck-tg-") as parent:
+        target = os.path.join(parent, "never-published")
+        csi.node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id="no-such-volume", target_path=target)
+        )
+        assert not os.path.exists(target)
 
 
 def test_snapshot_of_unknown_volume_is_not_found(csi: Csi, state: str) -> None:
@@ -554,13 +555,14 @@ def test_start_empties_incoming(state: str) -> None:
         assert csi.list_volume_ids() == []
 
 
-def test_node_publish_rejects_unknown_volume(csi: Csi, state: str) -> None:
-    target = os.path.join(state, "target")
-    req = pb.NodePublishVolumeRequest(
-        volume_id="no-such-volume", target_path=target, volume_capability=mount_cap()
-    )
-    expect(grpc.StatusCode.NOT_FOUND, csi.node.NodePublishVolume, req, "no-such-volume")
-    assert not os.path.exists(target)
+def test_node_publish_rejects_unknown_volume(csi: Csi) -> None:
+    with short_dir("ck-tg-") as parent:
+        target = os.path.join(parent, "target")
+        req = pb.NodePublishVolumeRequest(
+            volume_id="no-such-volume", target_path=target, volume_capability=mount_cap()
+        )
+        expect(grpc.StatusCode.NOT_FOUND, csi.node.NodePublishVolume, req, "no-such-volume")
+        assert not os.path.exists(target)
 
 
 def test_concurrent_creates_of_many_names_all_succeed_once(csi: Csi, state: str) -> None:

@@ -53,11 +53,13 @@ def filesystem(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def hostpath(filesystem: str) -> Iterator[HostPath]:
     root = os.path.join(filesystem, "hp")
-    with short_dir() as state:
+    # Targets live outside the state directory: the driver refuses paths inside its own roots.
+    with short_dir() as state, short_dir("ck-tg-") as targets:
         try:
             with running_driver(state, backend_options={"root": root}) as ep, Csi(ep) as csi:
-                yield HostPath(csi, state, root)
+                yield HostPath(csi, state, root, targets)
         finally:
+            _unmount_below(targets)
             _unmount_below(state)
 
 

@@ -13,12 +13,11 @@ from helpers import Csi
 class HostPath:
     """A hostPath driver, its client, its root and a scratch directory for targets."""
 
-    def __init__(self, csi: Csi, state: str, root: str) -> None:
+    def __init__(self, csi: Csi, state: str, root: str, targets: str) -> None:
         self.csi = csi
         self.state = state
         self.root = root
-        self.targets = os.path.join(state, "targets")
-        os.makedirs(self.targets, exist_ok=True)
+        self.targets = targets
 
     def volume_dir(self, volume_id: str) -> str:
         return os.path.join(self.root, "volumes", volume_id)
