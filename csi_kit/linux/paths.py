@@ -90,14 +90,15 @@ def _walk(path: str, flags: int) -> int:
         parts = [p for p in path.split("/") if p]
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            open_flags = (flags if last else os.O_PATH) | os.O_NOFOLLOW | os.O_CLOEXEC
+            # O_DIRECTORY is checked after fstat: with O_NOFOLLOW it would call a link ENOTDIR.
+            open_flags = (flags & ~os.O_DIRECTORY if last else os.O_PATH) | os.O_NOFOLLOW | os.O_CLOEXEC
             nxt = os.open(part, open_flags, dir_fd=fd)
             os.close(fd)
             fd = nxt
             mode = os.fstat(fd).st_mode
             if stat.S_ISLNK(mode):
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            if not last and not stat.S_ISDIR(mode):
+            if (not last or flags & os.O_DIRECTORY) and not stat.S_ISDIR(mode):
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
         return fd
     except BaseException:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_kit.errors import CommandFailed, FailedPrecondition, NotFound
+from csi_kit.errors import CommandFailed, FailedPrecondition, InvalidArgument, NotFound
 from csi_kit.linux.mounts import (
     bind_mount,
     is_mounted,
@@ -20,6 +20,7 @@ from csi_kit.linux.mounts import (
     remount_readonly,
     unmount,
     unmount_all,
+    unmount_stack,
 )
 
 pytestmark = pytest.mark.privileged
@@ -192,3 +193,75 @@ def test_option_looking_source_is_not_an_option(tmp_path: Path, unmount_after: R
     mount("--bind", str(target), "tmpfs")  # after "--" it is tmpfs's (ignored) source, not a flag
     entry = mounts_at(str(target))[-1]
     assert (entry.fs_type, entry.source) == ("tmpfs", "--bind")
+
+
+# -- caller paths: no symlink followed, exact paths only ---------------------------------------
+
+
+def test_bind_onto_a_symlinked_target_mounts_nothing(xfs_dir: Path, unmount_after: Register) -> None:
+    source, victim = _pair(xfs_dir)
+    (xfs_dir / "link").symlink_to(victim)
+    for target in (xfs_dir / "link", xfs_dir / "link" / "sub"):
+        with pytest.raises(InvalidArgument, match="symlink"):
+            bind_mount(str(source), str(unmount_after(target)))
+    assert not is_mounted(str(victim))
+    assert os.path.islink(xfs_dir / "link")
+
+
+def test_unmount_through_a_symlinked_parent_leaves_the_mount(xfs_dir: Path, unmount_after: Register) -> None:
+    source, target = _pair(xfs_dir)
+    bind_mount(str(source), str(unmount_after(target)))
+    (xfs_dir / "link").symlink_to(xfs_dir)
+    with pytest.raises(InvalidArgument, match="symlink"):
+        unmount(str(xfs_dir / "link" / "target"))
+    # The last component a link: UMOUNT_NOFOLLOW means "not a mount point", nothing happens.
+    (xfs_dir / "tlink").symlink_to(target)
+    unmount(str(xfs_dir / "tlink"))
+    assert is_mounted(str(target))
+
+
+def test_unmount_stack_takes_only_the_exact_path(xfs_dir: Path, unmount_after: Register) -> None:
+    source, target = _pair(xfs_dir)
+    other = xfs_dir / "other"
+    other.mkdir()
+    bind_mount(str(source), str(unmount_after(target)))
+    bind_mount(str(source), str(target))  # a retried publish: the same bind twice
+    inner = target / "inner"
+    inner.mkdir()
+    bind_mount(str(other), str(unmount_after(inner)))  # something below it that is not ours
+    with pytest.raises(FailedPrecondition, match="busy"):
+        unmount_stack(str(target))  # the kernel refuses: a mount below the target
+    assert is_mounted(str(inner))
+    unmount(str(inner))
+    assert unmount_stack(str(target)) == 2
+    assert not is_mounted(str(target))
+
+
+def test_unmount_stack_stops_at_a_foreign_mount_below(xfs_dir: Path, unmount_after: Register) -> None:
+    source, target = _pair(xfs_dir)
+    foreign = xfs_dir / "foreign"
+    foreign.mkdir()
+    bind_mount(str(foreign), str(unmount_after(target)))  # was there before us
+    bind_mount(str(source), str(target))
+    assert unmount_stack(str(target)) == 1
+    (left,) = mounts_at(str(target))
+    assert left.root.endswith("/foreign")  # the foreign bind is still there
+
+
+def test_unmount_of_root_is_refused() -> None:
+    before = len(mounts_under("/"))
+    with pytest.raises(InvalidArgument):
+        unmount("/")
+    assert len(mounts_under("/")) == before
+
+
+def test_mount_tool_mounts_through_the_descriptor(xfs_dir: Path, unmount_after: Register) -> None:
+    target = xfs_dir / "tmpfs"
+    target.mkdir()
+    mount("csi-kit-test", str(unmount_after(target)), "tmpfs", ["size=4k"])
+    (here,) = mounts_at(str(target))
+    assert here.source == "csi-kit-test" and here.fs_type == "tmpfs"
+    (xfs_dir / "link").symlink_to(xfs_dir)
+    with pytest.raises(InvalidArgument, match="symlink"):
+        mount("csi-kit-test", str(xfs_dir / "link" / "tmpfs"), "tmpfs", ["size=4k"])
+    assert len(mounts_at(str(target))) == 1
