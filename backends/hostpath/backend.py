@@ -15,7 +15,11 @@ the whole contract on the simplest storage there is:
   project quotas when the root is XFS mounted with ``prjquota``; otherwise
   they are advisory: a volume can use the whole filesystem.  Which one applies
   is reported at start-up, in GetPluginInfo's
-  manifest and in every volume's context (``csi-kit.io/capacity``).
+  manifest and in every volume's context (``csi-kit.io/capacity``).  Volume
+  stats follow: with a quota, statfs of the volume (XFS reports the project's
+  limit); advisory, the directory's own usage against its requested size
+  (kept in the ``user.csi-kit.capacity`` xattr), never the whole filesystem's
+  hundreds of gigabytes for a 1 GiB claim.
 * **Node side.**  Publishing is a bind mount of the volume directory (read-
   only honoured); there is no stage step, so STAGE_UNSTAGE_VOLUME is not
   advertised.  Mount state comes from /proc/self/mountinfo.
@@ -58,6 +62,8 @@ __all__ = ["HostPathBackend", "HostPathConfig"]
 log = logging.getLogger("csi_kit.hostpath")
 
 CAPACITY_KEY = "csi-kit.io/capacity"
+#: The requested size of a volume with an advisory capacity, for its stats.
+SIZE_XATTR = "user.csi-kit.capacity"
 
 
 @attrs.frozen
@@ -205,6 +211,7 @@ class HostPathBackend(Backend):
         """Give a prepared directory its quota and its real name."""
         try:
             self._apply_quota(staged, capacity_bytes, recursive=recursive)
+            _record_size(staged, capacity_bytes)
             fs.sync_path(staged)
             os.rename(staged, self.volume_path(volume_id))
             fs.fsync_dir(self.volumes_dir)  # the new name survives a power loss
@@ -276,6 +283,7 @@ class HostPathBackend(Backend):
         if self.enforced and capacity_bytes > volume.capacity_bytes:
             self._check_space(capacity_bytes - volume.capacity_bytes)
             self._apply_quota(path, capacity_bytes, recursive=False)
+        _record_size(path, capacity_bytes)
         return ExpandResult(capacity_bytes, node_expansion_required=False)
 
     def get_capacity(self, parameters: Mapping[str, str], capabilities: Sequence[VolumeCapability]) -> int:
@@ -354,17 +362,21 @@ class HostPathBackend(Backend):
         mounts.unmount_stack(target_path)
 
     def node_stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        directory = self.volume_path(volume_id)
+        if not os.path.isdir(directory):
+            return VolumeStats(usage=(), condition=VolumeCondition(True, "volume directory is missing"))
         usage = fs.statvfs_usage(volume_path)
-        condition = VolumeCondition(False, "")
-        if not os.path.isdir(self.volume_path(volume_id)):
-            condition = VolumeCondition(True, "volume directory is missing")
-        return VolumeStats(
-            usage=(
-                VolumeUsage("BYTES", usage.total_bytes, usage.available_bytes, usage.used_bytes),
-                VolumeUsage("INODES", usage.total_inodes, usage.free_inodes, usage.used_inodes),
-            ),
-            condition=condition,
-        )
+        size = None if self.enforced else _recorded_size(directory)
+        if size is None:
+            # Enforced: statfs inside a project-quota directory reports the quota on XFS.
+            byte_usage = VolumeUsage("BYTES", usage.total_bytes, usage.available_bytes, usage.used_bytes)
+            inodes = VolumeUsage("INODES", usage.total_inodes, usage.free_inodes, usage.used_inodes)
+        else:
+            used, count = fs.tree_usage(directory)
+            free = max(0, min(size - used, usage.available_bytes))
+            byte_usage = VolumeUsage("BYTES", size, free, used)
+            inodes = VolumeUsage("INODES", usage.total_inodes, usage.free_inodes, count)
+        return VolumeStats(usage=(byte_usage, inodes), condition=VolumeCondition(False, ""))
 
     def node_expand(
         self, volume_id: str, volume_path: str, capacity_bytes: int, capability: VolumeCapability | None
@@ -374,6 +386,22 @@ class HostPathBackend(Backend):
         if not os.path.isdir(self.volume_path(volume_id)):
             raise NotFound(f"volume {volume_id!r} does not exist on this node")
         return capacity_bytes
+
+
+def _record_size(directory: str, capacity_bytes: int) -> None:
+    """Remember the requested size on the directory, for advisory stats (skipped without xattrs)."""
+    try:
+        os.setxattr(directory, SIZE_XATTR, str(capacity_bytes).encode(), follow_symlinks=False)
+    except OSError as e:
+        log.debug("cannot record the size of %s in an xattr: %s", directory, e.strerror)
+
+
+def _recorded_size(directory: str) -> int | None:
+    try:
+        value = int(os.getxattr(directory, SIZE_XATTR, follow_symlinks=False))
+    except (OSError, ValueError):
+        return None
+    return value if value > 0 else None
 
 
 def _remove_tree(path: str) -> None:
