@@ -39,10 +39,12 @@ from csi_kit.linux.run import run
 
 __all__ = [
     "FILESYSTEMS",
+    "GROW_SLACK",
     "Signature",
     "check_filesystem",
     "device_size",
     "filesystem_size",
+    "fills_device",
     "grow_filesystem",
     "grow_unmounted",
     "make_filesystem",
@@ -54,6 +56,11 @@ log = logging.getLogger("csi_kit.linux")
 
 #: Filesystems csi_kit can make, check and grow.
 FILESYSTEMS = frozenset({"ext4", "xfs"})
+
+#: A filesystem within this many bytes of its device's end fills it: growing it
+#: again would gain nothing (resize2fs leaves a partial last block group) and,
+#: mounted, would need a capability the process may lack.
+GROW_SLACK = 1 << 20
 
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
 
@@ -255,6 +262,16 @@ def _has_capability(bit: int) -> bool:
 _CAP_SYS_RESOURCE = 24
 
 
+def fills_device(device: str, fs_type: str) -> bool:
+    """Whether the `fs_type` filesystem on `device` already spans it (within `GROW_SLACK`).
+
+    False when `device` holds no `fs_type` superblock: then nothing is known
+    to be grown, and the caller's tool has the last word.
+    """
+    size = filesystem_size(device, fs_type)
+    return size is not None and device_size(device) - size < GROW_SLACK
+
+
 def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
     """Grow a mounted filesystem to fill its device (online).
 
@@ -263,11 +280,20 @@ def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
     filesystem already fills the device, so a retry is harmless.  Online
     ext4 resizing needs CAP_SYS_RESOURCE, which some container runtimes
     drop: that is reported as such (`grow_unmounted` needs no capability).
+    An ext4 that already fills its device answers OK before that question:
+    NodeStage grows it offline, and the kubelet's NodeExpandVolume that
+    follows must then succeed, not be refused forever for want of a
+    capability nothing needs.  ext4 keeps its on-disk superblock current
+    while mounted, so reading it here is sound (XFS does not, and
+    xfs_growfs needs no extra capability, so it is always asked).
     """
     _check_fs_type(fs_type)
     if fs_type == "xfs":
         run(["xfs_growfs", "-d", "--", mount_point], timeout=600.0)
     else:
+        if fills_device(device, fs_type):
+            log.debug("ext4 on %s already fills it; nothing to grow", device)
+            return
         if not _has_capability(_CAP_SYS_RESOURCE):
             raise FailedPrecondition(
                 f"growing the mounted ext4 on {device} needs CAP_SYS_RESOURCE, which this process lacks; "
