@@ -86,7 +86,7 @@ log = logging.getLogger("csi_kit.block")
 BLOCK_STAGE_SOURCE = "csi-kit-block:"
 
 #: A device larger than its filesystem by at least this much gets the filesystem grown at stage.
-_GROW_SLACK = 1 << 20
+_GROW_SLACK = blockfs.GROW_SLACK  # the same rule NodeExpandVolume's grow_filesystem applies
 
 
 def _rdev(path: str) -> int | None:
