@@ -2,6 +2,14 @@
 
 Every servicer method is wrapped by `rpc`; it is the only place that decides
 what status code a caller sees, what gets logged, and what is measured.
+
+A request body that does not decode (garbage bytes, invalid UTF-8 in a string
+field) never raises inside grpc, which would answer UNKNOWN and log a
+traceback per call: the servicers' deserializers are built by `decoder`,
+which hands `rpc` an `Undecodable` instead, and `rpc` answers it
+INVALID_ARGUMENT.  Since such requests can arrive in a loop, they are logged
+through a `LogThrottle`: at most one WARNING per method every 10 s, with a
+count of those held back.
 """
 
 from __future__ import annotations
@@ -13,16 +21,50 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import attrs
 import grpc
+from google.protobuf.message import Message
 
 from csi_kit._grpc.metrics import ServerMetrics
 from csi_kit._grpc.redact import redacted, request_fields
 from csi_kit.errors import CSIError
+from csi_kit.log import LogThrottle
 
-__all__ = ["rpc", "status_of"]
+__all__ = ["rpc", "status_of", "decoder", "Undecodable"]
 
 log = logging.getLogger("csi_kit.rpc")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+#: One WARNING per method per interval for undecodable requests.
+undecodable_log = LogThrottle(log, interval=10.0)
+
+
+@attrs.frozen
+class Undecodable:
+    """Stands in for a request whose body did not decode, so `rpc` can answer it."""
+
+    type_name: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"request body does not decode as {self.type_name}: {self.reason}"
+
+
+def decoder(message_type: type[Message]) -> Callable[[bytes], Any]:
+    """A request deserializer for ``message_type`` that never raises: a body
+    that does not parse becomes an `Undecodable`."""
+    name = message_type.DESCRIPTOR.full_name
+    noise = f"Error parsing message with type '{name}': "
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # DecodeError, or whatever else the parser makes of hostile bytes
+            reason = str(e).removeprefix(noise) or type(e).__name__
+            return Undecodable(name, reason[:200])
+
+    return decode
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -38,6 +80,8 @@ def rpc(method: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             metrics: ServerMetrics | None = getattr(self, "metrics", None)
+            if isinstance(request, Undecodable):
+                return await _refuse_undecodable(method, request, context, metrics)
             ids = request_fields(request)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request", extra={"method": method, "request": redacted(request)})
@@ -81,6 +125,26 @@ def rpc(method: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+async def _refuse_undecodable(
+    method: str, request: Undecodable, context: grpc.aio.ServicerContext, metrics: ServerMetrics | None
+) -> None:
+    """INVALID_ARGUMENT for a body that did not decode: counted in the metrics
+    like any call, logged through the throttle instead of one line per call."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    if metrics:
+        metrics.latency.labels(method, code.name).observe(0.0)
+    undecodable_log.log(
+        logging.WARNING,
+        method,
+        "%s %s: %s",
+        method,
+        code.name,
+        request.message,
+        extra={"method": method, "status": code.name},
+    )
+    await context.abort(code, request.message)
 
 
 #: Calls made every few seconds by sidecars; logged at debug level when they succeed.

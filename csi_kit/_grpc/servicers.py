@@ -3,6 +3,11 @@
 No rule lives here — validation is in `csi_kit._core.validate`, behaviour in
 the engine, status codes in `csi_kit._grpc.errors`.  Capabilities advertised
 are derived from the backend (`csi_kit.backend.capabilities_of`).
+
+The services are registered from the schema's service descriptors rather than
+the generated ``add_*_to_server`` functions, so that every request body is
+decoded by `csi_kit._grpc.errors.decoder`: a body that does not decode is
+answered INVALID_ARGUMENT by `rpc` instead of raising inside grpc.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import message_factory
 
 from csi_kit._core.engine import ListedVolume, VolumeEngine
 from csi_kit._grpc import convert
-from csi_kit._grpc.errors import rpc
+from csi_kit._grpc.errors import decoder, rpc
 from csi_kit._grpc.metrics import ServerMetrics
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pb_grpc
@@ -339,6 +345,22 @@ class NodeServicer(_Base, pb_grpc.NodeServicer):
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
 
+def _register(server: grpc.aio.Server, servicer: Any, service: str) -> None:
+    """Serve csi.v1.``service`` with ``servicer``; every request decoded by `decoder`."""
+    desc = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for m in desc.methods:
+        if m.client_streaming or m.server_streaming:  # CSI has none; refuse to serve one wrongly
+            raise TypeError(f"{desc.full_name}/{m.name} is a streaming method")
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=decoder(message_factory.GetMessageClass(m.input_type)),
+            response_serializer=message_factory.GetMessageClass(m.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
+
+
 def add_services(
     server: grpc.aio.Server,
     engine: VolumeEngine,
@@ -349,10 +371,10 @@ def add_services(
     metrics: ServerMetrics | None = None,
 ) -> None:
     """Register Identity and, as configured, Controller, GroupController and Node."""
-    pb_grpc.add_IdentityServicer_to_server(IdentityServicer(engine, metrics, driver_name, controller), server)
+    _register(server, IdentityServicer(engine, metrics, driver_name, controller), "Identity")
     if controller:
-        pb_grpc.add_ControllerServicer_to_server(ControllerServicer(engine, metrics), server)
+        _register(server, ControllerServicer(engine, metrics), "Controller")
         if engine.capabilities.group_snapshots:
-            pb_grpc.add_GroupControllerServicer_to_server(GroupControllerServicer(engine, metrics), server)
+            _register(server, GroupControllerServicer(engine, metrics), "GroupController")
     if node:
-        pb_grpc.add_NodeServicer_to_server(NodeServicer(engine, metrics), server)
+        _register(server, NodeServicer(engine, metrics), "Node")
