@@ -13,7 +13,7 @@ from loopfile_helpers import MiB
 
 from csi_kit.backend import BackendContext
 from csi_kit.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument
-from csi_kit.linux import loop
+from csi_kit.linux import loop, paths
 from csi_kit.linux.mounts import is_mounted
 from csi_kit.types import (
     CapacityRange,
@@ -98,6 +98,8 @@ def test_delete_refuses_a_volume_in_use_without_any_record(
     staging.mkdir()
     target = str(work / "target")
     backend.node_stage(StageRequest("vol", str(staging), _cap(block)))
+    # The framework makes the target before a backend's node_publish (a file for block).
+    paths.make_target(target, directory=not block)
     try:
         backend.node_publish(PublishRequest("vol", target, _cap(block), staging_path=str(staging)))
         with pytest.raises(FailedPrecondition, match="in use"):
@@ -162,6 +164,7 @@ def test_publish_onto_a_target_holding_another_volume_is_refused(driver_root: Pa
             backend.node_stage(StageRequest(name, str(staging), _cap()))
             staged.append((name, str(staging)))
         target = str(work / "target")
+        paths.make_target(target, directory=True)
         backend.node_publish(PublishRequest("a", target, _cap(), staging_path=staged[0][1]))
         backend.node_publish(PublishRequest("a", target, _cap(), staging_path=staged[0][1]))  # a retry: fine
         with pytest.raises(AlreadyExists):
