@@ -1074,7 +1074,9 @@ class VolumeEngine:
     async def node_stats(self, volume_id: str, volume_path: str, staging_path: str = "") -> VolumeStats:
         self._require(self.capabilities.node_stats, "NodeGetVolumeStats")
         self._check_id(volume_id, "volume_id")
-        # An unknown volume is NOT_FOUND whatever the path (csi-sanity sends "some/path").
+        # csi-sanity's order: a missing path is INVALID_ARGUMENT, then an unknown volume is
+        # NOT_FOUND whatever the path is (it sends the relative "some/path").
+        v.require(volume_path, "volume_path")
         await self._call(lambda: self._check_node_volume(volume_id))
         path = self._check_caller_path(volume_path, "volume_path")
         if staging_path:
@@ -1097,6 +1099,7 @@ class VolumeEngine:
     ) -> int:
         self._require(self.capabilities.node_expand, "NodeExpandVolume")
         self._check_id(volume_id, "volume_id")
+        v.require(volume_path, "volume_path")
         await self._call(lambda: self._check_node_volume(volume_id))
         path = self._check_caller_path(volume_path, "volume_path")
         if staging_path:
