@@ -129,3 +129,25 @@ def test_the_throttle_logs_once_per_interval_with_a_count_of_the_rest(
         "second (5 more since the last report were not logged)",
         "third (1 more since the last report were not logged)",
     ]
+
+
+#: Every method of the services csi_kit serves (SnapshotMetadata, a streaming
+#: service, is not served).
+SERVED = ("Identity", "Controller", "GroupController", "Node")
+ALL_METHODS = [
+    f"/{pb.DESCRIPTOR.services_by_name[svc].full_name}/{m.name}"
+    for svc in SERVED
+    for m in pb.DESCRIPTOR.services_by_name[svc].methods
+]
+
+
+def test_every_csi_method_answers_garbage_with_invalid_argument(
+    endpoint: str, frozen_throttle: LogThrottle
+) -> None:
+    """Registration goes through the schema, so no method is left with a
+    deserializer that raises (the hostPath driver serves all four services)."""
+    assert len(ALL_METHODS) > 25
+    with grpc.insecure_channel(endpoint) as channel:
+        for method in ALL_METHODS:
+            err = _raw_call(channel, method, b"\xff\xff\xff\xff")
+            assert err.code() == INVALID, f"{method}: {err.code()} {err.details()}"
