@@ -13,7 +13,7 @@ import pytest
 from loopfile_helpers import DRIVER, Csi, MiB, cleanup_leaks, no_leaks, read_file, serve, write_file
 
 from csi_kit._pb import csi_pb2 as pb
-from csi_kit.linux import blockfs, loop
+from csi_kit.linux import blockfs, loop, mounts
 from csi_kit.linux.mounts import mounts_at
 from csi_kit.testing.driver import driver_process
 
@@ -218,6 +218,36 @@ def test_expand_a_published_block_volume_needs_no_node_step(csi: Csi) -> None:
     staged = csi.stats(vol.volume_id, csi.staging_path(vol.volume_id))  # the device's size, not the marker's
     assert [(u.unit, u.total) for u in staged.usage] == [(1, 48 * MiB)]
     assert not staged.volume_condition.abnormal
+    csi.unpublish(vol.volume_id)
+    csi.unstage(vol.volume_id)
+    csi.delete(vol.volume_id)
+
+
+def test_block_stats_at_the_kubelets_own_bind_of_the_device(csi: Csi, work: Path) -> None:
+    """The kubelet asks for a block volume's stats at .../volumeDevices/<pv>/dev/<pod uid>, its
+    own bind of the published device file, not the publish target (issue #13, finding 3)."""
+    vol = csi.create(16 * MiB, block=True)
+    target = csi.mount(vol.volume_id, block=True)
+    kubelet_path = work / "volumeDevices" / "pv" / "dev" / "pod-uid"
+    kubelet_path.parent.mkdir(parents=True)
+    kubelet_path.touch()
+    mounts.bind_mount(target, str(kubelet_path))
+    try:
+        stats = csi.stats(vol.volume_id, str(kubelet_path))
+        assert [(u.unit, u.total) for u in stats.usage] == [(1, 16 * MiB)]  # BYTES
+        assert not stats.volume_condition.abnormal
+        # A bind of something else at a path of the same shape is still NOT_FOUND.
+        other = work / "volumeDevices" / "pv" / "dev" / "other"
+        other.touch()
+        mounts.bind_mount("/dev/null", str(other))
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                csi.stats(vol.volume_id, str(other))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            mounts.unmount(str(other))
+    finally:
+        mounts.unmount(str(kubelet_path))
     csi.unpublish(vol.volume_id)
     csi.unstage(vol.volume_id)
     csi.delete(vol.volume_id)
