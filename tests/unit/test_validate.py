@@ -61,18 +61,20 @@ class FullHostPath(HostPathBackend):
 
 
 class Env:
-    def __init__(self, csi: Csi, state: str) -> None:
+    def __init__(self, csi: Csi, state: str, paths: str) -> None:
         self.csi = csi
         self.state = state
         self.root = os.path.join(state, "hostpath")
+        #: Where node target and staging paths go: outside the driver's state directory.
+        self.paths = paths
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with short_dir() as state:
+    with short_dir() as state, short_dir() as paths:
         backend = FullHostPath(HostPathConfig(), BackendContext("hostpath.csi-kit.io", "node-1", state))
         with running_driver(state, backend_object=backend) as ep, Csi(ep) as csi:
-            yield Env(csi, state)
+            yield Env(csi, state, paths)
 
 
 @pytest.fixture
@@ -237,12 +239,6 @@ REQUIRED: list[tuple[str, str, Any, str]] = [
         pb.DeleteVolumeGroupSnapshotRequest(snapshot_ids=["s"]),
         "group_snapshot_id",
     ),
-    (
-        "group",
-        "DeleteVolumeGroupSnapshot",
-        pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id="g"),
-        "snapshot_ids",
-    ),
     ("group", "GetVolumeGroupSnapshot", pb.GetVolumeGroupSnapshotRequest(), "group_snapshot_id"),
 ]
 
@@ -358,8 +354,8 @@ def test_malformed_mount_flag(csi: Csi) -> None:
 def test_node_publish_with_capability_the_backend_lacks_is_failed_precondition(env: Env) -> None:
     req = pb.NodePublishVolumeRequest(
         volume_id=VID,
-        target_path=os.path.join(env.state, "t"),
-        staging_target_path=os.path.join(env.state, "s"),
+        target_path=os.path.join(env.paths, "t"),
+        staging_target_path=os.path.join(env.paths, "s"),
         volume_capability=mount_cap(mode=AccessMode.MULTI_NODE_MULTI_WRITER),
     )
     expect(
@@ -369,7 +365,7 @@ def test_node_publish_with_capability_the_backend_lacks_is_failed_precondition(e
 
 def test_staged_driver_needs_a_staging_path_to_publish(env: Env) -> None:
     req = pb.NodePublishVolumeRequest(
-        volume_id=VID, target_path=os.path.join(env.state, "t"), volume_capability=CAP
+        volume_id=VID, target_path=os.path.join(env.paths, "t"), volume_capability=CAP
     )
     expect(grpc.StatusCode.FAILED_PRECONDITION, env.csi.node.NodePublishVolume, req, "staging_target_path")
 
@@ -946,6 +942,13 @@ def test_group_snapshot_argument_rules(csi: Csi) -> None:
     expect(INVALID, csi.group.GetVolumeGroupSnapshot, get, "snapshot_ids")
     missing = pb.GetVolumeGroupSnapshotRequest(group_snapshot_id="no-such-group")
     expect(grpc.StatusCode.NOT_FOUND, csi.group.GetVolumeGroupSnapshot, missing)
+    # snapshot_ids is required to delete a group that exists; a group that does
+    # not exist is deleted already, whatever snapshot_ids says (csi-sanity).
+    no_members = pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
+    expect(INVALID, csi.group.DeleteVolumeGroupSnapshot, no_members, "snapshot_ids", "required")
+    csi.group.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id="no-such-group")
+    )
     csi.group.DeleteVolumeGroupSnapshot(
         pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id, snapshot_ids=members)
     )
