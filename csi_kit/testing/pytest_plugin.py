@@ -58,6 +58,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--csi-driver-root", action="append", default=None, help="a directory the driver stores in"
     )
+    group.addoption(
+        "--csi-allow-host-namespace",
+        action="store_true",
+        default=False,
+        help="run the node-path attacks in the initial mount namespace too (disposable nodes only)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -112,6 +118,8 @@ def config_from_options(config: pytest.Config) -> SanityConfig | None:
         kw["connect_timeout"] = opt("--csi-connect-timeout")
     if opt("--csi-driver-root"):
         kw["driver_roots"] = tuple(opt("--csi-driver-root"))
+    if opt("--csi-allow-host-namespace"):
+        kw["allow_host_namespace"] = True
     return SanityConfig(**kw)  # type: ignore[arg-type]
 
 

@@ -48,7 +48,9 @@ def csi_sanity_config(
         mount_dir=mounts,
         volume_size=getattr(request.module, "VOLUME_SIZE", 16 * 1024 * 1024),
         access_type=getattr(request.module, "ACCESS_TYPE", "mount"),
-        driver_roots=(state,),
+        # The state dir and the backend's root (hostPath's default lies
+        # inside it; named apart so the node-path attacks aim at both).
+        driver_roots=(state, os.path.join(state, getattr(request.module, "BACKEND", "hostpath"))),
         idempotency_repeats=int(os.environ.get("CSI_SANITY_REPEATS", "10")),
     )
 

@@ -7,17 +7,22 @@ whatever state the real server is in.  Volumes are directories under a
 root; publish/stage are bind mounts when running as root and symlinks
 otherwise.  Sizes are advisory.  Run as a process:
 
-    python fakedriver.py --endpoint unix:///tmp/x.sock --root DIR [--fault NAME ...]
+    python fakedriver.py --endpoint unix:///tmp/x.sock --root DIR [--fault NAME ...] [-- COMMAND ...]
+
+With a COMMAND it serves only while COMMAND runs: `unshare -m` around the
+whole line puts driver and suite in one private mount namespace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -44,6 +49,12 @@ FAULTS = {
     "crash-on-nul": "an id holding NUL raises an unhandled exception",
     "shrink": "ControllerExpandVolume sets the size even when smaller",
     "group-ignores-sources": "CreateVolumeGroupSnapshot with a known name ignores different sources",
+    "follow-symlinks": "node paths may go through symlinks; undo finds its record through the link",
+    "normalise-paths": "node paths with `..`, `.`, `//` or a trailing `/` are normalised, not refused",
+    "unmount-prefix": "unpublish/unstage of an unknown path unmounts every mount below it, answers OK",
+    "rmdir-unpublished": "unpublish/unstage of an unknown empty directory removes it",
+    "target-in-root": "targets and staging paths inside the driver's root are accepted",
+    "stats-wrong-codes": "stats/expand judge the path before the volume, FAILED_PRECONDITION off target",
 }
 
 GiB = 1024**3
@@ -51,6 +62,9 @@ MAX_SIZE = 1024 * GiB
 _BANNED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _ID = re.compile(r"^[0-9a-f]{32}$")
 MS_BIND, MS_REMOUNT, MS_RDONLY = 4096, 32, 1
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
+#: The destructive faults act only below the suite's own scratch directories.
+FENCE = tempfile.gettempdir() + "/csi-sanity-"
 _libc = ctypes.CDLL(None, use_errno=True)
 ROOT = os.geteuid() == 0
 C = grpc.StatusCode
@@ -65,10 +79,13 @@ def _mount(src: str, dst: str, readonly: bool) -> None:
         raise OSError(err, f"remount {dst} read-only")
 
 
-def _is_mount(path: str) -> bool:
-    real = os.path.realpath(path)
+def _mount_points() -> list[str]:
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), ln.split()[4]) for ln in f]
+
+
+def _fenced(path: str) -> bool:
+    return path.startswith(FENCE)
 
 
 class Abort(Exception):
@@ -97,7 +114,7 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
         self.names: dict[str, str] = {}
         self.snaps: dict[str, dict[str, Any]] = {}
         self.snap_names: dict[str, str] = {}
-        self.staged: dict[tuple[str, str], Any] = {}
+        self.staged: dict[str, dict[str, Any]] = {}
         self.published: dict[str, dict[str, Any]] = {}
         self.groups: dict[str, dict[str, Any]] = {}
         self.group_names: dict[str, str] = {}
@@ -279,7 +296,7 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
         if "traversal" in self.faults:
             target = os.path.realpath(os.path.join(self.root, "vols", vid))
             # The planted bug, fenced so it can only ever hit the suite's canary.
-            if target.startswith(tempfile.gettempdir() + "/csi-sanity-") and os.path.isdir(target):
+            if _fenced(target) and os.path.isdir(target):
                 shutil.rmtree(target)
         with self.lock:
             v = self.vols.pop(vid, None)
@@ -504,6 +521,15 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
         return pb.GetVolumeGroupSnapshotResponse(group_snapshot=self._group_msg(g))
 
     # -- node -----------------------------------------------------------------
+    #
+    # Caller paths are judged as the spec asks of any driver (see
+    # _node_path): absolute, normal, never `/`, never inside the root, no
+    # symlink in any component.  Publish/stage are real bind mounts as root.
+    # Unpublish/unstage undo only what a record says this driver did, at
+    # exactly that path.  The node faults each undo one of these rules; the
+    # destructive ones are fenced to the suite's own scratch directories
+    # (FENCE) so that even a run outside a private mount namespace cannot
+    # harm the machine.
 
     def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
         r = pb.NodeGetCapabilitiesResponse()
@@ -515,6 +541,54 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
     def NodeGetInfo(self, request: Any, context: Any) -> Any:
         return pb.NodeGetInfoResponse(node_id=self.node_id)
 
+    def _node_path(self, path: str, what: str) -> str:
+        """The caller's path if it is one this driver may mount at or undo;
+        INVALID_ARGUMENT otherwise."""
+        self._abs(path, what)
+        if path == "/":
+            raise Abort(C.INVALID_ARGUMENT, f"{what} must not be /")
+        if path != os.path.normpath(path) or path.startswith("//"):
+            if "normalise-paths" not in self.faults:
+                raise Abort(C.INVALID_ARGUMENT, f"{what} {path!r} is not a normal path")
+            path = "/" + os.path.normpath(path).lstrip("/")
+        root = os.path.realpath(self.root)
+        if (path == root or path.startswith(root + "/")) and "target-in-root" not in self.faults:
+            raise Abort(C.INVALID_ARGUMENT, f"{what} {path!r} is inside the driver's root")
+        if "follow-symlinks" not in self.faults:
+            prefix = ""
+            for part in path.strip("/").split("/"):
+                prefix += "/" + part
+                try:
+                    st = os.lstat(prefix)
+                except OSError:
+                    break  # missing (or below a file): nothing further to follow
+                if stat.S_ISLNK(st.st_mode):
+                    raise Abort(C.INVALID_ARGUMENT, f"{what} {path!r} goes through the symlink {prefix}")
+        return path
+
+    def _umount(self, path: str) -> None:
+        flags = 0 if "follow-symlinks" in self.faults else UMOUNT_NOFOLLOW
+        if _libc.umount2(path.encode(), flags) != 0:
+            raise OSError(ctypes.get_errno(), f"umount {path}")
+
+    def _not_ours(self, path: str, records: dict[str, dict[str, Any]], what: str) -> str | None:
+        """Undo of a path with no record: the faults' wrong moves, or nothing."""
+        if "unmount-prefix" in self.faults:
+            prefix = path.rstrip("/") + "/"
+            doomed = [mp for mp in _mount_points() if (mp == path or mp.startswith(prefix)) and _fenced(mp)]
+            for mp in sorted(doomed, key=len, reverse=True):
+                _libc.umount2(mp.encode(), MNT_DETACH)
+            return None
+        path = self._node_path(path, what)
+        if path in records:  # another spelling of a recorded path (normalise-paths)
+            return path
+        if "follow-symlinks" in self.faults and os.path.realpath(path) in records:
+            return os.path.realpath(path)
+        if "rmdir-unpublished" in self.faults and _fenced(path):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        return None
+
     @_wrap
     def NodeStageVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
@@ -524,13 +598,17 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
             raise self._missing("volume_capability")
         self._check_cap(request.volume_capability)
         v = self._vol(request.volume_id)
-        key = (v["id"], request.staging_target_path)
+        path = self._node_path(request.staging_target_path, "staging_target_path")
         with self.lock:
-            if key in self.staged:
-                return pb.NodeStageVolumeResponse()
+            if path in self.staged:
+                if self.staged[path]["volume"] == v["id"]:
+                    return pb.NodeStageVolumeResponse()
+                raise Abort(C.ALREADY_EXISTS, f"another volume is staged at {path}")
             if ROOT:
-                _mount(v["dir"], request.staging_target_path, False)
-            self.staged[key] = request.volume_capability
+                if not os.path.isdir(path):
+                    raise Abort(C.NOT_FOUND, f"staging_target_path {path} is not a directory")
+                _mount(v["dir"], path, False)
+            self.staged[path] = {"volume": v["id"], "cap": request.volume_capability}
         return pb.NodeStageVolumeResponse()
 
     @_wrap
@@ -539,8 +617,14 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
             raise self._missing("volume_id")
         self._abs(request.staging_target_path, "staging_target_path")
         with self.lock:
-            if self.staged.pop((request.volume_id, request.staging_target_path), None) is not None and ROOT:
-                _libc.umount2(request.staging_target_path.encode(), 0)
+            path = request.staging_target_path
+            if path not in self.staged:
+                path = self._not_ours(path, self.staged, "staging_target_path")
+            if path is None or self.staged[path]["volume"] != request.volume_id:
+                return pb.NodeUnstageVolumeResponse()
+            if ROOT:
+                self._umount(path)
+            del self.staged[path]
         return pb.NodeUnstageVolumeResponse()
 
     @_wrap
@@ -554,29 +638,40 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
             raise Abort(C.FAILED_PRECONDITION, "staging_target_path is required (STAGE_UNSTAGE_VOLUME)")
         self._check_cap(request.volume_capability)
         v = self._vol(request.volume_id)
-        if (v["id"], request.staging_target_path) not in self.staged:
+        target = self._node_path(request.target_path, "target_path")
+        staged = self.staged.get(request.staging_target_path)
+        if staged is None or staged["volume"] != v["id"]:
             raise Abort(C.FAILED_PRECONDITION, f"volume not staged at {request.staging_target_path}")
         args = (request.staging_target_path, request.readonly, request.volume_capability.SerializeToString())
         mode = request.volume_capability.access_mode.mode
         with self.lock:
-            p = self.published.get(request.target_path)
+            p = self.published.get(target)
             if p is not None:
                 if p["volume"] == v["id"] and p["args"] == args:
                     return pb.NodePublishVolumeResponse()
-                raise Abort(C.ALREADY_EXISTS, f"{request.target_path} published with other arguments")
+                raise Abort(C.ALREADY_EXISTS, f"{target} published with other arguments")
             others = [o for o in self.published.values() if o["volume"] == v["id"]]
             if others and mode in (1, 2):
                 raise Abort(C.FAILED_PRECONDITION, "single-node volume already published elsewhere")
-            if ROOT:
-                os.mkdir(request.target_path)
-                try:
-                    _mount(request.staging_target_path, request.target_path, request.readonly)
-                except OSError:
-                    os.rmdir(request.target_path)
-                    raise
+            created = not os.path.lexists(target)
+            if not ROOT:
+                if not created:
+                    raise Abort(
+                        C.FAILED_PRECONDITION, f"{target} exists (unprivileged: publishes are symlinks)"
+                    )
+                os.symlink(v["dir"], target)
             else:
-                os.symlink(v["dir"], request.target_path)
-            self.published[request.target_path] = {"volume": v["id"], "args": args}
+                if created:
+                    os.mkdir(target)
+                elif not os.path.isdir(target) and "follow-symlinks" not in self.faults:
+                    raise Abort(C.INVALID_ARGUMENT, f"{target} exists and is not a directory")
+                try:
+                    _mount(request.staging_target_path, target, request.readonly)
+                except OSError:
+                    if created:
+                        os.rmdir(target)
+                    raise
+            self.published[target] = {"volume": v["id"], "args": args, "created": created}
         return pb.NodePublishVolumeResponse()
 
     @_wrap
@@ -585,32 +680,42 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
             raise self._missing("volume_id")
         self._abs(request.target_path, "target_path")
         with self.lock:
-            p = self.published.get(request.target_path)
-            if p is None or p["volume"] != request.volume_id:
+            target = request.target_path
+            if target not in self.published:
+                target = self._not_ours(target, self.published, "target_path")
+            if target is None or self.published[target]["volume"] != request.volume_id:
                 return pb.NodeUnpublishVolumeResponse()
-            del self.published[request.target_path]
+            p = self.published.pop(target)
             if ROOT:
-                _libc.umount2(request.target_path.encode(), 0)
-                if "keep-target" not in self.faults:
-                    os.rmdir(request.target_path)
+                self._umount(target)
+                if p["created"] and "keep-target" not in self.faults:
+                    os.rmdir(target)
             elif "keep-target" not in self.faults:
-                os.unlink(request.target_path)
+                os.unlink(target)
         return pb.NodeUnpublishVolumeResponse()
 
-    def _path_of(self, vid: str, path: str) -> dict[str, Any]:
+    def _at(self, vid: str, path: str) -> dict[str, Any]:
+        """The volume `vid`, which must be published or staged at `path`.
+
+        The volume is looked up first: an unknown one is NOT_FOUND whatever
+        the path (csi-sanity sends `some/path`)."""
+        if "stats-wrong-codes" in self.faults:
+            self._abs(path, "volume_path")
         v = self._vol(vid)
         known = {t for t, p in self.published.items() if p["volume"] == vid}
-        known |= {s for (i, s) in self.staged if i == vid}
+        known |= {s for s, rec in self.staged.items() if rec["volume"] == vid}
         if path not in known:
-            raise Abort(C.NOT_FOUND, f"volume {vid} is not at {path}")
+            code = C.FAILED_PRECONDITION if "stats-wrong-codes" in self.faults else C.NOT_FOUND
+            raise Abort(code, f"volume {vid} is not at {path}")
         return v
 
     @_wrap
     def NodeGetVolumeStats(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise self._missing("volume_id")
-        self._abs(request.volume_path, "volume_path")
-        self._path_of(request.volume_id, request.volume_path)
+        if not request.volume_path:
+            raise self._missing("volume_path")
+        self._at(request.volume_id, request.volume_path)
         st = os.statvfs(request.volume_path)
         r = pb.NodeGetVolumeStatsResponse()
         r.usage.add(
@@ -625,8 +730,9 @@ class Driver(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer, pbg
     def NodeExpandVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise self._missing("volume_id")
-        self._abs(request.volume_path, "volume_path")
-        v = self._path_of(request.volume_id, request.volume_path)
+        if not request.volume_path:
+            raise self._missing("volume_path")
+        v = self._at(request.volume_id, request.volume_path)
         return pb.NodeExpandVolumeResponse(capacity_bytes=v["size"])
 
 
@@ -643,16 +749,40 @@ def serve(endpoint: str, root: str, faults: set[str]) -> grpc.Server:
 
 
 def main() -> None:
+    """Serve until SIGTERM; or, given `-- COMMAND...`, serve while COMMAND
+    runs (its output relayed) and exit with its status — how the suite runs
+    against a faulty driver inside one private mount namespace."""
+    argv = sys.argv[1:]
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     ap = argparse.ArgumentParser()
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--root", required=True)
     ap.add_argument("--fault", action="append", default=[], choices=sorted(FAULTS))
-    ns = ap.parse_args()
+    ns = ap.parse_args(argv)
     server = serve(ns.endpoint, ns.root, set(ns.fault))
+    if command:
+        sys.exit(run_beside(server, command))
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
     print("ready", flush=True)
     server.wait_for_termination()
     sys.exit(0)
+
+
+def run_beside(server: Any, command: list[str]) -> int:
+    """Run `command` while `server` serves; relay its output; its exit status."""
+    from csi_kit.linux.run import run
+
+    try:
+        result = run(command, check=False, timeout=3600)
+    finally:
+        server.stop(None).wait()
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.stdout.flush()
+    return result.returncode
 
 
 if __name__ == "__main__":

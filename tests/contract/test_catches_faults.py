@@ -3,9 +3,15 @@ in a child process) against deliberately broken drivers and check that the
 tests that should fail do fail, while unrelated tests in the same run pass.
 
 Two kinds of broken driver: the small gRPC driver in fakedriver.py with one
-planted fault each (wire-level faults: wrong codes, lost idempotency, races,
-traversal), and the real hostPath backend subclassed to lose data or leave
-targets behind (served in-process through csi_kit.testing.driver).
+planted fault each (wrong codes, lost idempotency, races, traversal, and
+the node-path faults: followed symlinks, normalised paths, prefix unmounts,
+removed directories, targets inside its root), and the real hostPath backend
+subclassed to lose data or ignore read-only (brokenhostpath.py).
+
+Driver and suite run together in one child process tree, as root inside
+`unshare -m --propagation private`: the planted node faults mount over and
+unmount what they should not, and that must stay in a namespace made for
+the run — whoever runs this file, and however.
 """
 
 from __future__ import annotations
@@ -13,15 +19,14 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from csi_kit.linux.run import run
 
-sys.path.insert(0, os.path.dirname(__file__))
-import fakedriver
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import fakedriver  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each case runs the suite in a child process
 
@@ -29,20 +34,28 @@ _LINE = re.compile(r"^(PASS|FAIL|SKIP) (\S+)")
 _TALLY = re.compile(r"^(\d+) passed, (\d+) failed, (\d+) skipped$")
 
 
-@contextmanager
-def fake_driver(tmp: str, *faults: str) -> Iterator[str]:
-    """Serve the fake driver (with `faults`) in this process; yields its endpoint."""
-    sock = os.path.join(tmp, "fake.sock")
+def private_namespace(argv: list[str]) -> list[str]:
+    """`argv` in a mount namespace of its own (as root; unprivileged, the
+    drivers here cannot mount or unmount, and unshare is not allowed)."""
+    if os.geteuid() != 0:
+        return argv
+    return ["unshare", "-m", "--propagation", "private", "--", *argv]
+
+
+def fake_driver(tmp: str, *faults: str) -> tuple[list[str], str, str]:
+    """The fake driver's command line (with `faults`): (argv, endpoint, root)."""
+    endpoint = f"unix://{os.path.join(tmp, 'fake.sock')}"
     root = os.path.join(tmp, "root")
-    server = fakedriver.serve(f"unix://{sock}", root, set(faults))
-    try:
-        yield f"unix://{sock}"
-    finally:
-        server.stop(None).wait()
+    argv = [sys.executable, fakedriver.__file__, "--endpoint", endpoint, "--root", root]
+    return argv + [f"--fault={f}" for f in faults], endpoint, root
 
 
-def run_suite(endpoint: str, keyword: str | None = None, *extra: str) -> tuple[dict[str, str], str, int]:
-    """Run `csi-kit sanity`; returns ({test: PASS|FAIL|SKIP}, output, exit code)."""
+def run_suite(
+    endpoint: str, keyword: str | None = None, *extra: str, driver: list[str] | None = None
+) -> tuple[dict[str, str], str, int]:
+    """Run `csi-kit sanity` — beside `driver` (a command that serves while
+    the command after its `--` runs) in a private mount namespace, when
+    given.  Returns ({test: PASS|FAIL|SKIP}, output, exit code)."""
     argv = [
         sys.executable,
         "-m",
@@ -54,7 +67,10 @@ def run_suite(endpoint: str, keyword: str | None = None, *extra: str) -> tuple[d
     ]
     if keyword:
         argv += ["-k", keyword]
-    result = run([*argv, *extra], check=False, timeout=1800)
+    argv += extra
+    if driver is not None:
+        argv = private_namespace([*driver, "--", *argv])
+    result = run(argv, check=False, timeout=1800)
     outcomes: dict[str, str] = {}
     for line in result.stdout.splitlines():
         m = _LINE.match(line)
@@ -65,6 +81,12 @@ def run_suite(endpoint: str, keyword: str | None = None, *extra: str) -> tuple[d
         f"the last line is not the tally:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
     return outcomes, result.stdout, result.returncode
+
+
+def run_against_fake(tmp: str, keyword: str | None, *faults: str) -> tuple[dict[str, str], str, int]:
+    """The suite against the fake driver with `faults` (its root given as a driver root)."""
+    driver, endpoint, root = fake_driver(tmp, *faults)
+    return run_suite(endpoint, keyword, "--driver-root", root, driver=driver)
 
 
 def outcome(outcomes: dict[str, str], test: str) -> str:
@@ -143,7 +165,19 @@ CASES = [
         ["TestControllerExpandVolume::test_smaller_request_does_not_shrink"],
         ["TestControllerExpandVolume::test_grows_the_volume"],
     ),
+    (
+        "stats-wrong-codes",
+        "TestNodeGetVolumeStats or TestNodeExpandVolume or TestHostilePaths and stats",
+        [
+            "TestNodeGetVolumeStats::test_unknown_volume_relative_path",
+            "TestNodeExpandVolume::test_unknown_volume_relative_path",
+            "TestHostilePaths::test_stats_of_foreign_path",
+        ],
+        ["TestNodeGetVolumeStats::test_unknown_volume", "TestNodeExpandVolume::test_missing_volume_id"],
+    ),
 ]
+
+_SHAPES = ("dotdot", "dot", "double-slash", "trailing-slash")
 
 # Faults only visible through real mounts (the suite's node tests need root).
 PRIVILEGED_CASES = [
@@ -165,12 +199,69 @@ PRIVILEGED_CASES = [
         ["TestNodeLifecycle::test_clone_is_independent"],
         ["TestNodeLifecycle::test_restored_volume_has_snapshot_data"],
     ),
+    # The node-path attacks (test_node_paths.py), one planted fault each.
+    (
+        "follow-symlinks",
+        "TestNodeSymlinkPaths or TestNodeUndoThroughSymlink or TestNodeNeverPublishedPaths",
+        [
+            *(
+                f"TestNodeSymlinkPaths::test_publish[{k}]"
+                for k in ("last-dir", "last-file", "parent-dir", "parent-file")
+            ),
+            "TestNodeSymlinkPaths::test_stage[last-dir]",
+            "TestNodeSymlinkPaths::test_stage[parent-dir]",
+            "TestNodeUndoThroughSymlink::test_unpublish",
+            "TestNodeUndoThroughSymlink::test_unstage",
+        ],
+        ["TestNodeNeverPublishedPaths::test_unpublish", "TestNodeNeverPublishedPaths::test_unstage"],
+    ),
+    (
+        "normalise-paths",
+        "TestNodeAbnormalPaths",
+        [
+            f"TestNodeAbnormalPaths::test_{rpc}[{shape}]"
+            for rpc in ("publish", "unpublish", "stage", "unstage")
+            for shape in _SHAPES
+        ],
+        [f"TestNodeAbnormalPaths::test_{rpc}[root]" for rpc in ("publish", "unpublish", "stage", "unstage")],
+    ),
+    (
+        "unmount-prefix",
+        "TestNodeAbnormalPaths and root or TestNodeLifecycle and publish_write",
+        ["TestNodeAbnormalPaths::test_unpublish[root]", "TestNodeAbnormalPaths::test_unstage[root]"],
+        [
+            "TestNodeLifecycle::test_publish_write_unpublish",
+            "TestNodeAbnormalPaths::test_publish[root]",
+            "TestNodeAbnormalPaths::test_stage[root]",
+        ],
+    ),
+    (
+        "rmdir-unpublished",
+        "TestNodeNeverPublishedPaths or TestNodeUnpublishVolume or TestNodeUnstageVolume",
+        ["TestNodeNeverPublishedPaths::test_unpublish", "TestNodeNeverPublishedPaths::test_unstage"],
+        [
+            "TestNodeUnpublishVolume::test_not_published_succeeds",
+            "TestNodeUnstageVolume::test_not_staged_succeeds",
+        ],
+    ),
+    (
+        "target-in-root",
+        "TestNodePathsInDriverRoots or TestNodeSymlinkPaths and publish",
+        [
+            "TestNodePathsInDriverRoots::test_publish[root-itself]",
+            "TestNodePathsInDriverRoots::test_publish[below-root]",
+            "TestNodePathsInDriverRoots::test_stage[root-itself]",
+        ],
+        [
+            "TestNodeSymlinkPaths::test_publish[last-dir]",
+            "TestNodePathsInDriverRoots::test_stage[below-root]",
+        ],
+    ),
 ]
 
 
 def _check(tmp: str, fault: str, keyword: str, must_fail: list[str], must_pass: list[str]) -> None:
-    with fake_driver(tmp, fault) as endpoint:
-        outcomes, out, rc = run_suite(endpoint, keyword)
+    outcomes, out, rc = run_against_fake(tmp, keyword, fault)
     assert rc != 0, f"the suite exited 0 against a driver with fault {fault!r}:\n{out}"
     for test in must_fail:
         assert outcome(outcomes, test) == "FAIL", f"{test} did not catch {fault!r}:\n{out}"
@@ -200,8 +291,7 @@ def test_node_fault_is_caught(
 @pytest.mark.slow
 def test_correct_driver_passes_the_whole_suite(tmp_path: object) -> None:
     """The control: the same fake driver without faults fails nothing."""
-    with fake_driver(str(tmp_path)) as endpoint:
-        outcomes, out, rc = run_suite(endpoint)
+    outcomes, out, rc = run_against_fake(str(tmp_path), None)
     failed = sorted(n for n, o in outcomes.items() if o == "FAIL")
     assert not failed, f"the suite fails a correct driver: {failed}\n{out[-5000:]}"
     assert rc == 0
@@ -221,30 +311,6 @@ def test_exit_status_and_tally_when_nothing_listens(tmp_path: object) -> None:
 # -- the real hostPath backend, subclassed to break it ------------------------------
 
 
-def _hostpath_subclass(kind: str) -> type:
-    from csi_kit_backends.hostpath.backend import HostPathBackend
-
-    if kind == "empty-restore":
-
-        class EmptyRestore(HostPathBackend):
-            """Restores a snapshot as an empty volume: data loss."""
-
-            def restore_snapshot(self, volume_id, request, snapshot):  # type: ignore[no-untyped-def]
-                return self.create_volume(volume_id, request)
-
-        return EmptyRestore
-
-    class KeepTarget(HostPathBackend):
-        """Unmounts but leaves the target directory behind."""
-
-        def node_unpublish(self, volume_id: str, target_path: str) -> None:
-            from csi_kit.linux import mounts
-
-            mounts.unmount_all(target_path)
-
-    return KeepTarget
-
-
 @pytest.mark.privileged
 @pytest.mark.parametrize(
     ("kind", "keyword", "must_fail", "must_pass"),
@@ -256,25 +322,20 @@ def _hostpath_subclass(kind: str) -> type:
             ["TestNodeLifecycle::test_clone_is_independent"],
         ),
         (
-            "keep-target",
-            "TestNodeLifecycle and (publish_write or restored)",
+            "ignore-readonly",
+            "TestNodeLifecycle and (readonly or publish_write)",
+            ["TestNodeLifecycle::test_readonly_publish_refuses_writes"],
             ["TestNodeLifecycle::test_publish_write_unpublish"],
-            [],
         ),
     ],
-    ids=["empty-restore", "keep-target"],
+    ids=["empty-restore", "ignore-readonly"],
 )
 def test_broken_hostpath_backend_is_caught(
     tmp_path: object, kind: str, keyword: str, must_fail: list[str], must_pass: list[str]
 ) -> None:
-    from csi_kit.backend import BackendContext
-    from csi_kit.testing.driver import running_driver
-
     state = os.path.join(str(tmp_path), "state")
-    os.makedirs(state)
-    backend = _hostpath_subclass(kind)(None, BackendContext("hostpath.csi-kit.io", "node-1", state))
-    with running_driver(state, backend_object=backend) as endpoint:
-        outcomes, out, rc = run_suite(endpoint, keyword)
+    driver = [sys.executable, os.path.join(HERE, "brokenhostpath.py"), "--kind", kind, "--state", state]
+    outcomes, out, rc = run_suite(f"unix://{state}/csi.sock", keyword, driver=driver)
     assert rc != 0, out
     for test in must_fail:
         assert outcome(outcomes, test) == "FAIL", f"{test} did not catch the broken backend {kind!r}:\n{out}"

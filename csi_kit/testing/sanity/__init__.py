@@ -28,6 +28,8 @@ from csi_kit.testing.sanity.test_identity import *  # noqa: F403
 from csi_kit.testing.sanity.test_identity import __all__ as _identity
 from csi_kit.testing.sanity.test_node import *  # noqa: F403
 from csi_kit.testing.sanity.test_node import __all__ as _node
+from csi_kit.testing.sanity.test_node_paths import *  # noqa: F403
+from csi_kit.testing.sanity.test_node_paths import __all__ as _node_paths
 from csi_kit.testing.sanity.test_snapshot import *  # noqa: F403
 from csi_kit.testing.sanity.test_snapshot import __all__ as _snapshot
 from csi_kit.testing.sanity.test_statemachine import *  # noqa: F403
@@ -46,6 +48,7 @@ TEST_CLASSES = [
     *_idempotency,
     *_concurrency,
     *_hostile,
+    *_node_paths,
     *_statemachine,
 ]
 

@@ -312,6 +312,23 @@ class SanityContext:
             if cap not in self.caps.group:
                 pytest.skip(f"group controller does not advertise {GroupCap.Type.Name(cap)}")
 
+    @functools.cached_property
+    def _host_namespace(self) -> str | None:
+        return host_mount_namespace()
+
+    def need_private_mount_namespace(self) -> None:
+        """Skip the calling test when it would attack node paths in the
+        machine's own mount namespace: a faulty driver's unmount storm (or a
+        mount over /etc) must stay inside a namespace made for the run."""
+        if self.config.allow_host_namespace:
+            return
+        reason = self._host_namespace
+        if reason is not None:
+            pytest.skip(
+                f"node-path attacks need a private mount namespace ({reason}): run the suite under "
+                "`unshare -m --propagation private`, or pass --allow-host-namespace on a disposable node"
+            )
+
     @property
     def stages(self) -> bool:
         return NodeCap.STAGE_UNSTAGE_VOLUME in self.caps.node
@@ -703,6 +720,74 @@ def mounts_under(path: str) -> list[str]:
     real = os.path.realpath(path)
     prefix = real.rstrip("/") + "/"
     return [mp for mp, _r, _s in mountinfo() if mp == real or mp.startswith(prefix)]
+
+
+def mount_table() -> frozenset[tuple[int, str]]:
+    """(mount id, mount point) of every mount in this namespace: a mount
+    replaced by another at the same place counts as a change."""
+    out = set()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 4:
+                out.add((int(parts[0]), _unescape(parts[4])))
+    return frozenset(out)
+
+
+def _mount_changes(before: frozenset[tuple[int, str]], what: str) -> str:
+    after = mount_table()
+    gone = sorted(mp for _id, mp in before - after)
+    new = sorted(mp for _id, mp in after - before)
+    return f"{what} changed the mount table: unmounted {gone}, mounted {new}" if gone or new else ""
+
+
+@contextlib.contextmanager
+def mounts_unchanged(what: str) -> Iterator[None]:
+    """Assert that the block mounts and unmounts nothing (in this namespace);
+    a failed assertion inside the block is reported with the changes."""
+    before = mount_table()
+    try:
+        yield
+    except AssertionError as err:
+        changes = _mount_changes(before, what)
+        if changes:
+            raise AssertionError(f"{err}; and {changes}") from None
+        raise
+    changes = _mount_changes(before, what)
+    assert not changes, changes
+
+
+#: The initial mount namespace's inode number on kernels that number the
+#: initial namespaces statically (6.18 on, MNT_NS_INIT_INO in linux/nsfs.h).
+#: Older kernels hand out numbers from 0xF0000000 up, so this one is never
+#: another namespace's.
+_MNT_NS_INIT_INO = 0xEFFFFFF8
+
+
+def _kernel_numbers_initial_mnt_ns() -> bool:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (6, 18)
+
+
+def host_mount_namespace() -> str | None:
+    """Why this process may be in the machine's initial mount namespace, or
+    None when it is in a namespace of its own.
+
+    Compares /proc/self/ns/mnt with pid 1's; where pid 1's cannot be read
+    (another pid namespace, ptrace restrictions) the kernel's fixed number
+    for the initial namespace decides, and a kernel without one is "cannot
+    tell" — which counts as the machine's, the safe side.
+    """
+    own = os.stat("/proc/self/ns/mnt").st_ino
+    if own == _MNT_NS_INIT_INO:
+        return "this is the kernel's initial mount namespace"
+    try:
+        init = os.stat("/proc/1/ns/mnt").st_ino
+    except OSError as err:
+        if _kernel_numbers_initial_mnt_ns():
+            return None
+        return f"cannot tell whether it is the machine's: /proc/1/ns/mnt: {err.strerror}"
+    return "it is pid 1's mount namespace" if own == init else None
 
 
 def loop_devices() -> dict[str, str]:

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, help="seconds to wait for the endpoint (default 30)")
     p.add_argument("--driver-root", action="append", help="a directory the driver keeps data in (repeatable)")
     p.add_argument(
+        "--allow-host-namespace",
+        action="store_true",
+        help="run the node-path attacks in the initial mount namespace too (disposable nodes only)",
+    )
+    p.add_argument(
         "-k", dest="keyword", metavar="EXPR", help="only run tests matching the pytest -k expression"
     )
     p.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failure")
@@ -116,6 +121,8 @@ def pytest_args(ns: argparse.Namespace, inifile: str) -> list[str]:
             args += [flag, str(value)]
     for root in ns.driver_root or ():
         args += ["--csi-driver-root", root]
+    if ns.allow_host_namespace:
+        args.append("--csi-allow-host-namespace")
     if ns.keyword:
         args += ["-k", ns.keyword]
     if ns.exitfirst:

@@ -102,7 +102,10 @@ class SanityConfig:
     asks for; `expand_size` the size it expands to (twice `volume_size` when
     unset).  `driver_roots` are directories the driver keeps its data in, if
     known: loop devices backed by files there count as the run's own when the
-    suite checks that nothing leaked.
+    suite checks that nothing leaked, and the node-path attacks aim targets
+    at them.  `allow_host_namespace` lets those attacks run in the machine's
+    initial mount namespace (by default they skip there: a faulty driver's
+    unmounts would reach the machine); set it only on a disposable node.
     """
 
     endpoint: str
@@ -123,6 +126,7 @@ class SanityConfig:
     hypothesis_examples: int = attrs.field(default=15, validator=_positive)
     hypothesis_steps: int = attrs.field(default=25, validator=_positive)
     driver_roots: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    allow_host_namespace: bool = False
 
     @property
     def target_expand_size(self) -> int:

@@ -484,6 +484,16 @@ class TestNodeGetVolumeStats:
             C.NOT_FOUND,
         )
 
+    def test_unknown_volume_relative_path(self, csi_sanity: SanityContext) -> None:
+        """csi-sanity sends an unknown id with `some/path` and expects
+        NOT_FOUND: the volume is looked up before the path is judged."""
+        csi_sanity.need_node(NodeCap.GET_VOLUME_STATS)
+        expect_error(
+            csi_sanity.node.NodeGetVolumeStats,
+            pb.NodeGetVolumeStatsRequest(volume_id=NONEXISTENT_VOLUME, volume_path="some/path"),
+            C.NOT_FOUND,
+        )
+
     @pytest.mark.privileged
     def test_unknown_volume_path(self, csi_sanity: SanityContext, csi_resources: Resources) -> None:
         csi_sanity.need_node(NodeCap.GET_VOLUME_STATS)
@@ -546,6 +556,16 @@ class TestNodeExpandVolume:
         expect_error(
             csi_sanity.node.NodeExpandVolume,
             pb.NodeExpandVolumeRequest(volume_id=NONEXISTENT_VOLUME, volume_path=csi_resources.workdir),
+            C.NOT_FOUND,
+        )
+
+    def test_unknown_volume_relative_path(self, csi_sanity: SanityContext) -> None:
+        """An unknown volume is NOT_FOUND whatever the path (the spec has no
+        absolute-path rule for NodeExpandVolume; csi-sanity expects this)."""
+        csi_sanity.need_node(NodeCap.EXPAND_VOLUME)
+        expect_error(
+            csi_sanity.node.NodeExpandVolume,
+            pb.NodeExpandVolumeRequest(volume_id=NONEXISTENT_VOLUME, volume_path="some/path"),
             C.NOT_FOUND,
         )
 
