@@ -133,6 +133,14 @@ class TestGroupController:
             pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id="sanity-no-such-group", snapshot_ids=["x"])
         )
 
+    def test_delete_unknown_without_snapshot_ids_succeeds(self, csi_sanity: SanityContext) -> None:
+        """csi-sanity sends no snapshot_ids for a group that does not exist:
+        the group is gone, so OK (not INVALID_ARGUMENT)."""
+        csi_sanity.need_group(NEED)
+        csi_sanity.group.DeleteVolumeGroupSnapshot(
+            pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id="sanity-no-such-group")
+        )
+
     def test_member_usable_as_volume_source(
         self, csi_sanity: SanityContext, csi_resources: Resources
     ) -> None:
