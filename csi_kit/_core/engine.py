@@ -13,6 +13,7 @@ the first finishes, then sees its result through idempotency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -59,6 +60,13 @@ __all__ = ["VolumeEngine", "ReconcileReport", "Page", "CapacityInfo", "ListedVol
 
 log = logging.getLogger("csi_kit.engine")
 T = TypeVar("T")
+
+#: The volume context key the kubelet sets on NodePublishVolume for a CSI inline (ephemeral) volume.
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+#: Keys under this prefix are the kubelet's information (pod name, ephemeral...), not parameters.
+K8S_KEY_PREFIX = "csi.storage.k8s.io/"
+#: An inline ephemeral volume's name in the store: this prefix and the kubelet's volume id.
+EPHEMERAL_PREFIX = "ephemeral-"
 
 #: ListVolumes / ListSnapshots answer at most this many entries when the
 #: caller sets no max_entries (the spec lets the plugin choose).
@@ -902,77 +910,75 @@ class VolumeEngine:
     async def node_stage(self, req: StageRequest) -> None:
         self._require(self.capabilities.node_stage, "NodeStageVolume")
         self._check_id(req.volume_id, "volume_id")
-        field = "staging_target_path"
-        staging = self._check_caller_path(req.staging_path, field)
+        staging = self._check_caller_path(req.staging_path, "staging_target_path")
         cap = self._node_capability(req.capability)
         req = attrs.evolve(req, staging_path=staging)
+        await self._run(lambda: self._stage(req, cap), exclusive=[f"node-volume:{req.volume_id}"])
 
-        def work() -> None:
-            self._check_node_volume(req.volume_id)
-            self._check_volume_type(req.volume_id, cap)
-            st = paths.lstat(staging, field=field)
-            if st is None:
-                raise NotFound(f"{field} {staging} does not exist")
-            if not stat.S_ISDIR(st.st_mode):
-                raise InvalidArgument(f"{field} {staging} is not a directory")
-            rec = self.store.publish_at(staging)
-            if rec is not None and rec.kind == "stage" and self._check_ours(rec, field):
-                if rec.volume_id == req.volume_id and self._same_use(rec, cap, False):
-                    if rec.identity is None:
-                        self._finish(rec, field)
-                    return
-                raise AlreadyExists(
-                    f"staging path {staging} already holds volume {rec.volume_id!r} staged differently"
-                )
-            for other in self.store.publishes_of(req.volume_id):
-                if (
-                    other.kind == "stage"
-                    and other.target_path != staging
-                    and mounts.is_mounted(other.target_path)
-                ):
-                    raise FailedPrecondition(
-                        f"volume {req.volume_id!r} is already staged at {other.target_path}"
-                    )
-            rec = self._begin(self._record("stage", req.volume_id, staging, cap, False), field)
-            try:
-                self.backend.node_stage(req)
-            except BaseException:
-                self._undo(lambda: self.backend.node_unstage(req.volume_id, staging))
-                self._forget(rec, field)
-                raise
-            self._finish(rec, field)
-
-        await self._run(work, exclusive=[f"node-volume:{req.volume_id}"])
+    def _stage(self, req: StageRequest, cap: VolumeCapability) -> None:
+        field, staging = "staging_target_path", req.staging_path
+        self._check_node_volume(req.volume_id)
+        self._check_volume_type(req.volume_id, cap)
+        st = paths.lstat(staging, field=field)
+        if st is None:
+            raise NotFound(f"{field} {staging} does not exist")
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(f"{field} {staging} is not a directory")
+        rec = self.store.publish_at(staging)
+        if rec is not None and rec.kind == "stage" and self._check_ours(rec, field):
+            if rec.volume_id == req.volume_id and self._same_use(rec, cap, False):
+                if rec.identity is None:
+                    self._finish(rec, field)
+                return
+            raise AlreadyExists(
+                f"staging path {staging} already holds volume {rec.volume_id!r} staged differently"
+            )
+        for other in self.store.publishes_of(req.volume_id):
+            if (
+                other.kind == "stage"
+                and other.target_path != staging
+                and mounts.is_mounted(other.target_path)
+            ):
+                raise FailedPrecondition(f"volume {req.volume_id!r} is already staged at {other.target_path}")
+        rec = self._begin(self._record("stage", req.volume_id, staging, cap, False), field)
+        try:
+            self.backend.node_stage(req)
+        except BaseException:
+            self._undo(lambda: self.backend.node_unstage(req.volume_id, staging))
+            self._forget(rec, field)
+            raise
+        self._finish(rec, field)
 
     async def node_unstage(self, volume_id: str, staging_path: str) -> None:
         self._require(self.capabilities.node_stage, "NodeUnstageVolume")
         self._check_id(volume_id, "volume_id")
+        staging = self._check_caller_path(staging_path, "staging_target_path")
+        await self._run(lambda: self._unstage(volume_id, staging), exclusive=[f"node-volume:{volume_id}"])
+
+    def _unstage(self, volume_id: str, staging: str) -> None:
         field = "staging_target_path"
-        staging = self._check_caller_path(staging_path, field)
-
-        def work() -> None:
-            rec = self.store.publish_at(staging)
-            if rec is None or rec.kind != "stage" or rec.volume_id != volume_id:
-                # Not staged there by this driver: nothing of ours to undo (the spec's OK).
-                self._check_untouched(staging, field)
-                return
-            for pub in self.store.publishes_of(volume_id):
-                if pub.kind == "publish" and mounts.is_mounted(pub.target_path):
-                    raise FailedPrecondition(
-                        f"volume {volume_id!r} is still published at {pub.target_path}; unpublish it first"
-                    )
-            self._check_ours(rec, field)
-            self.backend.node_unstage(volume_id, staging)
-            self._forget(rec, field)
-
-        await self._run(work, exclusive=[f"node-volume:{volume_id}"])
+        rec = self.store.publish_at(staging)
+        if rec is None or rec.kind != "stage" or rec.volume_id != volume_id:
+            # Not staged there by this driver: nothing of ours to undo (the spec's OK).
+            self._check_untouched(staging, field)
+            return
+        for pub in self.store.publishes_of(volume_id):
+            if pub.kind == "publish" and mounts.is_mounted(pub.target_path):
+                raise FailedPrecondition(
+                    f"volume {volume_id!r} is still published at {pub.target_path}; unpublish it first"
+                )
+        self._check_ours(rec, field)
+        self.backend.node_unstage(volume_id, staging)
+        self._forget(rec, field)
 
     async def node_publish(self, req: PublishRequest) -> None:
         self._require(self.capabilities.node_publish, "NodePublishVolume")
         self._check_id(req.volume_id, "volume_id")
-        field = "target_path"
-        target = self._check_caller_path(req.target_path, field)
+        target = self._check_caller_path(req.target_path, "target_path")
         cap = self._node_capability(req.capability)
+        if req.volume_context.get(EPHEMERAL_KEY) == "true":
+            await self._publish_ephemeral(attrs.evolve(req, target_path=target), cap)
+            return
         staging = ""
         if self.capabilities.node_stage:
             if not req.staging_path:
@@ -980,79 +986,156 @@ class VolumeEngine:
             staging = self._check_caller_path(req.staging_path, "staging_target_path")
         elif req.staging_path:
             staging = self._check_caller_path(req.staging_path, "staging_target_path")
+        req = attrs.evolve(req, target_path=target, staging_path=staging)
+        await self._run(lambda: self._publish(req, cap), exclusive=[f"node-volume:{req.volume_id}"])
+
+    def _publish(self, req: PublishRequest, cap: VolumeCapability) -> None:
+        field, target, staging = "target_path", req.target_path, req.staging_path
         if cap.mode.read_only and not req.readonly and cap.access_type == "mount":
             # A reader-only mode is published read-only whatever the flag says.
             req = attrs.evolve(req, readonly=True)
-        req = attrs.evolve(req, target_path=target, staging_path=staging)
-
-        def work() -> None:
-            self._check_node_volume(req.volume_id)
-            self._check_volume_type(req.volume_id, cap)
-            if self.capabilities.node_stage:
-                stage = self.store.publish_at(staging)
-                if stage is None or stage.volume_id != req.volume_id or not mounts.is_mounted(staging):
-                    raise FailedPrecondition(f"volume {req.volume_id!r} is not staged at {staging}")
-            rec = self.store.publish_at(target)
-            if rec is not None and rec.kind == "publish" and self._check_ours(rec, field):
-                if rec.volume_id == req.volume_id and self._same_use(rec, cap, req.readonly):
-                    if rec.identity is None:
-                        self._finish(rec, field)
-                    return
-                raise AlreadyExists(
-                    f"target path {target} already has volume {rec.volume_id!r} published with other options"
-                )
-            others = [
-                p
-                for p in self.store.publishes_of(req.volume_id)
-                if p.kind == "publish" and p.target_path != target and mounts.is_mounted(p.target_path)
-            ]
-            if others and cap.access_mode == 6:  # SINGLE_NODE_SINGLE_WRITER: one workload at a time
-                raise FailedPrecondition(
-                    f"volume {req.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
-                    f"{others[0].target_path}"
-                )
-            # The framework makes the target (a directory, or a file for a block volume) with no
-            # symlink followed, and remembers that it did: unpublish removes only what it made.
-            rec = self._begin(self._record("publish", req.volume_id, target, cap, req.readonly), field)
-            if paths.make_target(target, directory=not cap.is_block, field=field):
-                rec = attrs.evolve(rec, created=True)
-                self.store.record_publish(rec)
-            try:
-                self.backend.node_publish(req)
-            except BaseException:
-                self._undo(lambda: self.backend.node_unpublish(req.volume_id, target))
-                self._forget(rec, field)
-                raise
-            self._finish(rec, field)
-
-        await self._run(work, exclusive=[f"node-volume:{req.volume_id}"])
+        self._check_node_volume(req.volume_id)
+        self._check_volume_type(req.volume_id, cap)
+        if self.capabilities.node_stage:
+            stage = self.store.publish_at(staging)
+            if stage is None or stage.volume_id != req.volume_id or not mounts.is_mounted(staging):
+                raise FailedPrecondition(f"volume {req.volume_id!r} is not staged at {staging}")
+        rec = self.store.publish_at(target)
+        if rec is not None and rec.kind == "publish" and self._check_ours(rec, field):
+            if rec.volume_id == req.volume_id and self._same_use(rec, cap, req.readonly):
+                if rec.identity is None:
+                    self._finish(rec, field)
+                return
+            raise AlreadyExists(
+                f"target path {target} already has volume {rec.volume_id!r} published with other options"
+            )
+        others = [
+            p
+            for p in self.store.publishes_of(req.volume_id)
+            if p.kind == "publish" and p.target_path != target and mounts.is_mounted(p.target_path)
+        ]
+        if others and cap.access_mode == 6:  # SINGLE_NODE_SINGLE_WRITER: one workload at a time
+            raise FailedPrecondition(
+                f"volume {req.volume_id!r} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                f"{others[0].target_path}"
+            )
+        # The framework makes the target (a directory, or a file for a block volume) with no
+        # symlink followed, and remembers that it did: unpublish removes only what it made.
+        rec = self._begin(self._record("publish", req.volume_id, target, cap, req.readonly), field)
+        if paths.make_target(target, directory=not cap.is_block, field=field):
+            rec = attrs.evolve(rec, created=True)
+            self.store.record_publish(rec)
+        try:
+            self.backend.node_publish(req)
+        except BaseException:
+            self._undo(lambda: self.backend.node_unpublish(req.volume_id, target))
+            self._forget(rec, field)
+            raise
+        self._finish(rec, field)
 
     async def node_unpublish(self, volume_id: str, target_path: str) -> None:
         self._require(self.capabilities.node_publish, "NodeUnpublishVolume")
         self._check_id(volume_id, "volume_id")
-        field = "target_path"
-        target = self._check_caller_path(target_path, field)
+        target = self._check_caller_path(target_path, "target_path")
 
         def work() -> None:
-            rec = self.store.publish_at(target)
-            if rec is None or rec.kind != "publish":
-                # Never published there by this driver: nothing of ours to undo (the spec's OK).
-                self._check_untouched(target, field)
-                return
-            if rec.volume_id != volume_id:
-                if mounts.is_mounted(target):
-                    raise FailedPrecondition(
-                        f"target path {target} holds volume {rec.volume_id!r}, not {volume_id!r}"
-                    )
-                self._check_untouched(target, field)
-                return
-            self._check_ours(rec, field)
-            self.backend.node_unpublish(volume_id, target)
-            if mounts.is_mounted(target):
-                raise Internal(f"target path {target} is still mounted after the backend's unpublish")
-            self._forget(rec, field)
+            internal = self._ephemeral_id(volume_id)
+            if internal is None:
+                self._unpublish(volume_id, target)
+            else:
+                self._unpublish_ephemeral(internal, target)
 
         await self._run(work, exclusive=[f"node-volume:{volume_id}"])
+
+    def _unpublish(self, volume_id: str, target: str) -> None:
+        field = "target_path"
+        rec = self.store.publish_at(target)
+        if rec is None or rec.kind != "publish":
+            # Never published there by this driver: nothing of ours to undo (the spec's OK).
+            self._check_untouched(target, field)
+            return
+        if rec.volume_id != volume_id:
+            if mounts.is_mounted(target):
+                raise FailedPrecondition(
+                    f"target path {target} holds volume {rec.volume_id!r}, not {volume_id!r}"
+                )
+            self._check_untouched(target, field)
+            return
+        self._check_ours(rec, field)
+        self.backend.node_unpublish(volume_id, target)
+        if mounts.is_mounted(target):
+            raise Internal(f"target path {target} is still mounted after the backend's unpublish")
+        self._forget(rec, field)
+
+    # -- inline ephemeral volumes ----------------------------------------------------
+    # A pod's `csi:` volume: the kubelet calls NodePublishVolume with its own volume id
+    # (csi-<hash>), EPHEMERAL_KEY in the volume context and the pod's volumeAttributes, and
+    # never stages.  The volume is made (and staged, for a backend that stages) right here
+    # and unmade by NodeUnpublishVolume.  It is recorded under the name "ephemeral-<kubelet
+    # id>", so every node RPC that carries the kubelet's id finds it, a retried publish is
+    # idempotent, and a crash is finished like any other half-made volume.
+
+    def _ephemeral_id(self, volume_id: str) -> str | None:
+        """The id of the volume made for the kubelet's inline-volume id, or None."""
+        rec = self.store.volume_by_name(EPHEMERAL_PREFIX + volume_id)
+        return rec.volume.volume_id if rec is not None and rec.state == "ready" else None
+
+    def _ephemeral_staging(self, volume_id: str) -> str:
+        return os.path.join(self.backend.context.state_dir, "ephemeral", volume_id)
+
+    async def _publish_ephemeral(self, req: PublishRequest, cap: VolumeCapability) -> None:
+        self._require(self.capabilities.create_delete_volume, "inline ephemeral volumes (CreateVolume)")
+        if cap.is_block:
+            raise InvalidArgument(
+                "inline ephemeral volumes are filesystem volumes; block access is not offered"
+            )
+        attributes = {k: val for k, val in req.volume_context.items() if not k.startswith(K8S_KEY_PREFIX)}
+        size = v.parse_size(attributes.pop("size"), "volume_context size") if "size" in attributes else 0
+        vreq = VolumeRequest(
+            name=EPHEMERAL_PREFIX + req.volume_id,
+            capacity_bytes=0,
+            capacity=CapacityRange(size, 0),
+            capabilities=(cap,),
+            parameters=attributes,
+        )
+        self._validate_create(vreq)
+
+        def work() -> None:
+            volume = self._create_volume(vreq)
+            staging = ""
+            try:
+                if self.capabilities.node_stage:
+                    staging = self._ephemeral_staging(volume.volume_id)
+                    os.makedirs(staging, 0o700, exist_ok=True)
+                    self._stage(
+                        StageRequest(volume.volume_id, staging, cap, volume_context=volume.context), cap
+                    )
+                self._publish(
+                    attrs.evolve(
+                        req, volume_id=volume.volume_id, staging_path=staging, volume_context=volume.context
+                    ),
+                    cap,
+                )
+            except BaseException:
+                # The kubelet retries the publish from scratch: leave nothing half-made behind.
+                self._undo(lambda: self._unmake_ephemeral(volume.volume_id))
+                raise
+
+        await self._run(work, exclusive=[f"node-volume:{req.volume_id}", f"volume-name:{vreq.name}"])
+
+    def _unpublish_ephemeral(self, volume_id: str, target: str) -> None:
+        self._unpublish(volume_id, target)
+        if not any(p.kind == "publish" for p in self.store.publishes_of(volume_id)):
+            self._unmake_ephemeral(volume_id)
+
+    def _unmake_ephemeral(self, volume_id: str) -> None:
+        for rec in self.store.publishes_of(volume_id):
+            if rec.kind == "stage":
+                self._unstage(volume_id, rec.target_path)
+        if self.capabilities.node_stage:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(self._ephemeral_staging(volume_id))
+        self._delete_volume(volume_id)
 
     def _shows_volume(self, volume_id: str, path: str, field: str) -> bool:
         """Whether `path` is a mount point showing one of this volume's stages or publishes.
@@ -1077,6 +1160,7 @@ class VolumeEngine:
         # csi-sanity's order: a missing path is INVALID_ARGUMENT, then an unknown volume is
         # NOT_FOUND whatever the path is (it sends the relative "some/path").
         v.require(volume_path, "volume_path")
+        volume_id = await self._call(lambda: self._ephemeral_id(volume_id) or volume_id)
         await self._call(lambda: self._check_node_volume(volume_id))
         path = self._check_caller_path(volume_path, "volume_path")
         if staging_path:

@@ -8,6 +8,7 @@ whether an object exists is the engine's business.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from csi_kit.backend import Backend
@@ -28,6 +29,7 @@ __all__ = [
     "check_capacity_range",
     "resolve_capacity",
     "check_parameters",
+    "parse_size",
 ]
 
 #: The spec's general size limits (Field Requirements / Size Limits).
@@ -249,4 +251,25 @@ def resolve_capacity(backend: Backend, capacity: CapacityRange, minimum: int = 0
         raise OutOfRange(
             f"{size} bytes requested; this backend's largest volume is {cls.max_volume_bytes} bytes"
         )
+    return size
+
+
+_SIZE = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
+_SIZE_FACTORS = {
+    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def parse_size(value: str, field: str) -> int:
+    """A size given as text (an inline volume's ``size`` attribute): bytes, or a whole number
+    with a Kubernetes quantity suffix (``512Mi``, ``1G``)."""
+    m = _SIZE.fullmatch(value.strip())
+    if m is None:
+        raise InvalidArgument(
+            f"{field} {_quoted(value)} is not a size (bytes, or a number with Ki, Mi, Gi, k, M, G...)"
+        )
+    size = int(m.group(1)) * _SIZE_FACTORS[m.group(2)]
+    if size >= 2**63:
+        raise OutOfRange(f"{field} {_quoted(value)} is beyond the largest size the spec can carry")
     return size

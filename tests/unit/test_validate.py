@@ -984,3 +984,17 @@ def test_controller_publish_rules(csi: Csi) -> None:
     got = csi.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
     assert list(got.status.published_node_ids) == []
     csi.delete(vol.volume_id)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1048576", 1 << 20), ("16Mi", 16 << 20), ("1Gi", 1 << 30), ("2G", 2 * 10**9), (" 5k ", 5000)],
+)
+def test_parse_size_reads_bytes_and_quantities(text: str, size: int) -> None:
+    assert v.parse_size(text, "size") == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1.5Gi", "-1", "10 Mi", "1gi"])
+def test_parse_size_rejects_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="size"):
+        v.parse_size(text, "size")

@@ -368,3 +368,28 @@ def test_a_killed_driver_process_leaves_a_state_the_next_one_finishes(driver_roo
     finally:
         leaks = cleanup_leaks(driver_root, work)
     assert leaks == []
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_inline_ephemeral_volume_is_made_staged_and_unmade(csi: Csi, driver_root: Path, fs_type: str) -> None:
+    """An inline (ephemeral) volume of a staging backend: NodePublish alone makes, formats,
+    stages and publishes it; NodeUnpublish unstages, detaches and deletes it (issue #14)."""
+    kubelet_id = "csi-" + "cd" * 32
+    target = csi.target_path("inline")
+    context = {"csi.storage.k8s.io/ephemeral": "true", "size": "24Mi"}
+    cap = csi.cap(False, fs_type)
+    request = pb.NodePublishVolumeRequest(
+        volume_id=kubelet_id, target_path=target, volume_capability=cap, volume_context=context
+    )
+    csi.node.NodePublishVolume(request)
+    csi.node.NodePublishVolume(request)  # a retry: the same volume
+    (here,) = mounts_at(target)
+    assert here.fs_type == fs_type
+    write_file(os.path.join(target, "f"), b"inline data")
+    (vol,) = csi.controller.ListVolumes(pb.ListVolumesRequest()).entries
+    assert vol.volume.capacity_bytes >= 24 * MiB  # XFS raises it to its minimum
+    assert loop.device_for(_image(driver_root, vol.volume.volume_id)) is not None
+    csi.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=kubelet_id, target_path=target))
+    assert not os.path.exists(target)
+    assert list(csi.controller.ListVolumes(pb.ListVolumesRequest()).entries) == []
+    assert not os.path.exists(_image(driver_root, vol.volume.volume_id))
