@@ -168,10 +168,10 @@ class TestNodeUndoThroughSymlink(_NodePathAttack):
 
     def test_unpublish(self, csi_sanity: SanityContext, csi_resources: Resources) -> None:
         vid, staging, pctx = _volume(csi_sanity, csi_resources)
-        p = csi_resources.publish_request(vid, csi_resources.target_path(), staging, publish_context=pctx)
-        csi_resources.node_publish(p)
+        req = csi_resources.publish_request(vid, csi_resources.target_path(), staging, publish_context=pctx)
+        csi_resources.node_publish(req)
         link = os.path.join(csi_resources.workdir, "link-to-target")
-        os.symlink(p.target_path, link)
+        os.symlink(req.target_path, link)
         with mounts_unchanged("NodeUnpublishVolume through a symlink to the published target"):
             call_ok_or(
                 csi_sanity.node.NodeUnpublishVolume,
