@@ -18,9 +18,11 @@ import stat
 from collections.abc import Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from csi_kit.errors import FailedPrecondition, InvalidArgument
+from csi_kit.log import LogThrottle
 
 __all__ = ["parse_endpoint", "prepare_unix_socket", "Endpoint", "GrpcServer"]
 
@@ -82,6 +84,32 @@ def prepare_unix_socket(path: str) -> None:
     raise FailedPrecondition(f"another process is serving on {path}; refusing to take it over")
 
 
+class _GrpcDecodeFilter(logging.Filter):
+    """Throttle grpc's own ERROR-with-traceback for a request body that does not decode.
+
+    The CSI services decode their bodies themselves (`errors.decoder`); the
+    gRPC health service is grpc's code, whose failure to decode is logged by
+    grpc with a traceback per request — a log-flooding vector.  One line per
+    10 s, without the traceback, is enough to see it happening.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = LogThrottle(log)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, DecodeError) and "[DecodeError]" not in record.getMessage():
+            return True
+        self.throttle.log(
+            logging.WARNING, "grpc-decode", "a request body did not decode (grpc answered; traceback dropped)"
+        )
+        return False
+
+
+_decode_filter = _GrpcDecodeFilter()
+
+
 class GrpcServer:
     """An aio server bound to one or more endpoints, with the health service."""
 
@@ -95,6 +123,10 @@ class GrpcServer:
         )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in ("grpc._cython.cygrpc", "grpc.aio._server", "grpc._server"):
+            logger = logging.getLogger(name)
+            if _decode_filter not in logger.filters:
+                logger.addFilter(_decode_filter)
         self.socket_mode = socket_mode
         self.endpoints: list[Endpoint] = []
 

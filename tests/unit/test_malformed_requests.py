@@ -151,3 +151,23 @@ def test_every_csi_method_answers_garbage_with_invalid_argument(
         for method in ALL_METHODS:
             err = _raw_call(channel, method, b"\xff\xff\xff\xff")
             assert err.code() == INVALID, f"{method}: {err.code()} {err.details()}"
+
+
+def test_a_garbage_body_to_the_health_service_logs_no_traceback(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gRPC health service is grpc's own code: it answers UNKNOWN, and grpc's ERROR with a
+    traceback per request is cut down to one throttled WARNING line."""
+    from csi_kit._grpc import server
+
+    monkeypatch.setattr(
+        server._decode_filter, "throttle", LogThrottle(server.log, interval=10.0, clock=lambda: 1.0)
+    )
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(endpoint) as channel:
+        for _ in range(10):
+            err = _raw_call(channel, "/grpc.health.v1.Health/Check", b"\xff\xff\xff\x00garbage")
+            assert err.code() in (grpc.StatusCode.UNKNOWN, INVALID)
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]
+    assert len([r for r in caplog.records if "did not decode" in r.getMessage()]) == 1
