@@ -65,6 +65,7 @@ from csi_kit.errors import Unimplemented
 from csi_kit.types import (
     AccessMode,
     AccessType,
+    BlockMetadata,
     CreatedSnapshot,
     CreatedVolume,
     ExpandResult,
@@ -255,6 +256,49 @@ class Backend:
         """
         raise Unimplemented("this backend cannot take group snapshots")
 
+    # -- snapshot metadata (the SnapshotMetadata service) --------------------
+
+    def snapshot_allocated(self, snapshot: Snapshot, starting_offset: int) -> BlockMetadata:
+        """The ranges of a snapshot that hold data (GetMetadataAllocated).
+
+        Overriding this *and* `snapshot_delta` makes the driver serve the
+        SnapshotMetadata service and advertise SNAPSHOT_METADATA_SERVICE.
+
+        csi_kit guarantees: ``snapshot`` is a ready snapshot from the store
+        (its id passed the id check); ``0 <= starting_offset <=
+        snapshot.size_bytes``; the snapshot's key is held shared for the
+        whole stream, so it cannot be deleted under the answer.  The
+        returned `BlockMetadata.ranges` is consumed lazily from a worker
+        thread and closed when the stream ends or the client cancels.
+
+        The ranges must be in ascending order, not overlapping, of positive
+        length, inside ``capacity_bytes``, all one length if the type is
+        FIXED_LENGTH; a range may begin before ``starting_offset`` (csi_kit
+        drops ranges that end at or before it), and an answer that breaks
+        these rules ends the stream with INTERNAL.  A range need not be
+        exact: naming a few blocks that hold zeros is allowed, missing a
+        block that holds data is not.
+
+        Errors: `NotFound` when the backend's copy of the snapshot is gone,
+        anything else as for other methods.
+        """
+        raise Unimplemented("this backend does not serve snapshot metadata")
+
+    def snapshot_delta(self, base: Snapshot, target: Snapshot, starting_offset: int) -> BlockMetadata:
+        """The ranges that differ between two snapshots of one volume (GetMetadataDelta).
+
+        Guarantees as for `snapshot_allocated`, and both snapshots are of the
+        same source volume (``starting_offset`` is checked against the
+        target's size).  Every byte whose content differs between ``base``
+        and ``target`` must lie in a range; a range may also cover unchanged
+        bytes (block granularity).
+
+        Errors: `FailedPrecondition` when changes cannot be tracked between
+        this pair (the spec's "changed block tracking is not enabled": the
+        caller falls back to a full backup).
+        """
+        raise Unimplemented("this backend does not serve snapshot metadata")
+
     # -- controller publish (PUBLISH_UNPUBLISH_VOLUME) ------------------------
 
     def controller_publish(
@@ -335,6 +379,7 @@ class Capabilities:
     node_stats: bool
     node_expand: bool
     node_publish: bool
+    snapshot_metadata: bool
 
 
 def _overrides(cls: type[Backend], *names: str) -> bool:
@@ -359,4 +404,5 @@ def capabilities_of(backend: type[Backend] | Backend) -> Capabilities:
         node_stats=_overrides(cls, "node_stats"),
         node_expand=_overrides(cls, "node_expand"),
         node_publish=_overrides(cls, "node_publish", "node_unpublish"),
+        snapshot_metadata=_overrides(cls, "snapshot_allocated", "snapshot_delta", "create_snapshot"),
     )

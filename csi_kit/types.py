@@ -13,7 +13,7 @@ never print one.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import attrs
@@ -40,6 +40,9 @@ __all__ = [
     "StageRequest",
     "PublishRequest",
     "Inventory",
+    "BlockMetadataType",
+    "BlockRange",
+    "BlockMetadata",
 ]
 
 
@@ -278,3 +281,42 @@ class Inventory:
 
     volume_ids: frozenset[str] = frozenset()
     snapshot_ids: frozenset[str] = frozenset()
+
+
+class BlockMetadataType(enum.IntEnum):
+    """How the ranges of a SnapshotMetadata answer are sized (the spec's numbers)."""
+
+    UNKNOWN = 0
+    #: Every range has the same length: the backend's block size.
+    FIXED_LENGTH = 1
+    #: Ranges are extents of any length.
+    VARIABLE_LENGTH = 2
+
+
+@attrs.frozen
+class BlockRange:
+    """A byte range of a snapshot: ``length`` bytes from ``offset``."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@attrs.frozen
+class BlockMetadata:
+    """A backend's answer to a SnapshotMetadata hook.
+
+    ``ranges`` is produced lazily (usually a generator) and consumed by
+    csi_kit from a worker thread, a chunk at a time, in ascending order;
+    csi_kit closes it when the stream ends or the client goes away, so a
+    generator's ``finally`` is where a backend releases what it holds.
+    ``capacity_bytes`` is the snapshot's volume size and ``block_type`` the
+    style of every range in the answer.
+    """
+
+    block_type: BlockMetadataType
+    capacity_bytes: int
+    ranges: Iterator[BlockRange] = attrs.field(eq=False, repr=False)

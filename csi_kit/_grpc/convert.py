@@ -11,6 +11,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from csi_kit._core.snapmeta import MetadataChunk
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit.types import (
     CapacityRange,
@@ -39,6 +40,8 @@ __all__ = [
     "condition_pb",
     "stats_pb",
     "capability_pb",
+    "metadata_allocated_pb",
+    "metadata_delta_pb",
 ]
 
 
@@ -188,3 +191,19 @@ def capability_pb(cap: VolumeCapability) -> Any:
         msg.mount.mount_flags.extend(m.mount_flags)
         msg.mount.volume_mount_group = m.volume_mount_group
     return msg
+
+
+def _block_metadata(chunk: MetadataChunk) -> dict[str, Any]:
+    return {
+        "block_metadata_type": int(chunk.block_type),
+        "volume_capacity_bytes": chunk.capacity_bytes,
+        "block_metadata": [pb.BlockMetadata(byte_offset=r.offset, size_bytes=r.length) for r in chunk.ranges],
+    }
+
+
+def metadata_allocated_pb(chunk: MetadataChunk) -> Any:
+    return pb.GetMetadataAllocatedResponse(**_block_metadata(chunk))
+
+
+def metadata_delta_pb(chunk: MetadataChunk) -> Any:
+    return pb.GetMetadataDeltaResponse(**_block_metadata(chunk))

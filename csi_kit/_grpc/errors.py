@@ -1,6 +1,7 @@
 """The single translation from csi_kit errors to gRPC status, plus per-call logs and metrics.
 
-Every servicer method is wrapped by `rpc`; it is the only place that decides
+Every servicer method is wrapped by `rpc` (`rpc_stream` for the
+SnapshotMetadata service's server-streaming methods); it is the only place that decides
 what status code a caller sees, what gets logged, and what is measured.
 
 A request body that does not decode (garbage bytes, invalid UTF-8 in a string
@@ -15,10 +16,11 @@ count of those held back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -30,10 +32,11 @@ from csi_kit._grpc.redact import redacted, request_fields
 from csi_kit.errors import CSIError
 from csi_kit.log import LogThrottle
 
-__all__ = ["rpc", "status_of", "decoder", "Undecodable"]
+__all__ = ["rpc", "rpc_stream", "status_of", "decoder", "Undecodable"]
 
 log = logging.getLogger("csi_kit.rpc")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+S = TypeVar("S", bound=Callable[..., AsyncGenerator[Any, None]])
 
 #: One WARNING per method per interval for undecodable requests.
 undecodable_log = LogThrottle(log, interval=10.0)
@@ -101,26 +104,82 @@ def rpc(method: str) -> Callable[[F], F]:
                     log.exception("unexpected error in %s", method, extra={"method": method, **ids})
                 await context.abort(code, message)
             finally:
-                elapsed = time.perf_counter() - start
-                if metrics:
-                    metrics.in_flight.labels(method).dec()
-                    metrics.latency.labels(method, code.name).observe(elapsed)
-                level = logging.INFO if code in (grpc.StatusCode.OK,) else logging.WARNING
-                if method in _QUIET and code == grpc.StatusCode.OK:
-                    level = logging.DEBUG
-                log.log(
-                    level,
-                    "%s %s",
-                    method,
-                    code.name,
-                    extra={
-                        "method": method,
-                        "status": code.name,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "error": message,
-                        **ids,
-                    },
-                )
+                _finished(method, code, message, time.perf_counter() - start, metrics, ids)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _finished(
+    method: str,
+    code: grpc.StatusCode,
+    message: str,
+    elapsed: float,
+    metrics: ServerMetrics | None,
+    ids: dict[str, Any],
+) -> None:
+    """The end of any call: metrics and its one log line."""
+    if metrics:
+        metrics.in_flight.labels(method).dec()
+        metrics.latency.labels(method, code.name).observe(elapsed)
+    level = logging.INFO if code in (grpc.StatusCode.OK,) else logging.WARNING
+    if method in _QUIET and code == grpc.StatusCode.OK:
+        level = logging.DEBUG
+    log.log(
+        level,
+        "%s %s",
+        method,
+        code.name,
+        extra={
+            "method": method,
+            "status": code.name,
+            "duration_ms": round(elapsed * 1000, 3),
+            "error": message,
+            **ids,
+        },
+    )
+
+
+def rpc_stream(method: str) -> Callable[[S], S]:
+    """`rpc` for a server-streaming method (an async generator of responses).
+
+    The same translation, log line and metrics, for the whole stream: an
+    error raised before or between messages aborts the stream with its
+    status; a client that goes away ends it as CANCELLED.
+    """
+
+    def wrap(fn: S) -> S:
+        @functools.wraps(fn)
+        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            metrics: ServerMetrics | None = getattr(self, "metrics", None)
+            if isinstance(request, Undecodable):
+                await _refuse_undecodable(method, request, context, metrics)
+                return
+            ids = request_fields(request)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request", extra={"method": method, "request": redacted(request)})
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            message = ""
+            if metrics:
+                metrics.in_flight.labels(method).inc()
+            try:
+                # aclosing: when the client goes away mid-stream, the method's own
+                # generator is closed now (its finally gives back locks), not at GC.
+                async with contextlib.aclosing(fn(self, request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+                raise
+            except Exception as e:
+                code, message = status_of(e)
+                if not isinstance(e, CSIError):
+                    log.exception("unexpected error in %s", method, extra={"method": method, **ids})
+                await context.abort(code, message)
+            finally:
+                _finished(method, code, message, time.perf_counter() - start, metrics, ids)
 
         return call  # type: ignore[return-value]
 

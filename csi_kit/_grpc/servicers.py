@@ -21,6 +21,7 @@ from csi_kit._core.engine import ListedVolume, VolumeEngine
 from csi_kit._grpc import convert
 from csi_kit._grpc.errors import decoder, rpc
 from csi_kit._grpc.metrics import ServerMetrics
+from csi_kit._grpc.snapshot_metadata import SnapshotMetadataServicer
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pb_grpc
 from csi_kit._version import __version__
@@ -70,6 +71,8 @@ class IdentityServicer(_Base, pb_grpc.IdentityServicer):
             caps.append(pb.PluginCapability(service=svc(type=svc.CONTROLLER_SERVICE)))
             if self.caps.group_snapshots:
                 caps.append(pb.PluginCapability(service=svc(type=svc.GROUP_CONTROLLER_SERVICE)))
+            if self.caps.snapshot_metadata:
+                caps.append(pb.PluginCapability(service=svc(type=svc.SNAPSHOT_METADATA_SERVICE)))
         if self.engine.backend_type.node_local:
             caps.append(pb.PluginCapability(service=svc(type=svc.VOLUME_ACCESSIBILITY_CONSTRAINTS)))
         if self.caps.expand:
@@ -350,9 +353,15 @@ def _register(server: grpc.aio.Server, servicer: Any, service: str) -> None:
     desc = pb.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for m in desc.methods:
-        if m.client_streaming or m.server_streaming:  # CSI has none; refuse to serve one wrongly
-            raise TypeError(f"{desc.full_name}/{m.name} is a streaming method")
-        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+        if m.client_streaming:  # CSI has none; refuse to serve one wrongly
+            raise TypeError(f"{desc.full_name}/{m.name} is a client-streaming method")
+        # SnapshotMetadata's methods stream their answers (servicers wrapped by rpc_stream).
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if m.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[m.name] = make(
             getattr(servicer, m.name),
             request_deserializer=decoder(message_factory.GetMessageClass(m.input_type)),
             response_serializer=message_factory.GetMessageClass(m.output_type).SerializeToString,
@@ -370,11 +379,13 @@ def add_services(
     node: bool = True,
     metrics: ServerMetrics | None = None,
 ) -> None:
-    """Register Identity and, as configured, Controller, GroupController and Node."""
+    """Register Identity and, as configured, Controller, GroupController, SnapshotMetadata and Node."""
     _register(server, IdentityServicer(engine, metrics, driver_name, controller), "Identity")
     if controller:
         _register(server, ControllerServicer(engine, metrics), "Controller")
         if engine.capabilities.group_snapshots:
             _register(server, GroupControllerServicer(engine, metrics), "GroupController")
+        if engine.capabilities.snapshot_metadata:
+            _register(server, SnapshotMetadataServicer(engine, metrics), "SnapshotMetadata")
     if node:
         _register(server, NodeServicer(engine, metrics), "Node")
