@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="list installed backends")
     sanity = sub.add_parser("sanity", help="run the conformance suite against a CSI endpoint", add_help=False)
     sanity.add_argument("args", nargs=argparse.REMAINDER)
+    call = sub.add_parser("call", help="call one CSI RPC on a driver endpoint", add_help=False)
+    call.add_argument("args", nargs=argparse.REMAINDER)
     ctl = sub.add_parser("controllers", help="run the Kubernetes controller loops against a CSI driver")
     ctl.add_argument("--csi-address", default=_env("CSI_ADDRESS", "unix:///run/csi-kit/csi.sock"))
     ctl.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
@@ -209,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_kit.testing.sanity.cli import main as sanity_main
 
         return sanity_main(argv[1:])
+    if argv and argv[0] == "call":
+        from csi_kit.call import main as call_main
+
+        return call_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
