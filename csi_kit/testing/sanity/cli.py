@@ -4,7 +4,9 @@ The suite is ordinary pytest tests; this front end runs them through
 `pytest.main` with a private, empty ini file (so the caller's own pytest
 configuration cannot change what is checked), prints one line per test and
 ends with exactly `N passed, N failed, N skipped`.  The exit status is 0 only
-when nothing failed.
+when nothing failed.  An endpoint where no CSI driver answers stops the run
+before it starts: one line on stderr and exit status 2, not a failure per
+test with the same cause.
 """
 
 from __future__ import annotations
@@ -62,6 +64,36 @@ def _endpoint(value: str) -> str:
     if value.startswith("/"):
         return "unix://" + value
     return value
+
+
+def endpoint_problem(endpoint: str, connect_timeout: float) -> str | None:
+    """Why `endpoint` cannot be checked at all, or None when a CSI driver answers there.
+
+    Asked once before the suite starts: a dead endpoint would otherwise fail
+    every test with the same cause.  Only "nobody answers" and "not a CSI
+    driver" stop the run; any other answer is the suite's business.
+    """
+    import grpc
+
+    from csi_kit._pb import csi_pb2, csi_pb2_grpc
+    from csi_kit.testing.sanity._support import make_channel
+
+    with make_channel(endpoint) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            return f"no CSI driver answers on {endpoint} (waited {connect_timeout:g} s; --connect-timeout)"
+        try:
+            csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
+                csi_pb2.GetPluginInfoRequest(), timeout=max(connect_timeout, 10.0)
+            )
+        except grpc.RpcError as e:
+            code = e.code() if callable(getattr(e, "code", None)) else None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"the CSI driver on {endpoint} does not answer GetPluginInfo ({code.name})"
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return f"{endpoint} does not serve the CSI Identity service (GetPluginInfo: UNIMPLEMENTED)"
+    return None
 
 
 def _plugin_autoloaded() -> bool:
@@ -200,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         import hypothesis  # noqa: F401 - the state machine needs it
         import pytest
     except ImportError as err:
-        sys.stderr.write(f"csi-kit sanity needs pytest and hypothesis ({err}); install them with pip\n")
+        sys.stderr.write(
+            f"csi-kit sanity needs pytest and hypothesis ({err}): pip install 'csi-kit[sanity]'\n"
+        )
         return 2
+    timeout = 30.0 if ns.connect_timeout is None else ns.connect_timeout
+    for ep in dict.fromkeys(_endpoint(e) for e in (ns.endpoint, ns.controller_endpoint) if e):
+        problem = endpoint_problem(ep, timeout)
+        if problem:
+            sys.stderr.write(f"csi-kit sanity: {problem}\n")
+            return 2
     # pytest captures fd 1 around tests; report on a duplicate of the real one.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
     reporter = Reporter(out, ns.verbose)
