@@ -18,6 +18,7 @@ import grpc.aio
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
+from csi_kit.k8s.metrics import csi_call_interceptors
 
 pbg: Any = _pbg  # generated, untyped
 
@@ -97,7 +98,8 @@ class CSIClient:
     def __init__(self, endpoint: str, *, timeout: float = 60.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(grpc_target(endpoint))
+        # Each call observed as the sidecars do (csi_sidecar_operations_seconds).
+        self._channel = grpc.aio.insecure_channel(grpc_target(endpoint), interceptors=csi_call_interceptors())
         self._identity = pbg.IdentityStub(self._channel)
         self._controller = pbg.ControllerStub(self._channel)
         self._group = pbg.GroupControllerStub(self._channel)

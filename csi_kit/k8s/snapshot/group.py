@@ -58,6 +58,7 @@ from csi_kit.k8s.api import (
 from csi_kit.k8s.csi_client import CSIError, SnapshotInfo, grpc_target, is_final_error
 from csi_kit.k8s.informer import Informer
 from csi_kit.k8s.loop import Loop, Retry
+from csi_kit.k8s.metrics import csi_call_interceptors
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class GroupCSIClient:
     def __init__(self, endpoint: str, *, timeout: float = 60.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(grpc_target(endpoint))
+        self._channel = grpc.aio.insecure_channel(grpc_target(endpoint), interceptors=csi_call_interceptors())
         self._stub = pbg.GroupControllerStub(self._channel)
 
     async def close(self) -> None:

@@ -32,6 +32,8 @@ from csi_kit.testing.sanity.test_node_paths import *  # noqa: F403
 from csi_kit.testing.sanity.test_node_paths import __all__ as _node_paths
 from csi_kit.testing.sanity.test_snapshot import *  # noqa: F403
 from csi_kit.testing.sanity.test_snapshot import __all__ as _snapshot
+from csi_kit.testing.sanity.test_snapshot_metadata import *  # noqa: F403
+from csi_kit.testing.sanity.test_snapshot_metadata import __all__ as _snapshot_metadata
 from csi_kit.testing.sanity.test_statemachine import *  # noqa: F403
 from csi_kit.testing.sanity.test_statemachine import __all__ as _statemachine
 from csi_kit.testing.sanity.test_topology import *  # noqa: F403
@@ -43,6 +45,7 @@ TEST_CLASSES = [
     *_controller,
     *_topology,
     *_snapshot,
+    *_snapshot_metadata,
     *_group,
     *_node,
     *_idempotency,
