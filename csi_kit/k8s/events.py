@@ -42,6 +42,16 @@ class EventRecorder:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def forget(self, obj: Obj) -> None:
+        """Let the next Event about `obj` be written even if it repeats one already sent.
+
+        For a loop whose Events report a state that can clear and come back
+        (the health monitor): a repeat after the state changed is news.
+        """
+        uid = uid_of(obj)
+        for key in [key for key in self._seen if key[0] == uid]:
+            del self._seen[key]
+
     async def _write(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         # Cluster-scoped objects' events go to "default", as client-go's recorder does.

@@ -14,6 +14,7 @@ import contextlib
 import pathlib
 from typing import Any
 
+import pytest
 import yaml
 from csi_peer import ScriptedCSI
 from k8s_helpers import (
@@ -29,8 +30,10 @@ from k8s_helpers import (
 )
 
 from csi_kit.k8s import api as k
-from csi_kit.k8s.api import SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
-from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.csi_client import CSIClient, DriverInfo
+from csi_kit.k8s.events import EventRecorder
+from csi_kit.k8s.health import Condition, HealthMonitor
 from csi_kit.k8s.leader import LeaderElector
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController
@@ -127,3 +130,46 @@ async def test_rbac_is_exactly_what_the_loops_use(peer: tuple[ScriptedCSI, str])
         unused = {g for g in allowed - used if (who, *g) not in RARE}
         assert unused == set(), f"{who}'s role grants verbs it never uses"
     assert k.LEASE.group == "coordination.k8s.io"
+
+
+class _SickDriver:
+    """Every volume abnormal (the health monitor's driver, without gRPC)."""
+
+    async def list_volume_conditions(self) -> dict[str, Condition]:
+        return {"vol-data": Condition(True, "broken")}
+
+    async def get_volume_condition(self, volume_id: str) -> Condition:
+        return Condition(True, "broken")
+
+
+@pytest.mark.parametrize("driver", ["hostpath", "loopfile", "lvm"])
+async def test_health_monitor_rbac_is_exactly_what_it_uses(driver: str) -> None:
+    path = DEPLOY.parent / driver / "rbac-health-monitor.yaml"
+    found = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(path.read_text()) if d}
+    name = f"csi-kit-{driver}-health-monitor"
+    binding = found[("ClusterRoleBinding", name)]
+    assert binding["roleRef"]["name"] == name
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "csi-kit", "namespace": f"csi-kit-{driver}"}
+    ]
+    fake = FakeKubeAPI()
+    claim = await fake.create(PVC, {"metadata": {"name": "data", "namespace": "default"}, "spec": {}})
+    pv = await fake.create(PV, {"metadata": {"name": "pv-data"}, "spec": {
+        "claimRef": {"namespace": "default", "name": "data", "uid": k.uid_of(claim)},
+        "csi": {"driver": DRIVER, "volumeHandle": "vol-data"}}})  # fmt: skip
+    pv["status"] = {"phase": "Bound"}
+    await fake.update_status(PV, pv)
+    rec = Recording(fake)
+    info = DriverInfo(DRIVER, "1", frozenset({"CONTROLLER_SERVICE"}),
+                      frozenset({"LIST_VOLUMES", "VOLUME_CONDITION"}), frozenset())  # fmt: skip
+    events = EventRecorder(rec, "health")  # type: ignore[arg-type]
+    monitor = HealthMonitor(rec, _SickDriver(), info, interval=0.01, events=events)  # type: ignore[arg-type]
+    task = asyncio.create_task(monitor.run())
+    try:
+        await eventually(lambda: fake.objects(EVENT), "the Event")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await events.flush()
+    assert rec.used == granted(found[("ClusterRole", name)])
