@@ -2,6 +2,13 @@
 
 Every ``serve`` flag also reads an environment variable (``CSI_KIT_<FLAG>``),
 so a DaemonSet can configure the driver without a command line.
+
+An ordinary mistake — a bad flag or option, an unknown backend, a backend
+that fails to start, a busy port or state directory, a store that would be
+forgotten — ends in one ``csi-kit: ...`` line on stderr and exit status 2,
+never a traceback; ``--log-level debug`` also logs the traceback of its cause.
+``csi-kit store rebuild`` is the recovery for a missing or unreadable store
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from collections.abc import Sequence
 import attrs
 
 from csi_kit._version import __version__
-from csi_kit.errors import CSIError
+from csi_kit.errors import CSIError, InvalidArgument
 
 __all__ = ["main", "build_parser"]
 
@@ -37,13 +44,23 @@ def _parse_options(values: Sequence[str]) -> dict[str, str]:
         for part in item.split():
             key, sep, value = part.partition("=")
             if not sep or not key:
-                raise SystemExit(f"csi-kit: backend option {part!r} is not KEY=VALUE")
+                raise InvalidArgument(f"backend option {part!r} is not KEY=VALUE")
             out[key] = value
     return out
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="serve a CSI driver with a backend")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _octal(value: str) -> int:
+    try:
+        return int(value, 8)
+    except ValueError:
+        raise InvalidArgument(f"socket mode {value!r} is not an octal mode such as 0600") from None
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say which backend, with which options, on which state directory."""
     p.add_argument("--backend", default=_env("BACKEND", "hostpath"), help="backend name (csi-kit backends)")
     p.add_argument(
         "--backend-option",
@@ -52,23 +69,54 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="KEY=VALUE",
         help="backend configuration, repeatable (env CSI_KIT_BACKEND_OPTIONS: space-separated)",
     )
+    p.add_argument("--node-id", default=_env("NODE_ID", os.uname().nodename))
+    p.add_argument("--driver-name", default=_env("DRIVER_NAME", "hostpath.csi-kit.io"))
+    p.add_argument("--state-dir", default=_env("STATE_DIR", _default_state_dir()))
+    p.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS, default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="serve a CSI driver with a backend")
+    _backend_args(p)
     p.add_argument(
         "--endpoint",
         action="append",
         default=None,
         help="unix:///path/csi.sock or host:port, repeatable (default unix://STATE_DIR/csi.sock)",
     )
-    p.add_argument("--node-id", default=_env("NODE_ID", os.uname().nodename))
-    p.add_argument("--driver-name", default=_env("DRIVER_NAME", "hostpath.csi-kit.io"))
-    p.add_argument("--state-dir", default=_env("STATE_DIR", _default_state_dir()))
     p.add_argument("--mode", choices=["all", "controller", "node"], default=_env("MODE", "all"))
-    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "16")))
+    # String defaults go through `type` too: a bad CSI_KIT_* value is a usage error, not a traceback.
+    p.add_argument("--workers", type=int, default=_env("WORKERS", "16"))
     p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", ""), help="host:port for Prometheus")
-    p.add_argument("--socket-mode", default=_env("SOCKET_MODE", "0600"), help="octal mode of the unix socket")
-    p.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "30")))
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
-    p.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
+    p.add_argument(
+        "--socket-mode",
+        default=_env("SOCKET_MODE", "0600"),
+        help="octal mode of the unix socket",
+    )
+    p.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", "30"))
     _k8s_options(p)
+
+
+def _add_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("store", help="recover a driver's state store (docs/operations.md)")
+    commands = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
+    rebuild = commands.add_parser(
+        "rebuild",
+        help="move a missing, empty or unreadable store aside and record what the backend still holds",
+        description=(
+            "Run with the driver stopped and the same backend flags it serves with.  A missing, empty or "
+            "unreadable store is moved aside (never deleted); every volume and snapshot id the backend "
+            "reports without a record is recorded as ready, named recovered-<id>, size unknown (0)."
+        ),
+    )
+    _backend_args(rebuild)
+    rebuild.add_argument(
+        "--access-type",
+        choices=["mount", "block"],
+        default=None,
+        help="what the recovered volumes are, for a backend that serves both",
+    )
 
 
 def _k8s_options(p: argparse.ArgumentParser) -> None:
@@ -84,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"csi-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
+    _add_store(sub)
     sub.add_parser("backends", help="list installed backends")
     sanity = sub.add_parser("sanity", help="run the conformance suite against a CSI endpoint", add_help=False)
     sanity.add_argument("args", nargs=argparse.REMAINDER)
@@ -91,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("args", nargs=argparse.REMAINDER)
     ctl = sub.add_parser("controllers", help="run the Kubernetes controller loops against a CSI driver")
     ctl.add_argument("--csi-address", default=_env("CSI_ADDRESS", "unix:///run/csi-kit/csi.sock"))
-    ctl.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    ctl.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS, default=_env("LOG_LEVEL", "info"))
     ctl.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     _k8s_options(ctl)
     ctl.set_defaults(controllers=_env("CONTROLLERS", "snapshot"))
@@ -114,7 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
         mode=args.mode,
         workers=args.workers,
         metrics_address=args.metrics_address,
-        socket_mode=int(args.socket_mode, 8),
+        socket_mode=_octal(args.socket_mode),
         drain_seconds=args.drain_seconds,
     )
     controllers = getattr(args, "controllers", "") or ""
@@ -167,6 +216,41 @@ def _serve(args: argparse.Namespace) -> int:
         return 1 if failed else 0
 
     return asyncio.run(main())
+
+
+def _store(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from csi_kit.driver import DriverConfig, rebuild_store
+    from csi_kit.log import setup_logging
+
+    if args.store_command != "rebuild":
+        parser.parse_args(["store", "--help"])
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    config = DriverConfig(
+        backend=args.backend,
+        backend_options=_parse_options(args.backend_option),
+        driver_name=args.driver_name or f"{args.backend}.csi-kit.io",
+        node_id=args.node_id,
+        state_dir=args.state_dir,
+    )
+    report = rebuild_store(config, access_type=args.access_type)
+    if report.problem:
+        aside = ", ".join(report.moved_aside) or "nothing to move"
+        print(f"csi-kit: {report.problem}; set aside: {aside}")
+    found = len(report.volumes) + len(report.snapshots)
+    if found:
+        print(
+            f"csi-kit: recorded {len(report.volumes)} volume(s) and {len(report.snapshots)} snapshot(s) "
+            f"the {config.backend} backend holds, as ready (named recovered-<id>; sizes and snapshot "
+            "sources unknown)"
+        )
+    else:
+        print(f"csi-kit: the store records everything the {config.backend} backend holds")
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).splitlines())
 
 
 def _backends() -> int:
@@ -222,12 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command is None:
                 args = parser.parse_args(["serve", *argv])
             return _serve(args)
+        if args.command == "store":
+            return _store(args, parser)
         if args.command == "backends":
             return _backends()
         if args.command == "controllers":
             return _controllers(args)
     except CSIError as e:
-        print(f"csi-kit: {e}", file=sys.stderr)
+        logging.getLogger("csi_kit.cli").debug("%s failed", args.command or "serve", exc_info=True)
+        print(f"csi-kit: {_one_line(e)}", file=sys.stderr)
         return 2
     parser.print_help()
     return 2

@@ -12,23 +12,46 @@ An acknowledged object is always a committed ``ready`` row.
 
 All calls are synchronous and thread-safe (one connection behind a lock): the
 engine calls them from its worker threads next to the backend call.
+
+The store never silently starts over.  ``Store(path, create=False)`` opens
+only a store that is already there: a missing or empty file, or a valid
+SQLite file without our tables, raises `StoreMissing` and writes nothing (so
+the evidence stays for the caller to judge against what the backend holds —
+`csi_kit._core.statedir`); a file that is not SQLite, truncated or failing
+SQLite's ``quick_check`` raises `StoreUnreadable`.  A full filesystem is
+`csi_kit.errors.ResourceExhausted` naming the store and its directory, from
+every method (`_storage_errors` is the one place that maps it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import attrs
 
+from csi_kit.errors import FailedPrecondition, ResourceExhausted
 from csi_kit.types import ContentSource, GroupSnapshot, Snapshot, Topology, Volume
 
-__all__ = ["Store", "VolumeRecord", "SnapshotRecord", "GroupRecord", "PublishRecord", "Attachment", "State"]
+__all__ = [
+    "Store",
+    "VolumeRecord",
+    "SnapshotRecord",
+    "GroupRecord",
+    "PublishRecord",
+    "Attachment",
+    "State",
+    "StoreMissing",
+    "StoreUnreadable",
+    "set_aside",
+]
 
 State = Literal["creating", "ready", "deleting"]
 
@@ -154,23 +177,123 @@ def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class Store:
-    """SQLite-backed metadata.  ``path`` is created with mode 0600."""
+class StoreMissing(FailedPrecondition):
+    """``create=False`` and there is no store at ``path`` (absent, empty, or without our tables)."""
 
-    def __init__(self, path: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"state store {path} {reason}")
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
+        self.reason = reason
+
+
+class StoreUnreadable(FailedPrecondition):
+    """The file at ``path`` is not a readable store: not SQLite, truncated, corrupt or unopenable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"state store {path} is unreadable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+#: The files SQLite keeps for one WAL-mode database; they only make sense together.
+_COMPANIONS = ("", "-wal", "-shm")
+
+
+def _is_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorname", "") == "SQLITE_FULL"
+
+
+def _full(path: str) -> ResourceExhausted:
+    where = os.path.dirname(os.path.abspath(path))
+    return ResourceExhausted(f"state store {path}: no space left on the filesystem holding {where}")
+
+
+@contextmanager
+def _storage_errors(path: str) -> Iterator[None]:
+    """Turn "database or disk is full" (SQLITE_FULL) and ENOSPC/EDQUOT into RESOURCE_EXHAUSTED.
+
+    The caller then sees the spec's code and a message naming the full
+    filesystem; the gRPC layer logs one line for it, no traceback.
+    """
+    try:
+        yield
+    except (sqlite3.Error, OSError) as e:
+        if _is_full(e):
+            raise _full(path) from e
+        raise
+
+
+def set_aside(path: str, label: str) -> list[str]:
+    """Move the store at ``path`` and its ``-wal``/``-shm`` companions aside; never delete them.
+
+    They move as a set (a WAL replayed onto another database corrupts it) to
+    ``PATH.LABEL-<UTC time>`` (+ ``-wal``/``-shm``).  Returns the new paths.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = f"{path}.{label}-{stamp}"
+    n = 1
+    while any(os.path.lexists(base + c) for c in _COMPANIONS):
+        n += 1
+        base = f"{path}.{label}-{stamp}.{n}"
+    moved = []
+    for companion in _COMPANIONS:
+        if os.path.lexists(path + companion):
+            os.rename(path + companion, base + companion)
+            moved.append(base + companion)
+    return moved
+
+
+class Store:
+    """SQLite-backed metadata.  ``path`` is created with mode 0600.
+
+    ``create=False`` opens only an existing store (see the module docstring):
+    `StoreMissing` when there is none, without writing anything.
+    """
+
+    def __init__(
+        self, path: str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL", create: bool = True
+    ) -> None:
+        self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed row survives power loss, not only a killed process.
         self._sync = synchronous
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._migrate_publishes(self._db)
+        try:
+            with _storage_errors(path):
+                self._db = self._open(path, synchronous, create)
+        except (sqlite3.Error, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise StoreUnreadable(path, reason) from e
+
+    def _open(self, path: str, synchronous: str, create: bool) -> sqlite3.Connection:
+        if not create:
+            if not os.path.lexists(path):
+                raise StoreMissing(path, "does not exist")
+            if os.stat(path).st_size == 0:
+                raise StoreMissing(path, "is empty (0 bytes)")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            # Before anything is written: a truncated or damaged file is refused, not built upon.
+            problems = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise StoreUnreadable(path, f"SQLite's integrity check failed: {'; '.join(problems[:3])}")
+            ours = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='volumes'"
+            if db.execute(ours).fetchone() is None and not create:
+                raise StoreMissing(path, "holds no csi-kit tables")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(_SCHEMA)
+            self._migrate_publishes(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -181,23 +304,26 @@ class Store:
         """One transaction.  ``durable=False`` skips the WAL flush for this commit:
         only for removals whose ``deleting`` state is already durable — the next
         durable commit carries them, and start-up finishes a lost one."""
-        with self._lock:
+        with self._lock, _storage_errors(self.path):
             if not durable and self._sync == "FULL":
                 self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # SQLite may have rolled back already (SQLITE_FULL does): a second
+                    # ROLLBACK would raise and hide the real error.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             finally:
                 if not durable and self._sync == "FULL":
                     self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, _storage_errors(self.path):
             cur = self._db.execute(sql, args)
             rows: list[sqlite3.Row] = cur.fetchall()
             return rows
@@ -206,6 +332,18 @@ class Store:
         """The highest list position ever handed out for a table (validates page tokens)."""
         rows = self._query("SELECT seq FROM sqlite_sequence WHERE name=?", (table,))
         return int(rows[0][0]) if rows else 0
+
+    def adopt(self, volumes: Sequence[Volume], snapshots: Sequence[Snapshot]) -> None:
+        """Record objects the backend already holds as ``ready``, in one transaction.
+
+        For recovery (`csi_kit._core.statedir.rebuild_store`): never a
+        ``creating`` row, which the next start would destroy as unfinished work.
+        """
+        with self._tx() as db:
+            for volume in volumes:
+                self._insert_volume(db, volume, {}, "ready")
+            for snap in snapshots:
+                self._insert_snapshot(db, snap, "ready")
 
     # -- volumes -------------------------------------------------------------
 
@@ -233,25 +371,31 @@ class Store:
 
     def begin_volume(self, volume: Volume, mutable_parameters: Mapping[str, str]) -> None:
         """Record a volume about to be made (state ``creating``)."""
-        src = volume.source
         with self._tx() as db:
-            db.execute(
-                f"INSERT INTO volumes ({self._VOLUME_COLUMNS.replace('seq, ', '')}) "
-                "VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    volume.volume_id,
-                    volume.name,
-                    volume.capacity_bytes,
-                    volume.access_type,
-                    _dump(dict(volume.parameters)),
-                    _dump(dict(mutable_parameters)),
-                    _dump(dict(volume.context)),
-                    src.kind if src else None,
-                    src.id if src else None,
-                    _dump([dict(t.segments) for t in volume.topology]),
-                    volume.created_ns,
-                ),
-            )
+            self._insert_volume(db, volume, mutable_parameters, "creating")
+
+    def _insert_volume(
+        self, db: sqlite3.Connection, volume: Volume, mutable_parameters: Mapping[str, str], state: State
+    ) -> None:
+        src = volume.source
+        db.execute(
+            f"INSERT INTO volumes ({self._VOLUME_COLUMNS.replace('seq, ', '')}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                volume.volume_id,
+                volume.name,
+                state,
+                volume.capacity_bytes,
+                volume.access_type,
+                _dump(dict(volume.parameters)),
+                _dump(dict(mutable_parameters)),
+                _dump(dict(volume.context)),
+                src.kind if src else None,
+                src.id if src else None,
+                _dump([dict(t.segments) for t in volume.topology]),
+                volume.created_ns,
+            ),
+        )
 
     def finish_volume(self, volume_id: str, capacity_bytes: int, context: Mapping[str, str]) -> None:
         with self._tx() as db:
@@ -324,14 +468,15 @@ class Store:
         )
         return SnapshotRecord(snap, state, seq)
 
-    def _insert_snapshot(self, db: sqlite3.Connection, snap: Snapshot) -> None:
+    def _insert_snapshot(self, db: sqlite3.Connection, snap: Snapshot, state: State = "creating") -> None:
         db.execute(
             "INSERT INTO snapshots "
             "(id, name, state, source_volume_id, size, ready, group_id, parameters, created_ns) "
-            "VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 snap.snapshot_id,
                 snap.name,
+                state,
                 snap.source_volume_id,
                 snap.size_bytes,
                 int(snap.ready_to_use),

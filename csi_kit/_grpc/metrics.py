@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 __all__ = ["ServerMetrics"]
@@ -28,4 +30,12 @@ class ServerMetrics:
     def serve(self, address: str) -> None:
         """Start the HTTP exporter on ``host:port`` (a daemon thread)."""
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        self._http, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+
+    def close(self) -> None:
+        """Stop the HTTP exporter, if one was started."""
+        http: WSGIServer | None = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+            del self._http
