@@ -70,7 +70,11 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
         help="backend configuration, repeatable (env CSI_KIT_BACKEND_OPTIONS: space-separated)",
     )
     p.add_argument("--node-id", default=_env("NODE_ID", os.uname().nodename))
-    p.add_argument("--driver-name", default=_env("DRIVER_NAME", "hostpath.csi-kit.io"))
+    p.add_argument(
+        "--driver-name",
+        default=_env("DRIVER_NAME", ""),
+        help="CSI driver name (default: BACKEND.csi-kit.io, e.g. hostpath.csi-kit.io)",
+    )
     p.add_argument("--state-dir", default=_env("STATE_DIR", _default_state_dir()))
     p.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS, default=_env("LOG_LEVEL", "info"))
     p.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
@@ -127,6 +131,21 @@ def _k8s_options(p: argparse.ArgumentParser) -> None:
     add_controller_options(p)
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every option's --help line with its default (the environment's, when set), in every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _show_defaults(subparser)
+            continue
+        default, text = action.default, action.help or ""
+        if not action.option_strings or text == argparse.SUPPRESS or "default" in text:
+            continue
+        if default is None or default is False or default is argparse.SUPPRESS or default in ("", []):
+            continue
+        action.help = f"{text} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csi-kit", description="CSI drivers in Python")
     parser.add_argument("--version", action="version", version=f"csi-kit {__version__}")
@@ -143,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS, default=_env("LOG_LEVEL", "info"))
     ctl.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", "text"))
     _k8s_options(ctl)
-    ctl.set_defaults(controllers=_env("CONTROLLERS", "snapshot"))
+    ctl.add_argument(
+        "--metrics-address",
+        default=_env("METRICS_ADDRESS", ""),
+        help="host:port to serve the loops' Prometheus metrics on (docs/metrics.md); off when empty",
+    )
+    ctl.set_defaults(controllers=_env("CONTROLLERS", "snapshot"), serve_loop_metrics=True)
+    _show_defaults(parser)
     return parser
 
 
@@ -156,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = DriverConfig(
         backend=args.backend,
         backend_options=_parse_options(args.backend_option),
-        driver_name=args.driver_name,
+        driver_name=args.driver_name or f"{args.backend}.csi-kit.io",
         node_id=args.node_id,
         endpoints=tuple(endpoints),
         state_dir=args.state_dir,

@@ -1,10 +1,18 @@
-"""Prometheus metrics for the CSI server (served with ``--metrics-address``)."""
+"""Prometheus metrics for the CSI server (served with ``--metrics-address``).
+
+The endpoint serves this server's own registry (``csi_kit_*``: every CSI call
+the driver answers, by method and gRPC code) together with prometheus_client's
+default registry, where the Kubernetes loops of the same process keep theirs
+(``csi_sidecar_operations_seconds`` under the upstream sidecars' names, see
+``csi_kit/k8s/metrics.py``) beside the process and Python collectors: one
+scrape target per driver pod, as with one sidecar.  docs/metrics.md lists them.
+"""
 
 from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram, start_http_server
 
 __all__ = ["ServerMetrics"]
 
@@ -30,7 +38,10 @@ class ServerMetrics:
     def serve(self, address: str) -> None:
         """Start the HTTP exporter on ``host:port`` (a daemon thread)."""
         host, _, port = address.rpartition(":")
-        self._http, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        served = CollectorRegistry()
+        served.register(self.registry)  # a registry is itself a collector
+        served.register(REGISTRY)
+        self._http, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=served)
 
     def close(self) -> None:
         """Stop the HTTP exporter, if one was started."""

@@ -145,8 +145,10 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--events",
         action=argparse.BooleanOptionalAction,
-        default=_env_bool("events", False),
-        help="record Kubernetes Events as upstream does (one API write each; needs events create)",
+        # One switch for every loop, on like the upstream sidecars; the volume
+        # loops' old --k8s-events (and CSI_KIT_K8S_EVENTS) is a deprecated alias.
+        default=_env_bool("events", _env_bool("k8s-events", True)),
+        help="record Kubernetes Events as the upstream sidecars do (one API write each; needs events create)",
     )
     g.add_argument("--resync-period", type=float, default=float(_env("resync-period", 900)), help="seconds")
     g.add_argument(
@@ -163,6 +165,27 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
     add_volume_options(g)
 
 
+def _port(address: str) -> tuple[str, str]:
+    host, _, port = address.rpartition(":")
+    return host, port
+
+
+def _check_ports(args: argparse.Namespace, wanted: set[str]) -> None:
+    """--metrics-address and the liveness endpoint must not want the same port."""
+    address = getattr(args, "metrics_address", "") or ""
+    if "liveness" not in wanted or not address:
+        return
+    host, port = _port(address)
+    health_host = str(getattr(args, "health_address", "") or "")
+    wildcard = {"", "0.0.0.0", "::", "[::]"}
+    same_host = host in wildcard or health_host in wildcard or host == health_host
+    if same_host and port == str(args.health_port):
+        raise ValueError(
+            f"--metrics-address {address} and the liveness endpoint (--health-port {args.health_port}) "
+            "want the same port; give one of them another (docs/metrics.md)"
+        )
+
+
 def selected(args: argparse.Namespace) -> set[str]:
     out: set[str] = set()
     for item in (args.controllers or "").split(","):
@@ -172,6 +195,7 @@ def selected(args: argparse.Namespace) -> set[str]:
         if item not in CONTROLLERS:
             raise ValueError(f"unknown controller {item!r}; choose from {', '.join(sorted(CONTROLLERS))}")
         out.update(CONTROLLERS[item])
+    _check_ports(args, out)
     return out
 
 
@@ -213,6 +237,9 @@ async def run_controllers(
     client = CSIClient(csi_endpoint, timeout=args.csi_timeout)
     clients: list[Any] = []
     try:
+        if getattr(args, "serve_loop_metrics", False) and args.metrics_address:
+            # `csi-kit controllers`: no driver in this process serves the registry.
+            clients.append(metrics.serve(args.metrics_address))
         info = await _discover(client, stop)
         if info is None:
             return
@@ -222,6 +249,7 @@ async def run_controllers(
             info.vendor_version,
             sorted(info.controller_capabilities),
         )
+        metrics.set_driver_name(info.name)
         raw = connect(args)
         clients.append(raw)
         api = ThrottledAPI(raw, TokenBucket(args.kube_api_qps, args.kube_api_burst))

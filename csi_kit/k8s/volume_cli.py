@@ -21,6 +21,7 @@ from csi_kit.k8s.api import KubeAPI
 from csi_kit.k8s.attacher import Attacher
 from csi_kit.k8s.capacity import CapacityTracker
 from csi_kit.k8s.csi_client import DriverInfo
+from csi_kit.k8s.envopts import deprecated_alias
 from csi_kit.k8s.envopts import env as _env
 from csi_kit.k8s.envopts import env_bool as _env_bool
 from csi_kit.k8s.liveness import LivenessServer
@@ -55,9 +56,10 @@ def add_volume_options(g: Any) -> None:
     )
     g.add_argument(
         "--k8s-events",
-        action=argparse.BooleanOptionalAction,
-        default=_env_bool("k8s-events", True),
-        help="write Events about claims and volumes (each costs an API request)",
+        dest="events",
+        action=deprecated_alias("--events / --no-events"),
+        default=argparse.SUPPRESS,
+        help="deprecated alias of --events",
     )
     g.add_argument("--capacity-poll-interval", type=float, default=float(_env("capacity-poll-interval", 60)))
     g.add_argument("--capacity-namespace", default=_env("capacity-namespace", None))
@@ -130,7 +132,7 @@ class VolumeLoops:
                     volume_name_uuid_length=a.volume_name_uuid_length,
                     default_fstype=a.default_fstype,
                     cross_namespace=a.cross_namespace_data_sources,
-                    events=a.k8s_events,
+                    events=a.events,
                     workers=a.k8s_workers,
                     resync_period=a.resync_period,
                     **timing,
@@ -143,7 +145,7 @@ class VolumeLoops:
                 info,
                 # The node's labels as a PV's node affinity may name them (ours add the hostname).
                 node_topology=None if topology is None else {**topology, HOSTNAME_LABEL: str(node)},
-                events=a.k8s_events,
+                events=a.events,
                 workers=a.k8s_workers,
                 **timing,
             )
