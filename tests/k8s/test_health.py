@@ -25,6 +25,7 @@ from volume_peer import VolumeCSI, eventually, make_bound, served, stop_tasks
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s import api as k
+from csi_kit.k8s import health
 from csi_kit.k8s.api import EVENT, LEASE, PV, Obj
 from csi_kit.k8s.cli import CONTROLLERS, add_controller_options, run_controllers, selected
 from csi_kit.k8s.csi_client import DriverInfo
@@ -384,3 +385,17 @@ def test_the_interval_must_be_a_positive_number() -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive number of seconds"):
             HealthMonitor(FakeKubeAPI(), None, info, interval=bad)  # type: ignore[arg-type]
+
+
+async def test_per_node_it_needs_the_node_name_and_takes_no_lease(
+    api: FakeKubeAPI, hostpath: tuple[str, HealthClient]
+) -> None:
+    _, client = hostpath
+    info = await client.driver_info()
+    args = parse("--controllers", "health-monitor", "--node-deployment", "--node-name", "node-1")
+    ((monitor, lease),) = await health.loops(args, api, client, info)
+    assert lease is None
+    assert isinstance(monitor, HealthMonitor) and monitor.node_topology is not None
+    assert monitor.node_topology[HOSTNAME_LABEL] == "node-1"
+    with pytest.raises(ValueError, match="--node-name"):
+        await health.loops(parse("--node-deployment", "--node-name", ""), api, client, info)
