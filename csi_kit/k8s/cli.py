@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from csi_kit.k8s import metrics
+from csi_kit.k8s import health, metrics
 from csi_kit.k8s.api import KubeAPI
 from csi_kit.k8s.csi_client import CSIClient, CSIError, DriverInfo
 from csi_kit.k8s.envopts import env as _env
@@ -53,6 +53,8 @@ CONTROLLERS = {
     "capacity": ("capacity",),
     "registration": ("registration",),
     "liveness": ("liveness",),
+    # external-health-monitor-controller: opt-in, never part of "all".
+    "health-monitor": ("health-monitor",),
     "all": ("snapshot-controller", "snapshotter", *VOLUME_LOOPS),
 }
 
@@ -75,7 +77,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         help="comma list of loops to run: snapshot (= snapshot-controller + snapshotter), "
         "snapshot-controller, snapshotter, group-snapshot (= group-snapshot-controller + group-snapshotter), "
         "provisioner, resizer, attacher, capacity, registration, "
-        "liveness, all; empty runs none",
+        "liveness, health-monitor, all; empty runs none",
     )
     g.add_argument(
         "--kubeconfig",
@@ -163,6 +165,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "--csi-timeout", type=float, default=float(_env("csi-timeout", 60)), help="seconds per CSI call"
     )
     add_volume_options(g)
+    health.add_options(g)
 
 
 def _port(address: str) -> tuple[str, str]:
@@ -315,6 +318,11 @@ async def run_controllers(
                 **timing,
             )
             loops.append((gsnapper, "external-snapshotter-group-leader-" + sanitize_lease_name(info.name)))
+
+        if "health-monitor" in wanted:
+            hclient = health.HealthClient(csi_endpoint, timeout=args.csi_timeout)
+            clients.append(hclient)
+            loops.extend(await health.loops(args, api, hclient, info))
 
         namespace = args.leader_election_namespace or _default_namespace()
         volume = VolumeLoops(args, csi_endpoint, info, wanted)
