@@ -1154,6 +1154,16 @@ class VolumeEngine:
                 return True
         return False
 
+    def _check_stats_volume(self, volume_id: str) -> None:
+        """A volume known here: the backend has it, or this driver staged or published it.
+
+        A published volume whose storage vanished underneath (directory removed,
+        image deleted) is still asked about: its stats are where the kubelet
+        learns of the abnormal condition, which NOT_FOUND would hide.
+        """
+        if not self.backend.volume_exists(volume_id) and not self.store.publishes_of(volume_id):
+            raise NotFound(f"volume {volume_id!r} does not exist on this node")
+
     async def node_stats(self, volume_id: str, volume_path: str, staging_path: str = "") -> VolumeStats:
         self._require(self.capabilities.node_stats, "NodeGetVolumeStats")
         self._check_id(volume_id, "volume_id")
@@ -1161,7 +1171,7 @@ class VolumeEngine:
         # NOT_FOUND whatever the path is (it sends the relative "some/path").
         v.require(volume_path, "volume_path")
         volume_id = await self._call(lambda: self._ephemeral_id(volume_id) or volume_id)
-        await self._call(lambda: self._check_node_volume(volume_id))
+        await self._call(lambda: self._check_stats_volume(volume_id))
         path = self._check_caller_path(volume_path, "volume_path")
         if staging_path:
             self._check_caller_path(staging_path, "staging_target_path")

@@ -15,11 +15,6 @@ from csi_kit._pb import csi_pb2 as pb
 pytestmark = pytest.mark.privileged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: the engine answers NOT_FOUND before asking the backend (hostPath's volume_exists "
-    "looks for the directory), so its 'volume directory is missing' condition never reaches the kubelet",
-)
 def test_stats_of_a_volume_whose_directory_was_removed_are_abnormal(hostpath: HostPath, targets: str) -> None:
     vol = hostpath.csi.create("health")
     target = os.path.join(targets, "health")
