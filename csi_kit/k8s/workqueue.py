@@ -69,7 +69,7 @@ class WorkQueue:
 
     def backoff(self, key: str) -> float:
         """The delay the next `add_rate_limited(key)` will use."""
-        n = self._failures.get(key, 0)
+        n = min(self._failures.get(key, 0), 62)  # 2**1024 overflows a float; max_delay rules long before
         return float(min(self.base_delay * (2**n), self.max_delay))
 
     def add_rate_limited(self, key: str) -> None:

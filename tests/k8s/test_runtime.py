@@ -39,6 +39,9 @@ async def test_backoff_doubles_up_to_the_cap_and_forget_resets() -> None:
         delays.append(q.backoff("k"))
         q.add_rate_limited("k")
     assert delays[:4] == [1.0, 2.0, 4.0, 8.0] and delays[-1] == 300.0
+    for _ in range(1100):  # a key failing for days: 2**1024 would overflow a float
+        q.add_rate_limited("k")
+    assert q.backoff("k") == 300.0
     q.forget("k")
     assert q.backoff("k") == 1.0
     q.shutdown()
