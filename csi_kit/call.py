@@ -172,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status: 0 OK; 10 + the gRPC status code otherwise (13 INVALID_ARGUMENT, 15 NOT_FOUND, "
             "16 ALREADY_EXISTS, 24 UNAVAILABLE also for a dead endpoint, ...); 2 for usage and file errors."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("method", nargs="?", help="RPC name, e.g. CreateVolume or Node.NodePublishVolume")
     p.add_argument("--list", action="store_true", help="list every RPC and its request fields, then exit")
@@ -181,9 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CSI_KIT_ENDPOINT") or os.environ.get("CSI_ENDPOINT"),
         help="unix:///path/csi.sock, a socket path, or host:port (env CSI_KIT_ENDPOINT or CSI_ENDPOINT)",
     )
-    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text", help="output format")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds the call may take")
-    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the endpoint")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json", "yaml"),
+        default="text",
+        help="output format (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds the call may take (default: %(default)s)"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the endpoint (default: %(default)s)",
+    )
     p.add_argument("--request-file", metavar="FILE", help="the request as JSON or YAML (- for stdin)")
     p.add_argument("--secrets-file", metavar="FILE", help="secrets as a flat JSON/YAML map (never printed)")
     f = p.add_argument_group("request fields (each needs the field in the method's request)")

@@ -4,12 +4,13 @@
 # harness.  Arguments go to the first pytest run (e.g. -k EXPR, -x).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-CSI_KIT_EXTRAS=test CSI_KIT_APT="${CSI_KIT_APT:-} qemu-system-x86 qemu-system-common busybox-static kmod lvm2 thin-provisioning-tools" \
+CSI_KIT_EXTRAS=test,docs CSI_KIT_APT="${CSI_KIT_APT:-} qemu-system-x86 qemu-system-common busybox-static kmod lvm2 thin-provisioning-tools" \
   bash scripts/bootstrap.sh
 
 echo "== ruff"; .venv/bin/ruff check csi_kit backends tests benchmarks examples
 echo "== mypy"; .venv/bin/mypy
 echo "== import layers"; .venv/bin/lint-imports
+echo "== docs"; NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -d "$(mktemp -d)"
 
 echo "== tests"
 # In a private mount namespace: a driver under test that unmounts the wrong

@@ -18,7 +18,7 @@ import sys
 from csi_kit._version import __version__
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-_TAG = re.compile(r"csi-kit:(\d+\.\d+\.\d+\S*?)(?=[\s`'\"]|$)", re.M)
+_TAG = re.compile(r"csi-kit:(\d+\.\d+\.\d+\S*?|latest)(?=[\s`'\"]|$)", re.M)
 
 
 def test_setup_cfg_reads_the_version_module() -> None:

@@ -1,0 +1,1 @@
+"""The backend written in the csi-kit tutorial ("Your first backend")."""
