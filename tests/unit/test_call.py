@@ -207,3 +207,23 @@ def test_the_cli_hands_call_over(tmp_path: Any) -> None:
     )
     assert p.returncode == UNAVAILABLE
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_a_stream_prints_one_document_per_message() -> None:
+    method = call.find_method("GetMetadataDelta")
+    assert method.streaming and method.path == "/csi.v1.SnapshotMetadata/GetMetadataDelta"
+    msgs = [
+        csi_pb2.GetMetadataDeltaResponse(
+            volume_capacity_bytes=2**20,
+            block_metadata=[csi_pb2.BlockMetadata(byte_offset=i, size_bytes=4096)],
+        )
+        for i in (0, 8192)
+    ]
+    out = io.StringIO()
+    call.render(iter(msgs), "json", True, out)
+    lines = out.getvalue().splitlines()
+    assert [json.loads(line)["block_metadata"][0].get("byte_offset", "0") for line in lines] == ["0", "8192"]
+    out = io.StringIO()
+    call.render(iter(msgs), "yaml", True, out)
+    docs = list(yaml.safe_load_all(out.getvalue()))
+    assert [d["volume_capacity_bytes"] for d in docs] == [str(2**20)] * 2
