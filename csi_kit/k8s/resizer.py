@@ -1,23 +1,48 @@
 """The resizer: a PVC asking for more than it has → ControllerExpandVolume → PV and PVC capacity.
 
-What the upstream external-resizer does (with RecoverVolumeExpansionFailure),
-for one driver, on the same status fields so either can take over:
+What the upstream external-resizer does with RecoverVolumeExpansionFailure
+(its `expandAndRecover`), on the same status fields and with the same write
+preconditions, so either can take over and neither fights the kubelet:
 
-1. The PVC's status is marked first -- `allocatedResources.storage` = the
-   target, `allocatedResourceStatuses.storage` = `ControllerResizeInProgress`,
-   condition `Resizing` -- so a restart (or a new leader) knows an expansion to
-   that size was started and must be finished, even if the user meanwhile
-   lowered the request: a running expansion may already have happened.
-2. ControllerExpandVolume (with the PV's `controllerExpandSecretRef`), then
-   the PV's `spec.capacity`.
-3. Done: `status.capacity` and the markers cleared; or, when the driver needs
-   the node to grow the filesystem, `NodeResizePending` and the
+1. A claim is looked at only while it asks for more than it has
+   (`spec.resources.requests.storage` > `status.capacity`).
+2. `status.allocatedResourceStatuses.storage` says whose turn it is.
+   `NodeResizePending` and `NodeResizeInProgress` belong to the kubelet once
+   the PV is as large as the expansion under way (`allocatedResources`): the
+   kubelet marks `NodeResizeInProgress`, calls NodeExpandVolume and then
+   patches the claim's status with a resourceVersion precondition, so any
+   write of ours in between would make that patch fail with 409 and start
+   the cycle again (issue #13: NodeResizeInProgress → ControllerResizeInProgress
+   → NodeResizePending nine times, a pod waiting 11 minutes).  A larger
+   request than the one the node is finishing waits for it.
+3. Otherwise the size to expand to is chosen so a started expansion is
+   finished, never shrunk: `allocatedResources` while the controller or the
+   node may still be at it (`ControllerResizeInProgress` after an error that
+   is not final, `NodeResizeInfeasible`), the request after a final error
+   (`ControllerResizeInfeasible`, or a final error this process saw) -- the
+   only moment the user may lower the request to recover, to a size still
+   above `status.capacity` (the API server refuses anything lower).
+4. The claim is marked first -- `allocatedResources.storage`, status
+   `ControllerResizeInProgress`, condition `Resizing` -- unless it already
+   records that very size (a retry: the status is not rewritten, so an
+   Infeasible claim stays so while the driver keeps refusing).  Then
+   ControllerExpandVolume (with the PV's `controllerExpandSecretRef`) and the
+   PV's `spec.capacity`.
+5. Done: `status.capacity`, the storage status and our conditions cleared and
+   the `volume.kubernetes.io/node-expansion-not-required` annotation set (a
+   ReadWriteMany volume is then not grown again by each node's kubelet); or,
+   when the node must grow the filesystem, `NodeResizePending` with the
    `FileSystemResizePending` condition for the kubelet.
 
-A final error marks `ControllerResizeInfeasible` (with a
-`ControllerResizeError` condition); then, and only then, the user may lower
-the request -- to a size above the current capacity to try again smaller, or
-back to the current capacity to give up -- the upstream recovery protocol.
+Writes 1, 4 and 5 carry the resourceVersion the decision was made on (a 409
+sends the claim back to the queue, to be judged again on what the kubelet
+wrote).  A failure is recorded without that precondition, so it lands even on
+a newer claim: a final error with InvalidArgument, OutOfRange or NotFound
+marks `ControllerResizeInfeasible`, any other final error adds only the
+`ControllerResizeError` condition, and an error after which the expansion
+may still be running on the storage writes nothing.  Upstream also holds an
+Infeasible claim back for a while before retrying the same size; here the
+work queue's backoff (up to `max_delay`) paces those retries.
 Drivers without the controller EXPAND_VOLUME capability get the "trivial"
 resizer, as upstream: no CSI call, the PV grows, the node does the work.
 Per-node mode (`node_topology`, not in upstream) handles only PVs whose node
@@ -32,6 +57,8 @@ import datetime
 import logging
 from typing import Any, Protocol
 
+import grpc
+
 from csi_kit.k8s import api as k
 from csi_kit.k8s.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
 from csi_kit.k8s.csi_client import NON_FINAL_CODES, CSIError, DriverInfo
@@ -43,14 +70,23 @@ from csi_kit.k8s.volumes import Capability, EventRecorder, capabilities_for, for
 log = logging.getLogger(__name__)
 
 ANN_STORAGE_RESIZER = "volume.kubernetes.io/storage-resizer"
+ANN_NODE_EXPANSION_NOT_REQUIRED = "volume.kubernetes.io/node-expansion-not-required"
 IN_PROGRESS = "ControllerResizeInProgress"
 INFEASIBLE = "ControllerResizeInfeasible"
 NODE_PENDING = "NodeResizePending"
+NODE_IN_PROGRESS = "NodeResizeInProgress"
+NODE_INFEASIBLE = "NodeResizeInfeasible"
 COND_RESIZING = "Resizing"
 COND_FS_PENDING = "FileSystemResizePending"
 COND_ERROR = "ControllerResizeError"
+COND_NODE_ERROR = "NodeResizeError"
 FS_PENDING_MESSAGE = "Waiting for user to (re-)start a pod to finish file system resize of volume on node."
-OUR_CONDITIONS = {COND_RESIZING, COND_FS_PENDING, COND_ERROR}
+#: The resize conditions (upstream's knownResizeConditions); any other condition is left as it is.
+RESIZE_CONDITIONS = {COND_RESIZING, COND_FS_PENDING, COND_ERROR, COND_NODE_ERROR}
+#: ControllerExpandVolume errors that make the requested size infeasible (upstream's IsResizeInfeasibleError).
+INFEASIBLE_CODES = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND}
+)
 
 
 class ExpandDriver(Protocol):
@@ -70,11 +106,42 @@ def _condition(type_: str, message: str = "") -> dict[str, Any]:
     return c
 
 
-def _conditions(pvc: Obj, *keep: dict[str, Any]) -> list[dict[str, Any]]:
-    others = [
-        c for c in (pvc.get("status") or {}).get("conditions") or [] if c.get("type") not in OUR_CONDITIONS
-    ]
-    return others + list(keep)
+def _has_condition(pvc: Obj, type_: str) -> bool:
+    return any(
+        c.get("type") == type_ and c.get("status") == "True"
+        for c in (pvc.get("status") or {}).get("conditions") or []
+    )
+
+
+def _conditions(pvc: Obj, *new: dict[str, Any], keep_old: bool = False) -> list[dict[str, Any]]:
+    """The claim's conditions with `new` merged in by type (upstream's MergeResizeConditionsOfPVC).
+
+    Conditions that are not about resizing stay; old resize conditions stay
+    only with `keep_old`; a new condition replaces an old one of its type.
+    """
+    by_type = {c["type"]: c for c in new}
+    out: list[dict[str, Any]] = []
+    for c in (pvc.get("status") or {}).get("conditions") or []:
+        t = c.get("type")
+        if t not in RESIZE_CONDITIONS:
+            out.append(c)
+        elif t in by_type:
+            out.append(by_type.pop(t))
+        elif keep_old:
+            out.append(c)
+    return out + list(by_type.values())
+
+
+def _storage_status(pvc: Obj, value: str | None) -> dict[str, Any] | None:
+    """Merge patch of `allocatedResourceStatuses` setting the storage entry to `value`.
+
+    None removes the entry, and the whole map when nothing else is left in
+    it, as upstream leaves no empty map behind.
+    """
+    if value is not None:
+        return {"storage": value}
+    others = set((pvc.get("status") or {}).get("allocatedResourceStatuses") or {}) - {"storage"}
+    return {"storage": None} if others else None
 
 
 class Resizer(Loop):
@@ -101,6 +168,9 @@ class Resizer(Loop):
         self.trivial = "EXPAND_VOLUME" not in info.controller_capabilities
         self.multi_writer = "SINGLE_NODE_MULTI_WRITER" in info.controller_capabilities
         self.events = EventRecorder(api, f"{self.driver_name}_csi-kit-resizer", enabled=events)
+        # Claims whose last ControllerExpandVolume ended with a final error: their
+        # ControllerResizeInProgress is then no expansion under way (upstream's finalErrorPVCs).
+        self.final_errors: set[str] = set()
         self.pvcs = Informer(api, PVC, resync_period=resync_period)
         self.pvs = Informer(api, PV)
         self.informers = [self.pvcs, self.pvs]
@@ -117,10 +187,23 @@ class Resizer(Loop):
         if event == "ADDED" and ref.get("name"):
             self.claim_queue.add(f"{ref.get('namespace')}/{ref['name']}")
 
-    async def _patch_status(self, pvc: Obj, status: Obj) -> Obj:
-        updated = await self.api.patch(
-            PVC, k.name_of(pvc), {"status": status}, k.namespace_of(pvc), status=True
-        )
+    async def _patch_status(
+        self, pvc: Obj, status: Obj, *, checked: bool = True, annotations: Obj | None = None
+    ) -> Obj:
+        """Merge-patch the claim's status; `checked` adds the resourceVersion precondition (409 if stale).
+
+        `annotations` go in the same write: a PVC's status subresource takes
+        metadata changes (only the spec is reset), as upstream relies on.
+        """
+        meta: Obj = {}
+        if checked:
+            meta["resourceVersion"] = k.rv_of(pvc)
+        if annotations:
+            meta["annotations"] = annotations
+        body: Obj = {"status": status}
+        if meta:
+            body["metadata"] = meta
+        updated = await self.api.patch(PVC, k.name_of(pvc), body, k.namespace_of(pvc), status=True)
         self.pvcs.store_update(updated)
         return updated
 
@@ -171,59 +254,70 @@ class Resizer(Loop):
         pv = self._volume_of(pvc)
         if pv is None:
             return
-        st = pvc.get("status") or {}
         try:
             requested = storage_of(pvc, "spec", "resources", "requests")
             capacity = storage_of(pvc, "status", "capacity") or 0
             allocated = storage_of(pvc, "status", "allocatedResources")
+            pv_size = storage_of(pv, "spec", "capacity") or 0
         except ValueError as e:
             await self.events.event(pvc, "Warning", "VolumeResizeFailed", str(e))
             return
-        if requested is None:
+        if requested is None or requested <= capacity:
             return
-        phase = (st.get("allocatedResourceStatuses") or {}).get("storage")
-        if phase == NODE_PENDING:
-            return  # the kubelet's turn
-        if phase == IN_PROGRESS and allocated is not None:
-            target = max(allocated, requested)  # a started expansion is finished, never shrunk
-        elif phase == INFEASIBLE:
-            if requested <= capacity:
-                # The user gave up: back to what the volume has.
-                await self._patch_status(
-                    pvc,
-                    {
-                        "allocatedResources": {"storage": format_quantity(capacity)},
-                        "allocatedResourceStatuses": None,
-                        "conditions": _conditions(pvc),
-                    },
-                )
-                return
-            target = requested
-        else:
-            if requested <= capacity:
-                return
-            target = requested
-        await self._expand(pvc, pv, target)
+        target = self._target(key, pvc, requested, allocated, pv_size)
+        if target is not None:
+            await self._expand(key, pvc, pv, target, allocated)
 
-    async def _expand(self, pvc: Obj, pv: Obj, target: int) -> None:
-        st = pvc.get("status") or {}
-        want = format_quantity(target)
-        phase = (st.get("allocatedResourceStatuses") or {}).get("storage")
-        same_size = (st.get("allocatedResources") or {}).get("storage") == want
-        # A retry of a size the driver refused stays Infeasible until it answers otherwise, so
-        # the user can lower the request at any moment of the retries.
-        if not same_size or phase not in (IN_PROGRESS, INFEASIBLE):
+    def _target(
+        self, key: str, pvc: Obj, requested: int, allocated: int | None, pv_size: int
+    ) -> int | None:  # fmt: skip
+        """The size to expand to now, or None while the claim is the kubelet's (expandAndRecover)."""
+        phase = ((pvc.get("status") or {}).get("allocatedResourceStatuses") or {}).get("storage")
+        if pv_size < requested:
+            # The PV needs a controller expansion; one already under way is finished first.
+            if phase in (NODE_PENDING, NODE_IN_PROGRESS):
+                if allocated is not None and pv_size >= allocated:
+                    return None  # the node is finishing the previous size; a larger request waits for it
+                return allocated if allocated is not None else requested
+            if phase == NODE_INFEASIBLE:
+                return allocated if allocated is not None else requested
+            if phase == IN_PROGRESS and key not in self.final_errors:
+                return allocated if allocated is not None else requested
+            return requested  # no expansion under way, or the last one ended with a final error
+        # The PV is already as large as asked.
+        if phase in (NODE_PENDING, NODE_IN_PROGRESS):
+            return None  # the kubelet's turn: it grows the filesystem and records the capacity
+        if phase == NODE_INFEASIBLE:
+            # Node expansion failed for good: redo the controller side so the kubelet may retry.
+            return allocated if allocated is not None and not self.trivial else requested
+        if phase in (IN_PROGRESS, INFEASIBLE) or (not phase and allocated is not None):
+            # Expanded but not recorded (a restart, a lost write): finish at the size started with.
+            return allocated if allocated is not None else requested
+        if _has_condition(pvc, COND_FS_PENDING):
+            return None  # a claim from a resizer that kept no status: the kubelet has it
+        return requested
+
+    async def _expand(self, key: str, pvc: Obj, pv: Obj, target: int, allocated: int | None) -> None:
+        if allocated == target:
+            # A retry at the size already recorded: the status stays as it is (an Infeasible claim
+            # stays Infeasible until the driver answers otherwise); only Resizing is made sure of.
+            if not _has_condition(pvc, COND_RESIZING):
+                pvc = await self._patch_status(
+                    pvc, {"conditions": _conditions(pvc, _condition(COND_RESIZING), keep_old=True)}
+                )
+        else:
             pvc = await self._patch_status(
                 pvc,
                 {
-                    "allocatedResources": {"storage": want},
-                    "allocatedResourceStatuses": {"storage": IN_PROGRESS},
+                    "allocatedResources": {"storage": format_quantity(target)},
+                    "allocatedResourceStatuses": _storage_status(pvc, IN_PROGRESS),
                     "conditions": _conditions(pvc, _condition(COND_RESIZING)),
                 },
+                annotations=self._without_not_required(pvc),
             )
-            await self.events.event(
-                pvc, "Normal", "Resizing", f"External resizer is resizing volume {k.name_of(pv)}"
-            )
+        await self.events.event(
+            pvc, "Normal", "Resizing", f"External resizer is resizing volume {k.name_of(pv)}"
+        )
         handle = str(((pv.get("spec") or {}).get("csi") or {}).get("volumeHandle") or "")
         if self.trivial:
             new_size, node_needed = target, True
@@ -233,19 +327,10 @@ class Resizer(Loop):
                     handle, target, self._capability(pv), await self._secrets(pv)
                 )
             except CSIError as e:
-                final = e.code not in NON_FINAL_CODES
-                msg = f"resize volume {k.name_of(pv)} failed: {e}"
-                status: Obj = {
-                    "conditions": _conditions(pvc, _condition(COND_ERROR, msg)),
-                    "allocatedResourceStatuses": {"storage": INFEASIBLE if final else IN_PROGRESS},
-                }
-                try:
-                    await self._patch_status(pvc, status)
-                except ApiError as pe:
-                    log.info("cannot record resize failure on %s: %s", k.key_of(pvc), pe)
-                await self.events.event(pvc, "Warning", "VolumeResizeFailed", msg)
+                await self._record_failure(key, pvc, pv, e)
                 raise
             new_size = new_size or target
+        self.final_errors.discard(key)
         if (storage_of(pv, "spec", "capacity") or 0) < new_size:
             updated = await self.api.patch(
                 PV, k.name_of(pv), {"spec": {"capacity": {"storage": format_quantity(new_size)}}}
@@ -255,12 +340,12 @@ class Resizer(Loop):
             await self._patch_status(
                 pvc,
                 {
-                    "allocatedResourceStatuses": {"storage": NODE_PENDING},
+                    "allocatedResourceStatuses": _storage_status(pvc, NODE_PENDING),
                     "conditions": _conditions(
-                        pvc,
-                        _condition(COND_FS_PENDING, FS_PENDING_MESSAGE),
+                        pvc, _condition(COND_FS_PENDING, FS_PENDING_MESSAGE), keep_old=True
                     ),
                 },
+                annotations=self._without_not_required(pvc),
             )
             await self.events.event(
                 pvc, "Normal", "FileSystemResizeRequired", "Require file system resize of volume on node"
@@ -270,10 +355,39 @@ class Resizer(Loop):
             pvc,
             {
                 "capacity": {"storage": format_quantity(new_size)},
-                "allocatedResourceStatuses": None,
-                "conditions": _conditions(pvc),
+                "allocatedResourceStatuses": _storage_status(pvc, None),
+                "conditions": _conditions(pvc) or None,
             },
+            annotations={ANN_NODE_EXPANSION_NOT_REQUIRED: "true"},
         )
         await self.events.event(
             pvc, "Normal", "VolumeResizeSuccessful", f"Resize volume succeeded for volume {k.name_of(pv)}"
         )
+
+    @staticmethod
+    def _without_not_required(pvc: Obj) -> Obj | None:
+        """The annotation patch that takes node-expansion-not-required away, if the claim has it."""
+        if ANN_NODE_EXPANSION_NOT_REQUIRED in k.annotations_of(pvc):
+            return {ANN_NODE_EXPANSION_NOT_REQUIRED: None}
+        return None
+
+    async def _record_failure(self, key: str, pvc: Obj, pv: Obj, e: CSIError) -> None:
+        """Record a ControllerExpandVolume error the way upstream does (no resourceVersion check)."""
+        msg = f"resize volume {k.name_of(pv)} failed: {e}"
+        await self.events.event(pvc, "Warning", "VolumeResizeFailed", msg)
+        if e.code in NON_FINAL_CODES:
+            # The expansion may still be running on the storage: nothing changes, it is asked again.
+            self.final_errors.discard(key)
+            return
+        self.final_errors.add(key)
+        status: Obj = {
+            "conditions": _conditions(
+                pvc, _condition(COND_ERROR, f"failed to expand pvc with {e}"), keep_old=True
+            )
+        }
+        if e.code in INFEASIBLE_CODES:
+            status["allocatedResourceStatuses"] = _storage_status(pvc, INFEASIBLE)
+        try:
+            await self._patch_status(pvc, status, checked=False)
+        except ApiError as pe:
+            log.info("cannot record resize failure on %s: %s", k.key_of(pvc), pe)

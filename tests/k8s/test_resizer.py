@@ -8,21 +8,34 @@ from typing import Any
 
 import grpc
 import pytest
-from volume_peer import GiB, VolumeCSI, claim, eventually, make_bound, run_tasks, served, settle, stop_tasks
+from volume_peer import (
+    GiB,
+    KubeletSim,
+    VolumeCSI,
+    claim,
+    eventually,
+    make_bound,
+    run_tasks,
+    served,
+    settle,
+    stop_tasks,
+)
 
-from csi_kit.k8s.api import PV, PVC, SECRET, Obj
+from csi_kit.k8s.api import PV, PVC, SECRET, ApiError, Obj
 from csi_kit.k8s.resizer import COND_ERROR, COND_FS_PENDING, IN_PROGRESS, INFEASIBLE, NODE_PENDING, Resizer
 from csi_kit.k8s.volumes import VolumeClient, parse_quantity
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
 class Env:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: VolumeClient) -> None:
+    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: VolumeClient, endpoint: str) -> None:
         self.api = api
         self.peer = peer
         self.client = client
+        self.endpoint = endpoint
         self.tasks: list[Any] = []
         self.resizer: Resizer | None = None
+        self.kubelet_tasks: list[Any] = []
 
     async def start(self) -> Resizer:
         info = await self.client.driver_info()
@@ -30,9 +43,18 @@ class Env:
         self.tasks = await run_tasks(self.resizer)
         return self.resizer
 
+    async def start_kubelet(self, *claims: str) -> KubeletSim:
+        """The node's kubelet, with a running pod using each of `claims`."""
+        kubelet = KubeletSim(self.api, self.endpoint)
+        self.kubelet_tasks = await run_tasks(kubelet)
+        for name in claims:
+            kubelet.mount(name)
+        return kubelet
+
     async def stop(self) -> None:
-        await stop_tasks(self.tasks)
+        await stop_tasks(self.tasks + self.kubelet_tasks)
         self.tasks = []
+        self.kubelet_tasks = []
 
 
 @pytest.fixture
@@ -40,7 +62,7 @@ async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
     peer = VolumeCSI()
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
         client = VolumeClient(endpoint, timeout=5)
-        e = Env(api, peer, client)
+        e = Env(api, peer, client, endpoint)
         try:
             yield e
         finally:
@@ -111,6 +133,66 @@ async def test_node_side_expansion_is_left_to_the_kubelet(env: Env) -> None:
     assert env.peer.calls["ControllerExpandVolume"] == 1 and cap(env.api) == 3 * GiB
 
 
+async def test_the_kubelets_node_expansion_is_not_fought(env: Env) -> None:
+    """Issue #13: kubelet 1.36 marks NodeResizeInProgress, calls NodeExpandVolume, then patches the
+    claim with the resourceVersion of its mark.  A resizer that takes NodeResizeInProgress for its
+    own turn expands again and rewrites the claim meanwhile: the kubelet's patch meets 409 and the
+    claim cycles NodeResizeInProgress → ControllerResizeInProgress → NodeResizePending for ever."""
+    env.peer.node_expansion_required = True
+    await make_bound(env.api)
+    await env.start()
+    kubelet = await env.start_kubelet("data")
+    # The node's filesystem growth takes longer than the controller needs to react to the claim.
+    env.peer.node_expand_work = lambda: settle(env.api, rounds=20)
+    await ask(env.api, "3Gi")
+    await eventually(
+        lambda: cap(env.api) == 3 * GiB or kubelet.conflicts >= 2, "the kubelet finishing (or being fought)"
+    )
+    assert kubelet.conflicts == 0, f"the kubelet met conflicts; it read the claim as {kubelet.trail}"
+    assert cap(env.api) == 3 * GiB and pv_size(env.api) == 3 * GiB
+    await settle(env.api)
+    assert env.peer.calls["ControllerExpandVolume"] == 1 and env.peer.calls["NodeExpandVolume"] == 1
+    assert kubelet.trail == ["NodeResizePending"]
+    st = status(env.api)
+    assert "allocatedResourceStatuses" not in st and not conditions(env.api)
+    assert st["allocatedResources"]["storage"] == "3Gi"
+
+
+async def test_a_larger_request_waits_for_the_node_expansion_under_way(env: Env) -> None:
+    env.peer.node_expansion_required = True
+    await make_bound(env.api)
+    await env.start()
+    await env.start_kubelet("data")
+    gate = env.peer.hold("NodeExpandVolume")
+    await ask(env.api, "3Gi")
+    await eventually(lambda: env.peer.calls["NodeExpandVolume"] >= 1, "node expansion in flight")
+    await ask(env.api, "5Gi")
+    await settle(env.api)
+    assert status(env.api)["allocatedResourceStatuses"]["storage"] == "NodeResizeInProgress"
+    assert env.peer.calls["ControllerExpandVolume"] == 1, "no controller expansion while the node is at work"
+    gate.set()
+    await eventually(lambda: cap(env.api) == 5 * GiB, "grown to 5Gi")
+    sizes = [r.capacity_range.required_bytes for r in env.peer.requests["ControllerExpandVolume"]]
+    assert sizes == [3 * GiB, 5 * GiB]
+    assert env.peer.requests["NodeExpandVolume"][-1].capacity_range.required_bytes == 5 * GiB
+
+
+async def test_a_node_expansion_that_failed_for_good_is_handed_back_to_the_kubelet(env: Env) -> None:
+    """NodeResizeInfeasible: the controller side is redone at the allocated size, then the kubelet retries."""
+    env.peer.node_expansion_required = True
+    await make_bound(env.api)
+    env.peer.fail("NodeExpandVolume", grpc.StatusCode.INVALID_ARGUMENT, "not now")
+    await env.start()
+    kubelet = await env.start_kubelet("data")
+    await ask(env.api, "3Gi")
+    await eventually(lambda: cap(env.api) == 3 * GiB, "grown after the node's retry")
+    assert "NodeResizeInfeasible" in kubelet.trail or env.peer.calls["ControllerExpandVolume"] == 2
+    assert [r.capacity_range.required_bytes for r in env.peer.requests["ControllerExpandVolume"]] == [
+        3 * GiB
+    ] * 2
+    assert env.peer.calls["NodeExpandVolume"] == 2 and not conditions(env.api)
+
+
 async def test_node_only_driver_gets_the_trivial_resizer(env: Env) -> None:
     env.peer.controller_caps.discard("EXPAND_VOLUME")
     await make_bound(env.api)
@@ -143,7 +225,8 @@ async def test_final_error_then_user_lowers_the_request_to_recover(env: Env) -> 
     assert not conditions(env.api)
 
 
-async def test_user_gives_up_after_a_final_error(env: Env) -> None:
+async def test_after_a_final_error_the_request_cannot_go_back_to_the_capacity(env: Env) -> None:
+    """The API server keeps a lowered request above status.capacity; the claim stays Infeasible."""
     await make_bound(env.api)
     env.peer.fail("ControllerExpandVolume", grpc.StatusCode.OUT_OF_RANGE, "no", times=1000)
     await env.start()
@@ -151,10 +234,12 @@ async def test_user_gives_up_after_a_final_error(env: Env) -> None:
     await eventually(
         lambda: status(env.api).get("allocatedResourceStatuses", {}).get("storage") == INFEASIBLE, ""
     )
-    await ask(env.api, "1Gi")
-    await eventually(lambda: "allocatedResourceStatuses" not in status(env.api), "reset")
-    assert status(env.api)["allocatedResources"]["storage"] == "1Gi"
-    assert pv_size(env.api) == GiB and not conditions(env.api)
+    with pytest.raises(ApiError) as e:
+        await ask(env.api, "1Gi")
+    assert e.value.code == 422
+    assert status(env.api)["allocatedResourceStatuses"]["storage"] == INFEASIBLE
+    assert status(env.api)["allocatedResources"]["storage"] == "100Gi"
+    assert pv_size(env.api) == GiB and cap(env.api) == GiB
 
 
 async def test_a_request_lowered_during_a_non_final_error_is_not_shrunk(env: Env) -> None:
@@ -212,7 +297,7 @@ async def test_claims_not_ours_unbound_or_not_growing_are_left_alone(env: Env) -
     await env.api.create(PVC, pvc)
     await env.start()
     await ask(env.api, "5Gi", "theirs")
-    await ask(env.api, "512Mi", "same")  # shrinking is not expansion
+    await ask(env.api, "1Gi", "same")  # the same size is not expansion
     await settle(env.api)
     assert env.peer.calls["ControllerExpandVolume"] == 0
 
