@@ -7,6 +7,34 @@ deletionTimestamp (a delete with finalizers only marks the object; it goes when
 the last finalizer is removed), generateName, and status as a subresource.
 Every request is counted (`requests`) so benchmarks can report API cost, and
 `reactors` let a test fail or delay a chosen request deterministically.
+
+Where kube-apiserver (v1.36, checked against a real one) behaves in a way a
+loop can notice, the fake does the same:
+
+- A write carrying `metadata.resourceVersion` -- update or merge patch, main
+  resource or status -- is refused with 409 Conflict, reason "Conflict",
+  message "Operation cannot be fulfilled on <resource> "<name>": the object
+  has been modified; please apply your changes to the latest version and try
+  again", when the object changed since.  Without a version an update of a
+  built-in kind is unconditional; a custom resource (the snapshot kinds)
+  requires one (422).
+- Status subresource writes change only `.status` of a custom resource; for
+  the core kinds (PVC, PV, Node) they also take metadata changes (labels,
+  annotations, finalizers) -- only the spec is reset -- which the upstream
+  resizer relies on to set an annotation in the same write.  Main-resource
+  writes never change `.status` of a kind with a status subresource.
+- PersistentVolumeClaim validation and admission: after binding the spec is
+  immutable but for `resources.requests` (`volumeName` may be set once); the
+  request may be lowered only to a size still above `status.capacity` (the
+  recovery from a failed expansion), and raised only when the claim's
+  StorageClass has `allowVolumeExpansion` (403 otherwise).
+- A label-selected watch sees an object that stops matching as DELETED and one
+  that starts matching as ADDED; a watch from version "" or "0" starts with
+  the current objects as ADDED (not a replay of history).
+- generateName appends five characters of the API server's alphabet to at
+  most 58 characters of prefix.
+- 404/409/422 messages read as kube-apiserver's do (`persistentvolumeclaims
+  "x" not found`, `PersistentVolumeClaim "x" is invalid: <field>: <detail>`).
 """
 
 from __future__ import annotations
@@ -14,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import random
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,12 +62,58 @@ from csi_kit.k8s.api import (
     merge_patch,
     not_found,
 )
+from csi_kit.k8s.volumes import parse_quantity
 
 Reactor = Callable[[str, Resource, str, "Obj | None"], "Awaitable[None] | None"]
 """Called before each request as (verb, resource, name, body); raise to fail the request."""
 
 _WATCH_CLOSED = object()
 _T = TypeVar("_T")
+
+#: API groups served by kube-apiserver itself; any other group is a custom resource (CRD).
+_BUILTIN_GROUPS = frozenset(
+    {
+        "",
+        "apps",
+        "batch",
+        "coordination.k8s.io",
+        "events.k8s.io",
+        "rbac.authorization.k8s.io",
+        "storage.k8s.io",
+    }
+)
+#: utilrand's alphabet for generateName: no vowels, no look-alikes.
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_MAX_GENERATED_PREFIX = 63 - 5
+#: Metadata a core kind's status write may change (its status strategy resets only the spec).
+_STATUS_WRITABLE_META = ("labels", "annotations", "finalizers", "ownerReferences")
+_MODIFIED_MESSAGE = (
+    "the object has been modified; please apply your changes to the latest version and try again"
+)
+
+
+def _is_crd(res: Resource) -> bool:
+    return res.group not in _BUILTIN_GROUPS
+
+
+def _stale(res: Resource, name: str) -> ApiError:
+    return conflict(f'Operation cannot be fulfilled on {res} "{name}": {_MODIFIED_MESSAGE}')
+
+
+def _invalid(res: Resource, name: str, field: str, detail: str) -> ApiError:
+    return invalid(f'{res.kind} "{name}" is invalid: {field}: {detail}')
+
+
+def _storage(obj: Obj, *path: str) -> int | None:
+    cur: Any = obj
+    for p in path:
+        cur = cur.get(p) if isinstance(cur, dict) else None
+    if not isinstance(cur, dict) or cur.get("storage") is None:
+        return None
+    try:
+        return parse_quantity(cur["storage"])
+    except ValueError:
+        return None
 
 
 def _copy(o: _T) -> _T:
@@ -72,6 +147,24 @@ class _Watcher:
             return False
         return match_labels(obj, self.selector)
 
+    def event_for(self, res: Resource, type_: str, obj: Obj, prev: Obj | None) -> WatchEvent | None:
+        """What this watch sees of a change, as the API server's watch cache filters it.
+
+        An object leaving the selector is DELETED (its previous content at the
+        new version), one entering it is ADDED.
+        """
+        now = type_ != "DELETED" and self.wants(res, obj)
+        before = self.wants(res, prev) if prev is not None else type_ == "DELETED" and self.wants(res, obj)
+        if now and (before or prev is None):
+            return WatchEvent(type_, _copy(obj))
+        if now:
+            return WatchEvent("ADDED", _copy(obj))
+        if before:
+            gone_obj = _copy(prev if prev is not None else obj)
+            gone_obj["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
+            return WatchEvent("DELETED", gone_obj)
+        return None
+
 
 class FakeKubeAPI:
     """Implements `csi_kit.k8s.api.KubeAPI` in memory.
@@ -83,9 +176,10 @@ class FakeKubeAPI:
 
     def __init__(self, *, history: int = 10_000) -> None:
         self._objects: dict[tuple[Resource, str, str], Obj] = {}
-        self._rv = itertools.count(1)
-        self._last_rv = 0
-        self._history: deque[tuple[int, Resource, WatchEvent]] = deque(maxlen=history)
+        # Versions start above 0, as an etcd revision does: "0" asks a watch for "any version".
+        self._rv = itertools.count(2)
+        self._last_rv = 1
+        self._history: deque[tuple[int, Resource, str, Obj, Obj | None]] = deque(maxlen=history)
         self._compacted_rv = 0
         self._watchers: list[_Watcher] = []
         self.requests: Counter[tuple[str, str]] = Counter()
@@ -160,12 +254,13 @@ class FakeKubeAPI:
         self._last_rv = next(self._rv)
         return str(self._last_rv)
 
-    def _emit(self, res: Resource, type_: str, obj: Obj) -> None:
-        ev = WatchEvent(type_, _copy(obj))
-        self._history.append((int(obj["metadata"]["resourceVersion"]), res, ev))
+    def _emit(self, res: Resource, type_: str, obj: Obj, prev: Obj | None = None) -> None:
+        obj, prev = _copy(obj), _copy(prev) if prev is not None else None
+        self._history.append((int(obj["metadata"]["resourceVersion"]), res, type_, obj, prev))
         for w in self._watchers:
-            if w.wants(res, obj):
-                w.queue.put_nowait(WatchEvent(type_, _copy(obj)))
+            ev = w.event_for(res, type_, obj, prev)
+            if ev is not None:
+                w.queue.put_nowait(ev)
 
     def _key(self, res: Resource, name: str, namespace: str | None) -> tuple[Resource, str, str]:
         if res.namespaced and not namespace:
@@ -184,7 +279,7 @@ class FakeKubeAPI:
         if m.get("deletionTimestamp") and not m.get("finalizers"):
             m["resourceVersion"] = self._next_rv()
             del self._objects[self._key(res, m["name"], m.get("namespace"))]
-            self._emit(res, "DELETED", new)
+            self._emit(res, "DELETED", new, old)
             return _copy(new)
         if new == old:
             return _copy(old)  # a no-op write does not bump the version, as in the real API
@@ -194,18 +289,15 @@ class FakeKubeAPI:
         }:
             m["generation"] = int(old["metadata"].get("generation", 1)) + 1
         self._objects[self._key(res, m["name"], m.get("namespace"))] = new
-        self._emit(res, "MODIFIED", new)
+        self._emit(res, "MODIFIED", new, old)
         return _copy(new)
 
     @staticmethod
-    def _check_meta(old: Obj, new: Obj) -> None:
+    def _check_meta(res: Resource, old: Obj, new: Obj) -> None:
         om, nm = old["metadata"], new["metadata"]
         rv = nm.get("resourceVersion")
         if rv and rv != om["resourceVersion"]:
-            raise conflict(
-                f'Operation cannot be fulfilled on "{om["name"]}": the object has been modified; '
-                "please apply your changes to the latest version and try again"
-            )
+            raise _stale(res, om["name"])
         for immutable in (
             "uid",
             "creationTimestamp",
@@ -214,18 +306,101 @@ class FakeKubeAPI:
             "name",
         ):
             if nm.get(immutable) is not None and nm.get(immutable) != om.get(immutable):
-                raise invalid(f"metadata.{immutable} is immutable")
+                raise _invalid(
+                    res,
+                    om["name"],
+                    f"metadata.{immutable}",
+                    f'Invalid value: "{nm[immutable]}": field is immutable',
+                )
             if om.get(immutable) is not None:
                 nm[immutable] = om[immutable]
         if om.get("deletionTimestamp"):
             added = set(nm.get("finalizers") or []) - set(om.get("finalizers") or [])
             if added:
-                raise invalid(
-                    f"no new finalizers can be added if the object is being deleted: {sorted(added)}"
+                raise _invalid(
+                    res,
+                    om["name"],
+                    "metadata.finalizers",
+                    f"Forbidden: no new finalizers can be added if the object is being deleted, "
+                    f"found new finalizers {sorted(added)}",
                 )
         nm["generation"] = om.get("generation", 1)
         if not nm.get("finalizers"):
             nm.pop("finalizers", None)
+
+    def _status_write(self, res: Resource, old: Obj, status: Any, meta: Obj | None) -> Obj:
+        """The object after a status write: `status`; for a core kind also `meta`'s labels, annotations...
+
+        `meta` is the metadata the write asks for (the sent object's, or the
+        old one with the patch merged in); None when the write sends none.
+        """
+        new = _copy(old)
+        if status is None:
+            new.pop("status", None)
+        else:
+            new["status"] = _copy(status)
+        if meta is not None and res.group == "":
+            nm = new["metadata"]
+            for key in _STATUS_WRITABLE_META:  # `meta` is the whole metadata the write asks for
+                if meta.get(key):
+                    nm[key] = _copy(meta[key])
+                else:
+                    nm.pop(key, None)
+            self._check_meta(res, old, new)
+        return new
+
+    def _admit(self, res: Resource, old: Obj, new: Obj) -> None:
+        """kube-apiserver's validation and admission of a main-resource write (PVC rules only)."""
+        if res.kind != "PersistentVolumeClaim" or res.group != "":
+            return
+        name = old["metadata"]["name"]
+        ospec, nspec = dict(old.get("spec") or {}), dict(new.get("spec") or {})
+        bound = (old.get("status") or {}).get("phase") == "Bound"
+        if not ospec.get("volumeName"):
+            ospec["volumeName"] = nspec.get("volumeName")  # the binder sets it once
+        if bound:
+            for spec in (ospec, nspec):
+                spec["resources"] = dict(spec.get("resources") or {})
+                spec["resources"].pop("requests", None)
+                spec.pop("volumeAttributesClassName", None)
+        if {k: v for k, v in ospec.items() if v is not None} != {
+            k: v for k, v in nspec.items() if v is not None
+        }:
+            raise _invalid(
+                res,
+                name,
+                "spec",
+                "Forbidden: spec is immutable after creation except resources.requests and "
+                "volumeAttributesClassName for bound claims",
+            )
+        was = _storage(old, "spec", "resources", "requests")
+        want = _storage(new, "spec", "resources", "requests")
+        if was is None or want is None or want == was:
+            return
+        if want < was and want <= (_storage(old, "status", "capacity") or 0):
+            raise _invalid(
+                res,
+                name,
+                "spec.resources.requests.storage",
+                "Forbidden: field can not be less than status.capacity",
+            )
+        if want > was:
+            cls_name = str((new.get("spec") or {}).get("storageClassName") or "")
+            cls = next(
+                (
+                    o
+                    for (r, _, n), o in self._objects.items()
+                    if r.plural == "storageclasses" and r.group == "storage.k8s.io" and n == cls_name
+                ),
+                None,
+            )
+            if cls is None or cls.get("allowVolumeExpansion") is not True:
+                raise ApiError(
+                    403,
+                    "Forbidden",
+                    f'{res} "{name}" is forbidden: only dynamically provisioned pvc can be resized and '
+                    "the storageclass that provisions the pvc must support resize",
+                )
 
     # ---------------------------------------------------------------- the API
 
@@ -256,13 +431,21 @@ class FakeKubeAPI:
         timeout_seconds: int | None = None,
     ) -> AsyncIterator[WatchEvent]:
         await self._request("watch", res, "")
-        start = int(resource_version or 0)
-        if start < self._compacted_rv or (self._history and start < self._history[0][0] - 1):
-            raise gone(f"too old resource version: {start} ({self._compacted_rv})")
         w = _Watcher(res, namespace, label_selector)
-        for rv, r, ev in self._history:
-            if rv > start and w.wants(r, ev.object):
-                w.queue.put_nowait(WatchEvent(ev.type, _copy(ev.object)))
+        if resource_version in ("", "0"):
+            # "Any version": the current state as ADDED events, then what follows.
+            for (r, _, _), o in sorted(self._objects.items(), key=lambda kv: kv[0][1:]):
+                if w.wants(r, o):
+                    w.queue.put_nowait(WatchEvent("ADDED", _copy(o)))
+        else:
+            start = int(resource_version)
+            if start < self._compacted_rv or (self._history and start < self._history[0][0] - 1):
+                raise gone(f"too old resource version: {start} ({self._compacted_rv})")
+            for rv, r, type_, obj, prev in self._history:
+                if rv > start:
+                    ev = w.event_for(r, type_, obj, prev)
+                    if ev is not None:
+                        w.queue.put_nowait(ev)
         self._watchers.append(w)
         try:
             while True:
@@ -291,8 +474,9 @@ class FakeKubeAPI:
         if not m.get("name"):
             if not m.get("generateName"):
                 raise invalid(f"{res.kind}: metadata.name or metadata.generateName is required")
+            prefix = str(m["generateName"])[:_MAX_GENERATED_PREFIX]
             while True:
-                m["name"] = m["generateName"] + uuid.uuid4().hex[:5]
+                m["name"] = prefix + "".join(random.choice(_NAME_ALPHABET) for _ in range(5))
                 if self._key(res, m["name"], m.get("namespace")) not in self._objects:
                     break
         key = self._key(res, m["name"], m.get("namespace"))
@@ -318,12 +502,20 @@ class FakeKubeAPI:
         await self._request("update", res, m.get("name", ""), obj)
         old = self._lookup(res, m.get("name", ""), m.get("namespace"))
         new = _copy(obj)
-        self._check_meta(old, new)
+        if _is_crd(res) and not m.get("resourceVersion"):
+            raise _invalid(
+                res,
+                old["metadata"]["name"],
+                "metadata.resourceVersion",
+                "Invalid value: 0x0: must be specified for an update",
+            )
+        self._check_meta(res, old, new)
         if res.has_status:
             if "status" in old:
                 new["status"] = _copy(old["status"])
             else:
                 new.pop("status", None)
+        self._admit(res, old, new)
         return self._store(res, old, new)
 
     async def update_status(self, res: Resource, obj: Obj) -> Obj:
@@ -334,15 +526,15 @@ class FakeKubeAPI:
         old = self._lookup(res, m.get("name", ""), m.get("namespace"))
         rv = m.get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
-            raise conflict(
-                f'Operation cannot be fulfilled on "{m.get("name")}": the object has been modified'
+            raise _stale(res, old["metadata"]["name"])
+        if _is_crd(res) and not rv:
+            raise _invalid(
+                res,
+                old["metadata"]["name"],
+                "metadata.resourceVersion",
+                "Invalid value: 0x0: must be specified for an update",
             )
-        new = _copy(old)
-        if obj.get("status") is None:
-            new.pop("status", None)
-        else:
-            new["status"] = _copy(obj["status"])
-        return self._store(res, old, new)
+        return self._store(res, old, self._status_write(res, old, obj.get("status"), m))
 
     async def patch(
         self,
@@ -358,25 +550,24 @@ class FakeKubeAPI:
         if status:
             if not res.has_status:
                 raise not_found(f"{res} has no status subresource")
-            rv = (patch.get("metadata") or {}).get("resourceVersion")
+            meta = patch.get("metadata") or {}
+            rv = meta.get("resourceVersion")
             if rv and rv != old["metadata"]["resourceVersion"]:
-                raise conflict(f'Operation cannot be fulfilled on "{name}": the object has been modified')
-            new = _copy(old)
-            if "status" in patch:
-                st = merge_patch(old.get("status"), patch["status"])
-                if st is None:
-                    new.pop("status", None)
-                else:
-                    new["status"] = st
-            return self._store(res, old, new)
+                raise _stale(res, name)
+            new_status = (
+                merge_patch(old.get("status"), patch["status"]) if "status" in patch else old.get("status")
+            )
+            merged_meta = merge_patch(old["metadata"], meta) if meta else None
+            return self._store(res, old, self._status_write(res, old, new_status, merged_meta))
         new = merge_patch(old, patch)
         new.setdefault("metadata", {})
-        self._check_meta(old, new)
+        self._check_meta(res, old, new)
         if res.has_status:
             if "status" in old:
                 new["status"] = _copy(old["status"])
             else:
                 new.pop("status", None)
+        self._admit(res, old, new)
         return self._store(res, old, new)
 
     async def delete(

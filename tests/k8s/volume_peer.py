@@ -5,17 +5,20 @@ exactly as they reach a real driver) and lets a test script errors, hold a
 call in flight, or change capabilities.  `ClusterSim` plays the parts of a
 cluster that are not ours but that the story needs: the PV controller of
 kube-controller-manager (storage-provisioner annotation, PV↔PVC binding, the
-Released phase).  Its requests are counted apart (`sim_requests`) so figures
-only count what our loops cost.
+Released phase).  `KubeletSim` plays the kubelet's node expansion as kubelet
+1.36 does it (its NodeExpander), conflicts included.  The simulators'
+requests are counted apart (`requests`) so figures only count what our loops
+cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -25,10 +28,20 @@ from google.protobuf import wrappers_pb2
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s import api as k
-from csi_kit.k8s.api import NODE, PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, KubeAPI, Obj
+from csi_kit.k8s.api import (
+    NODE,
+    PV,
+    PVC,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CONTENT,
+    ApiError,
+    KubeAPI,
+    Obj,
+    is_conflict,
+)
 from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop
-from csi_kit.k8s.volumes import CSI_NODE, STORAGE_CLASS, parse_quantity
+from csi_kit.k8s.loop import Loop, Retry
+from csi_kit.k8s.volumes import CSI_NODE, STORAGE_CLASS, format_quantity, parse_quantity
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "vol.csi-kit.io"
@@ -62,6 +75,9 @@ class VolumeCSI(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
         self.deleted: list[str] = []
         self.published: set[tuple[str, str]] = set()
         self.capacity: dict[str, int] = {}  # node → available bytes
+        self.node_caps = {"STAGE_UNSTAGE_VOLUME", "EXPAND_VOLUME", "GET_VOLUME_STATS"}
+        #: Awaited inside each NodeExpandVolume: how long the node's resize2fs/xfs_growfs "takes".
+        self.node_expand_work: Callable[[], Awaitable[None]] | None = None
 
     def fail(self, method: str, code: grpc.StatusCode, message: str = "injected", times: int = 1) -> None:
         self.errors.setdefault(method, []).extend([(code, message)] * times)
@@ -174,7 +190,15 @@ class VolumeCSI(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
         )
 
     async def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
-        return pb.NodeGetCapabilitiesResponse()
+        T = pb.NodeServiceCapability.RPC
+        caps = [pb.NodeServiceCapability(rpc=T(type=T.Type.Value(c))) for c in sorted(self.node_caps)]
+        return pb.NodeGetCapabilitiesResponse(capabilities=caps)
+
+    async def NodeExpandVolume(self, request: Any, context: Any) -> Any:
+        await self._enter("NodeExpandVolume", request, context)
+        if self.node_expand_work is not None:
+            await self.node_expand_work()
+        return pb.NodeExpandVolumeResponse(capacity_bytes=request.capacity_range.required_bytes)
 
 
 async def serve(peer: VolumeCSI, socket_path: str) -> grpc.aio.Server:
@@ -352,6 +376,194 @@ class ClusterSim(Loop):
                 self.claim_q.add(k.key_of(claim))
 
 
+# ------------------------------------------------------------------ kubelet
+
+KUBELET_DIR = "/var/lib/kubelet"
+NODE_RESIZE_IN_PROGRESS = "NodeResizeInProgress"
+NODE_RESIZE_PENDING = "NodeResizePending"
+NODE_RESIZE_INFEASIBLE = "NodeResizeInfeasible"
+#: Final CSI errors that make a node expansion infeasible (kubelet's csi expander).
+_NODE_INFEASIBLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND}
+_NON_FINAL = {
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+_RESIZE_CONDITIONS = {"Resizing", "FileSystemResizePending", "ControllerResizeError", "NodeResizeError"}
+
+
+def kubelet_paths(
+    driver: str, pv_name: str, handle: str, pod_uid: str, *, block: bool = False
+) -> dict[str, str]:
+    """The paths kubelet 1.36 hands a CSI driver for one volume of one pod.
+
+    `staging` (NodeStage), `target` (NodePublish) and `stats`: what the
+    kubelet passes to NodeGetVolumeStats and NodeExpandVolume as volume_path.
+    For a filesystem that is the publish target; for raw block it is the
+    kubelet's own bind of the published device file under
+    ``volumeDevices/<pv>/dev/<podUID>``, not the publish target.
+    """
+    csi = f"{KUBELET_DIR}/plugins/kubernetes.io/csi"
+    if block:
+        return {
+            "staging": f"{csi}/volumeDevices/staging/{pv_name}",
+            "target": f"{csi}/volumeDevices/publish/{pv_name}/{pod_uid}",
+            "stats": f"{csi}/volumeDevices/{pv_name}/dev/{pod_uid}",
+        }
+    target = f"{KUBELET_DIR}/pods/{pod_uid}/volumes/kubernetes.io~csi/{pv_name}/mount"
+    digest = hashlib.sha256(handle.encode()).hexdigest()
+    return {"staging": f"{csi}/{driver}/{digest}/globalmount", "target": target, "stats": target}
+
+
+class KubeletSim(Loop):
+    """The kubelet's node expansion of the claims its pods use, as kubelet 1.36 does it.
+
+    For a claim in `mounted` (a running pod on this node uses it) whose PV is
+    larger than the claim's `status.capacity`, the NodeExpander: read the
+    claim from the API; go on only when `allocatedResourceStatuses.storage`
+    is NodeResizePending or NodeResizeInProgress; patch the status to
+    NodeResizeInProgress with the resourceVersion just read as precondition;
+    call NodeExpandVolume; then patch `status.capacity` (storage status and
+    resize conditions cleared) with the resourceVersion of its own previous
+    write.  A 409 on either write is counted in `conflicts` and retried with
+    backoff from a fresh read, as the kubelet's reconciler does.  A final
+    NodeExpandVolume error is recorded without precondition: the
+    NodeResizeError condition, and NodeResizeInfeasible for
+    InvalidArgument/OutOfRange/NotFound.  `trail` keeps each storage status
+    the kubelet read, to show the cycle a fighting controller causes.
+    """
+
+    name = "kubelet-sim"
+
+    def __init__(self, api: FakeKubeAPI, endpoint: str, *, driver: str = DRIVER) -> None:
+        super().__init__(workers=1, base_delay=0.01, max_delay=0.05)
+        self.capi = CountingAPI(api)
+        a: Any = self.capi
+        self.api = a
+        self.driver = driver
+        self.endpoint = endpoint
+        self.pvcs = Informer(a, PVC)
+        self.pvs = Informer(a, PV)
+        self.informers = [self.pvcs, self.pvs]
+        self.mounted: dict[str, str] = {}  # claim key → pod uid
+        self.conflicts = 0
+        self.expanded = 0
+        self.trail: list[str] = []
+        self.volume_q = self.queue("volume", self.sync_volume)
+        self.pvcs.add_handler(lambda e, o, n: self.volume_q.add(k.key_of(n or o)) if (n or o) else None)
+        self.pvs.add_handler(self._on_pv)
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def requests(self) -> int:
+        return self.capi.count
+
+    def mount(self, name: str = "data", ns: str = "default") -> str:
+        """A pod on this node now uses the claim; returns the pod's uid."""
+        uid = str(uuid.uuid4())
+        self.mounted[f"{ns}/{name}"] = uid
+        self.volume_q.add(f"{ns}/{name}")
+        return uid
+
+    def _on_pv(self, event: str, old: Obj | None, new: Obj | None) -> None:
+        ref = ((new or old or {}).get("spec") or {}).get("claimRef") or {}
+        if ref.get("name"):
+            self.volume_q.add(f"{ref.get('namespace')}/{ref['name']}")
+
+    async def run(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.endpoint)
+        try:
+            await super().run()
+        finally:
+            await self._channel.close()
+
+    async def _patch_status(self, pvc: Obj, status: Obj, *, checked: bool) -> Obj:
+        body: Obj = {"status": status}
+        if checked:
+            body["metadata"] = {"resourceVersion": k.rv_of(pvc)}
+        try:
+            return dict(await self.api.patch(PVC, k.name_of(pvc), body, k.namespace_of(pvc), status=True))
+        except ApiError as e:
+            if is_conflict(e):
+                self.conflicts += 1
+                raise Retry(f"kubelet: {e}") from e
+            raise
+
+    async def sync_volume(self, key: str) -> None:
+        if key not in self.mounted:
+            return
+        cached = self.pvcs.get(key)
+        if cached is None or not (cached.get("spec") or {}).get("volumeName"):
+            return
+        pv = self.pvs.get(str(cached["spec"]["volumeName"]))
+        if pv is None or ((pv.get("spec") or {}).get("csi") or {}).get("driver") != self.driver:
+            return
+        new_size = parse_quantity(((pv.get("spec") or {}).get("capacity") or {}).get("storage", 0))
+        ns, name = k.split_key(key)
+        pvc = await self.api.get(PVC, name, ns)  # the NodeExpander reads the claim afresh
+        st = pvc.get("status") or {}
+        if parse_quantity((st.get("capacity") or {}).get("storage", 0)) >= new_size:
+            return  # nothing to grow (the kubelet's fsResizeRequired is false)
+        phase = str((st.get("allocatedResourceStatuses") or {}).get("storage") or "")
+        self.trail.append(phase)
+        if phase not in (NODE_RESIZE_PENDING, NODE_RESIZE_IN_PROGRESS):
+            return  # runPreCheck: not the node's turn; a later change of the claim wakes us again
+        pvc = await self._patch_status(
+            pvc, {"allocatedResourceStatuses": {"storage": NODE_RESIZE_IN_PROGRESS}}, checked=True
+        )
+        await self._node_expand(pvc, pv, new_size)
+        others = set((pvc.get("status") or {}).get("allocatedResourceStatuses") or {}) - {"storage"}
+        await self._patch_status(
+            pvc,
+            {
+                "capacity": {"storage": format_quantity(new_size)},
+                "allocatedResourceStatuses": {"storage": None} if others else None,
+                "conditions": [
+                    c
+                    for c in (pvc.get("status") or {}).get("conditions") or []
+                    if c.get("type") not in _RESIZE_CONDITIONS
+                ]
+                or None,
+            },
+            checked=True,
+        )
+        self.expanded += 1
+
+    async def _node_expand(self, pvc: Obj, pv: Obj, new_size: int) -> None:
+        assert self._channel is not None
+        spec = pv.get("spec") or {}
+        csi = spec.get("csi") or {}
+        handle = str(csi.get("volumeHandle") or "")
+        block = spec.get("volumeMode") == "Block"
+        paths = kubelet_paths(self.driver, k.name_of(pv), handle, self.mounted[k.key_of(pvc)], block=block)
+        node = pbg.NodeStub(self._channel)
+        caps = await node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
+        if not any(c.rpc.type == pb.NodeServiceCapability.RPC.EXPAND_VOLUME for c in caps.capabilities):
+            return  # the kubelet skips the call and records the new size
+        req = pb.NodeExpandVolumeRequest(
+            volume_id=handle,
+            volume_path=paths["stats"],
+            staging_target_path=paths["staging"],
+            capacity_range=pb.CapacityRange(required_bytes=new_size),
+        )
+        try:
+            await node.NodeExpandVolume(req)
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in _NON_FINAL:
+                cond = {
+                    "type": "NodeResizeError",
+                    "status": "True",
+                    "message": f"failed to expand pvc with {e.details()}",
+                }
+                status: Obj = {"conditions": [*((pvc.get("status") or {}).get("conditions") or []), cond]}
+                if e.code() in _NODE_INFEASIBLE:
+                    status["allocatedResourceStatuses"] = {"storage": NODE_RESIZE_INFEASIBLE}
+                await self._patch_status(pvc, status, checked=False)
+            raise
+
+
 # ----------------------------------------------------------------- objects
 
 
@@ -525,7 +737,13 @@ async def make_bound(
     handle: str | None = None,
     csi_extra: dict[str, Any] | None = None,
 ) -> tuple[Obj, Obj]:
-    """A claim bound to a PV of `driver`, as after provisioning and binding."""
+    """A claim bound to a PV of `driver`, as after provisioning and binding.
+
+    Its StorageClass "fast" (made if missing) allows expansion, without which
+    the API server's resize admission refuses a larger request.
+    """
+    if api.peek(STORAGE_CLASS, "fast") is None:
+        await make_class(api, "fast", driver=driver)
     pvc = await api.create(
         PVC,
         {
