@@ -125,6 +125,7 @@ async def per_claim(endpoint: str, events: bool) -> int:
             "provisioner": DRIVER,
             "reclaimPolicy": "Delete",
             "volumeBindingMode": "WaitForFirstConsumer",
+            "allowVolumeExpansion": True,  # without it the API server refuses the expansion step
         },
     )
     sim = ClusterSim(api)
