@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from lvm_backend_helpers import MiB, make_backend, request, staged, volume
 
+from csi_kit._core.store import Store
 from csi_kit.driver import Driver, DriverConfig
 from csi_kit.errors import CommandFailed, FailedPrecondition, InvalidArgument, ResourceExhausted
 from csi_kit.linux import blockfs, lvm
@@ -263,6 +264,9 @@ def test_untagged_lvs_are_never_touched_and_orphans_are_found(vg: str, tmp_path:
         backend.create_snapshot("orphan-snap", volume("orphan", 32 * MiB), {})
         inventory = backend.inventory()
         assert inventory.volume_ids == {"orphan"} and inventory.snapshot_ids == {"orphan-snap"}
+        # A driver with a store of its own (a fresh one would refuse to start beside LVs it
+        # would forget: csi_kit._core.statedir) reports the LVs it has no record of.
+        Store(str(tmp_path / "state" / "state.db")).close()
         driver = Driver(
             DriverConfig(
                 backend="lvm",
