@@ -50,7 +50,7 @@ _HEADER = struct.Struct(
     "=QQIIII"
 )  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, reserved
 _EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, reserved64[2], flags, reserved[3]
-_BATCH = 512  # extents per ioctl
+_BATCH = 2048  # extents per ioctl (112 KiB of buffer)
 _READ = 1 << 20  # bytes per read when comparing content
 
 #: errno values meaning "this filesystem cannot map extents".
@@ -97,12 +97,10 @@ def fiemap(fd: int, start: int, end: int, *, sync: bool = True) -> Iterator[Exte
         if mapped == 0:
             return
         last = None
-        for i in range(mapped):
-            logical, physical, length, _r1, _r2, eflags, _a, _b, _c = _EXTENT.unpack_from(
-                buf, _HEADER.size + i * _EXTENT.size
-            )
+        body = memoryview(buf)[_HEADER.size : _HEADER.size + mapped * _EXTENT.size]
+        for logical, physical, length, _r1, _r2, eflags, _a, _b, _c in _EXTENT.iter_unpack(body):
             last = Extent(logical, physical, length, eflags)
-            if last.end > pos:
+            if logical + length > pos:
                 yield last
         if last is None or last.flags & FIEMAP_EXTENT_LAST or last.end <= pos:
             return
