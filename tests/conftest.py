@@ -18,7 +18,14 @@ def _has_device_mapper() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     in_vm = os.environ.get("CSI_KIT_IN_VM") == "1"
+    e2e_reason: str | None = None
+    if any(item.get_closest_marker("e2e") for item in items):
+        from csi_kit.testing.cluster import unavailable_reason
+
+        e2e_reason = unavailable_reason()
     for item in items:
+        if e2e_reason and item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.skip(reason=f"no real cluster here: {e2e_reason}"))
         if item.get_closest_marker("privileged") and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root (real mounts and loop devices)"))
         if item.get_closest_marker("vm") and not in_vm:
