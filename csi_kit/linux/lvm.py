@@ -21,6 +21,10 @@ one; the prefix keeps the name off ``-``, ``snapshot`` and ``pvmove``.
 `csi_id_from_lv_name` inverts it exactly and returns None for names that
 are not ours.
 
+Changed blocks: `thin_delta` and `thin_mappings` read a thin pool's
+metadata (through a metadata snapshot, `metadata_snapshot`) with
+thin-provisioning-tools, for the SnapshotMetadata service.
+
 Ownership: everything csi_kit creates carries a tag starting with
 `TAG_PREFIX`; a backend lists its volumes by tag and never touches LVs
 without one.
@@ -28,9 +32,12 @@ without one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -41,6 +48,7 @@ from csi_kit.linux.run import run
 __all__ = [
     "TAG_PREFIX",
     "LogicalVolume",
+    "ThinRanges",
     "ThinPool",
     "VgReport",
     "VolumeGroup",
@@ -57,10 +65,16 @@ __all__ = [
     "list_lvs",
     "lv_device_path",
     "lv_name_for",
+    "metadata_snapshot",
+    "parse_thin_delta",
+    "parse_thin_dump",
     "parse_lvs",
     "parse_vgs",
     "remove_lv",
     "report",
+    "thin_delta",
+    "thin_id",
+    "thin_mappings",
     "thin_pool",
     "thin_snapshot",
     "validate_tag",
@@ -574,3 +588,146 @@ def add_tags(vg: str, name: str, tags: Sequence[str]) -> None:
     _validate_lv_name(name)
     if tags:
         _lvm("lvchange", *_tag_args(tags), f"{vg}/{name}")
+
+
+# ---------------------------------------------------------------- thin metadata (changed blocks)
+#
+# Where a thin volume's data lives is in its pool's metadata: a B-tree from
+# each thin device's blocks to the pool's data blocks.  thin-provisioning-
+# tools read it: ``thin_dump`` lists one device's mappings (its allocated
+# blocks), ``thin_delta`` compares two devices' mappings (blocks mapped in
+# one only, or to different data blocks: the changed ones).  They read a
+# *metadata snapshot* of a live pool: ``dmsetup message <pool> 0
+# reserve_metadata_snap`` commits the pool's metadata and keeps a frozen
+# copy until ``release_metadata_snap``.  A pool has at most one, so
+# `metadata_snapshot` serialises its users in this process.
+
+
+@attrs.frozen
+class ThinRanges:
+    """Ranges of a thin device in units of the pool's data blocks (``block_bytes`` each)."""
+
+    block_bytes: int
+    ranges: tuple[tuple[int, int], ...]  # (first block, number of blocks), ascending
+
+
+_DELTA_CHANGED = frozenset({"different", "left_only", "right_only"})
+_pool_locks: dict[tuple[str, str], threading.Lock] = {}
+_pool_locks_mutex = threading.Lock()
+
+
+def _superblock_block_bytes(root: ET.Element) -> int:
+    sectors = int(root.get("data_block_size", "0"))
+    if sectors <= 0:
+        raise ValueError("no data_block_size in the thin metadata's superblock")
+    return sectors * 512
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for begin, length in sorted(ranges):
+        if length <= 0:
+            continue
+        if out and out[-1][0] + out[-1][1] >= begin:
+            last_begin, last_length = out[-1]
+            out[-1] = (last_begin, max(last_length, begin + length - last_begin))
+        else:
+            out.append((begin, length))
+    return tuple(out)
+
+
+def parse_thin_delta(xml: str) -> ThinRanges:
+    """The changed blocks in ``thin_delta`` output: ``different``, ``left_only``
+    (unmapped since: reads as zeros now) and ``right_only`` ranges, merged."""
+    root = ET.fromstring(xml)
+    found = [
+        (int(el.get("begin", "0")), int(el.get("length", "0")))
+        for el in root.iter()
+        if el.tag in _DELTA_CHANGED
+    ]
+    return ThinRanges(_superblock_block_bytes(root), _merged(found))
+
+
+def parse_thin_dump(xml: str, dev_id: int) -> ThinRanges:
+    """The mapped blocks of device ``dev_id`` in ``thin_dump`` output."""
+    root = ET.fromstring(xml)
+    found: list[tuple[int, int]] = []
+    for device in root.iter("device"):
+        if int(device.get("dev_id", "-1")) != dev_id:
+            continue
+        for el in device:
+            if el.tag == "range_mapping":
+                found.append((int(el.get("origin_begin", "0")), int(el.get("length", "0"))))
+            elif el.tag == "single_mapping":
+                found.append((int(el.get("origin_block", "0")), 1))
+    return ThinRanges(_superblock_block_bytes(root), _merged(found))
+
+
+def thin_id(vg: str, name: str) -> int:
+    """The thin device id of a thin LV in its pool's metadata."""
+    validate_vg_name(vg)
+    _validate_lv_name(name)
+    rows = _rows(_lvm("lvs", *_REPORT, "-o", "lv_name,thin_id", f"{vg}/{name}"), "lv")
+    value = rows[0].get("thin_id", "") if rows else ""
+    if not value:
+        raise FailedPrecondition(f"{vg}/{name} is not a thin volume")
+    return int(value)
+
+
+def _dm_target(name: str) -> str | None:
+    """The first target type of device-mapper device ``name``, or None if there is none."""
+    try:
+        table = run(["dmsetup", "table", name]).stdout.split()
+    except CommandFailed:
+        return None
+    return table[2] if len(table) > 2 else None
+
+
+def _pool_device(vg: str, pool: str) -> str:
+    """The device-mapper name of the pool's thin-pool target (``<vg>-<pool>-tpool``
+    while thin volumes are active, ``<vg>-<pool>`` otherwise), activating it if need be."""
+    base = f"{_dm_escape(vg)}-{_dm_escape(pool)}"
+    for attempt in range(2):
+        for name in (f"{base}-tpool", base):
+            if _dm_target(name) == "thin-pool":
+                return name
+        if attempt == 0:
+            _lvm("lvchange", "--activate", "y", f"{vg}/{pool}")
+    raise FailedPrecondition(f"thin pool {vg}/{pool} has no active thin-pool device")
+
+
+@contextlib.contextmanager
+def metadata_snapshot(vg: str, pool: str) -> Iterator[str]:
+    """Hold a metadata snapshot of the pool; yields the metadata device to read it from."""
+    validate_vg_name(vg)
+    _validate_lv_name(pool)
+    with _pool_locks_mutex:
+        lock = _pool_locks.setdefault((vg, pool), threading.Lock())
+    with lock:
+        device = _pool_device(vg, pool)
+        try:
+            run(["dmsetup", "message", device, "0", "reserve_metadata_snap"])
+        except CommandFailed:
+            # One left behind by a process that died holding it: release, then take ours.
+            run(["dmsetup", "message", device, "0", "release_metadata_snap"])
+            run(["dmsetup", "message", device, "0", "reserve_metadata_snap"])
+        try:
+            yield f"/dev/mapper/{_dm_escape(vg)}-{_dm_escape(pool)}_tmeta"
+        finally:
+            run(["dmsetup", "message", device, "0", "release_metadata_snap"])
+
+
+def thin_delta(vg: str, pool: str, base_id: int, target_id: int, timeout: float = 600.0) -> ThinRanges:
+    """Blocks whose mapping differs between two thin devices of one pool."""
+    with metadata_snapshot(vg, pool) as tmeta:
+        out = run(
+            ["thin_delta", "-m", "--snap1", str(base_id), "--snap2", str(target_id), tmeta], timeout=timeout
+        ).stdout
+    return parse_thin_delta(out)
+
+
+def thin_mappings(vg: str, pool: str, dev_id: int, timeout: float = 600.0) -> ThinRanges:
+    """The blocks a thin device has mapped (its allocated data)."""
+    with metadata_snapshot(vg, pool) as tmeta:
+        out = run(["thin_dump", "-m", "--dev-id", str(dev_id), tmeta], timeout=timeout).stdout
+    return parse_thin_dump(out, dev_id)
