@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
-from lightkube import AsyncClient, KubeConfig
+from lightkube import AsyncClient, KubeConfig, operators
 from lightkube.core import resource as lk_res
 from lightkube.core.exceptions import ApiError as LKApiError
 from lightkube.generic_resource import (
@@ -63,13 +63,28 @@ def _plain(obj: Any) -> Obj:
     return d
 
 
-def _labels(selector: str | None) -> dict[str, str] | None:
+def _labels(selector: str | None) -> dict[str, Any] | None:
+    """An equality-based selector string (`a=b,c!=d,e,!f`) as lightkube's label dict.
+
+    Each term keeps its operator: `c!=d` must not become key `c!` (nor `e` a
+    test for an empty value), or the server filters on the wrong thing.
+    """
     if not selector:
         return None
-    out: dict[str, str] = {}
-    for term in selector.split(","):
-        k, _, v = term.partition("=")
-        out[k.strip()] = v.strip()
+    out: dict[str, Any] = {}
+    for term in (t.strip() for t in selector.split(",")):
+        if not term:
+            continue
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            out[k.strip()] = operators.not_equal(v.strip())
+        elif "=" in term:
+            k, v = term.split("=", 1)
+            out[k.strip()] = v.strip().lstrip("=")  # "a==b" is "a=b"
+        elif term.startswith("!"):
+            out[term[1:].strip()] = operators.not_exists()
+        else:
+            out[term] = operators.exists()
     return out
 
 

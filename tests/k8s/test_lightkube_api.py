@@ -192,3 +192,18 @@ def test_connect_reads_a_kubeconfig_file(tmp_path: Any) -> None:
     api = LightkubeAPI.connect(str(path))
     assert api.client.config.cluster.server == "https://kube.example:6443"
     assert api.client.namespace == "team"
+
+
+def test_label_selectors_keep_their_operators() -> None:
+    """`a!=b` is a not-equal term, `e` an exists term, `!f` a not-exists one: the query the
+    API server gets says the same as the selector the loop was given."""
+    from lightkube.core.selector import build_selector
+
+    from csi_kit.k8s.lightkube_api import _labels
+
+    for selector in ("a=b", "a=b,c!=d", "e", "!f", "a=b, c!=d ,e,!f"):
+        labels = _labels(selector)
+        assert labels is not None
+        assert build_selector(labels) == ",".join(t.strip() for t in selector.split(","))
+    assert build_selector(_labels("a==b") or {}) == "a=b"
+    assert _labels("") is None
