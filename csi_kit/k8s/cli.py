@@ -28,6 +28,7 @@ from csi_kit.k8s.leader import LeaderElector
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
 from csi_kit.k8s.snapshot import group
+from csi_kit.k8s.snapshot import metadata as snapshot_metadata
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
 from csi_kit.k8s.snapshot.sidecar import Snapshotter
@@ -55,6 +56,8 @@ CONTROLLERS = {
     "liveness": ("liveness",),
     # external-health-monitor-controller: opt-in, never part of "all".
     "health-monitor": ("health-monitor",),
+    # external-snapshot-metadata (changed-block tracking for backups): opt-in, never part of "all".
+    "snapshot-metadata": ("snapshot-metadata",),
     "all": ("snapshot-controller", "snapshotter", *VOLUME_LOOPS),
 }
 
@@ -77,7 +80,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         help="comma list of loops to run: snapshot (= snapshot-controller + snapshotter), "
         "snapshot-controller, snapshotter, group-snapshot (= group-snapshot-controller + group-snapshotter), "
         "provisioner, resizer, attacher, capacity, registration, "
-        "liveness, health-monitor, all; empty runs none",
+        "liveness, health-monitor, snapshot-metadata, all; empty runs none",
     )
     g.add_argument(
         "--kubeconfig",
@@ -165,6 +168,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "--csi-timeout", type=float, default=float(_env("csi-timeout", 60)), help="seconds per CSI call"
     )
     add_volume_options(g)
+    snapshot_metadata.add_options(g)
     health.add_options(g)
 
 
@@ -318,6 +322,13 @@ async def run_controllers(
                 **timing,
             )
             loops.append((gsnapper, "external-snapshotter-group-leader-" + sanitize_lease_name(info.name)))
+        if "snapshot-metadata" in wanted:
+            # A server on every replica (no Lease), with its own API budget: each call costs
+            # a TokenReview, a SubjectAccessReview and two reads.
+            sm_api = ThrottledAPI(raw, TokenBucket(args.kube_api_qps, args.kube_api_burst))
+            sm_loop = snapshot_metadata.loop_from_args(args, sm_api, csi_endpoint, info)
+            if sm_loop is not None:
+                loops.append((sm_loop, None))
 
         if "health-monitor" in wanted:
             hclient = health.HealthClient(csi_endpoint, timeout=args.csi_timeout)

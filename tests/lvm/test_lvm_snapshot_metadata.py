@@ -11,7 +11,7 @@ import pytest
 from lvm_backend_helpers import MiB, make_backend, request, staged, volume
 
 from csi_kit.errors import NotFound
-from csi_kit.linux import run as linux_run
+from csi_kit.linux.run import run
 from csi_kit.types import BlockMetadata, Snapshot
 
 pytestmark = [pytest.mark.lvm, pytest.mark.privileged]
@@ -89,7 +89,7 @@ def test_a_metadata_snapshot_left_behind_is_taken_over(vg: str, tmp_path: Path) 
         with lvm.metadata_snapshot(vg, "pool"):
             pass
         device = lvm._pool_device(vg, "pool")
-        linux_run.run(["dmsetup", "message", device, "0", "reserve_metadata_snap"])  # a crashed holder's
+        run(["dmsetup", "message", device, "0", "reserve_metadata_snap"])  # a crashed holder's
         snap = Snapshot("left-a", "left-a", "left", made.capacity_bytes, 1)
         assert _ranges(backend.snapshot_allocated(snap, 0)) == []
     finally:

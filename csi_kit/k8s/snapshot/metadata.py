@@ -1,0 +1,481 @@
+"""Changed-block tracking for backup applications: what external-snapshot-metadata does.
+
+Opt-in with ``csi-kit serve --controllers snapshot-metadata``.  A backup
+application finds the driver's endpoint in the cluster-scoped
+SnapshotMetadataService object (``cbt.storage.k8s.io``) named after the
+driver -- its ``spec.address``, ``spec.audience`` and ``spec.caCert`` -- and
+calls the *Kubernetes* SnapshotMetadata API (proto/snapshot_metadata.proto)
+there over TLS.  Each call is handled in this order, as upstream does:
+
+1. the request's fields are checked (INVALID_ARGUMENT; a missing token is
+   UNAUTHENTICATED);
+2. **authentication**: a TokenReview of ``security_token`` with the
+   audience from the SnapshotMetadataService object (UNAUTHENTICATED unless
+   the API server says the token is valid *for that audience*);
+3. **authorization**: a SubjectAccessReview for the token's user -- may it
+   ``get`` ``volumesnapshots.snapshot.storage.k8s.io`` in the request's
+   namespace (PERMISSION_DENIED otherwise);
+4. **translation**: the VolumeSnapshot name is resolved through its bound
+   VolumeSnapshotContent to the CSI snapshot handle: NOT_FOUND for a
+   missing object, UNAVAILABLE while it is not ready, INVALID_ARGUMENT for a
+   snapshot of another driver, FAILED_PRECONDITION for a content that is not
+   bound back to that VolumeSnapshot.  A delta's base is given directly as a
+   CSI snapshot handle (``base_snapshot_id``, upstream's current field) and
+   is passed through; the driver checks it (NOT_FOUND, or INVALID_ARGUMENT
+   for a snapshot of another volume);
+5. **forwarding** to the driver's CSI SnapshotMetadata service over its unix
+   socket, streaming each answer back as it comes; the driver's error codes
+   reach the caller unchanged, and a caller that goes away cancels the CSI
+   stream.
+
+The Kubernetes and CSI response messages have the same field numbers and
+types, so an answer is relayed by re-parsing its bytes.
+
+The audience is read from the SnapshotMetadataService object (cached for
+`AUDIENCE_TTL` seconds, so an edit takes effect without a restart), unless
+``--snapshot-metadata-audience`` names one; with
+``--snapshot-metadata-service-address`` the loop also creates that object
+when it is missing (address, audience, and the CA bundle from
+``--snapshot-metadata-ca-cert``).  Not done (upstream does): passing the
+VolumeSnapshotClass's snapshotter secrets to the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import grpc
+import grpc.aio
+
+from csi_kit._pb import csi_pb2 as pb
+from csi_kit._pb import csi_pb2_grpc as _pbg
+from csi_kit._pb import snapshot_metadata_pb2 as kpb
+from csi_kit._pb import snapshot_metadata_pb2_grpc as _kpbg
+from csi_kit.k8s.api import (
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CONTENT,
+    ApiError,
+    KubeAPI,
+    Obj,
+    Resource,
+    is_not_found,
+)
+from csi_kit.k8s.csi_client import DriverInfo, grpc_target
+from csi_kit.k8s.envopts import env as _env
+from csi_kit.k8s.loop import Loop
+
+__all__ = [
+    "SNAPSHOT_METADATA_SERVICE",
+    "TOKEN_REVIEW",
+    "SUBJECT_ACCESS_REVIEW",
+    "Caller",
+    "Refused",
+    "Gate",
+    "MetadataProxy",
+    "SnapshotMetadataLoop",
+    "add_options",
+    "loop_from_args",
+]
+
+log = logging.getLogger(__name__)
+pbg: Any = _pbg  # generated, untyped
+kpbg: Any = _kpbg
+
+SNAPSHOT_METADATA_SERVICE = Resource(
+    "cbt.storage.k8s.io",
+    "v1beta1",
+    "SnapshotMetadataService",
+    "snapshotmetadataservices",
+    False,
+    has_status=False,
+)
+TOKEN_REVIEW = Resource("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False)
+SUBJECT_ACCESS_REVIEW = Resource(
+    "authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", False
+)
+
+#: Seconds an audience read from the SnapshotMetadataService object is used.
+AUDIENCE_TTL = 30.0
+C = grpc.StatusCode
+
+
+class Refused(Exception):
+    """A call answered with an error status before (or instead of) reaching the driver."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen
+class Caller:
+    """Who a token belongs to, as the TokenReview said."""
+
+    username: str
+    uid: str = ""
+    groups: tuple[str, ...] = ()
+    extra: dict[str, list[str]] = attrs.field(factory=dict, eq=False)
+
+
+def _api_refusal(e: ApiError, what: str) -> Refused:
+    if e.code == 404:
+        return Refused(C.NOT_FOUND, f"{what} not found")
+    if e.code in (401, 403):
+        return Refused(C.INTERNAL, f"the sidecar may not read {what}: {e.code} {e.reason}")
+    return Refused(C.UNAVAILABLE, f"reading {what}: {e.code} {e.reason}: {e.message}")
+
+
+class Gate:
+    """Authentication, authorization and name translation against the API server."""
+
+    def __init__(self, api: KubeAPI, driver_name: str, *, audience: str = "") -> None:
+        self.api = api
+        self.driver_name = driver_name
+        self.fixed_audience = audience
+        self._audience: tuple[float, str] | None = None
+
+    async def audience(self) -> str:
+        """The audience a token must be for: the flag's, or the SnapshotMetadataService object's."""
+        if self.fixed_audience:
+            return self.fixed_audience
+        now = time.monotonic()
+        if self._audience is not None and now - self._audience[0] < AUDIENCE_TTL:
+            return self._audience[1]
+        try:
+            obj = await self.api.get(SNAPSHOT_METADATA_SERVICE, self.driver_name)
+        except ApiError as e:
+            if is_not_found(e):
+                raise Refused(
+                    C.UNAVAILABLE,
+                    f"no SnapshotMetadataService {self.driver_name!r}: the service is not set up",
+                ) from None
+            raise _api_refusal(e, f"SnapshotMetadataService {self.driver_name!r}") from None
+        audience = str((obj.get("spec") or {}).get("audience") or "")
+        if not audience:
+            raise Refused(C.UNAVAILABLE, f"SnapshotMetadataService {self.driver_name!r} has no spec.audience")
+        self._audience = (now, audience)
+        return audience
+
+    async def authenticate(self, token: str) -> Caller:
+        if not token:
+            raise Refused(C.UNAUTHENTICATED, "security_token is required")
+        audience = await self.audience()
+        review: Obj = {
+            "apiVersion": TOKEN_REVIEW.api_version,
+            "kind": TOKEN_REVIEW.kind,
+            "metadata": {},
+            "spec": {"token": token, "audiences": [audience]},
+        }
+        try:
+            answer = await self.api.create(TOKEN_REVIEW, review)
+        except ApiError as e:
+            raise _api_refusal(e, "TokenReview") from None
+        status = answer.get("status") or {}
+        if not status.get("authenticated"):
+            reason = status.get("error") or "the token is not valid"
+            raise Refused(C.UNAUTHENTICATED, f"security_token rejected: {reason}")
+        if audience not in (status.get("audiences") or []):
+            raise Refused(C.UNAUTHENTICATED, f"security_token is not meant for audience {audience!r}")
+        user = status.get("user") or {}
+        return Caller(
+            username=str(user.get("username") or ""),
+            uid=str(user.get("uid") or ""),
+            groups=tuple(str(g) for g in user.get("groups") or ()),
+            extra={str(k): [str(x) for x in v] for k, v in (user.get("extra") or {}).items()},
+        )
+
+    async def authorize(self, caller: Caller, namespace: str) -> None:
+        review: Obj = {
+            "apiVersion": SUBJECT_ACCESS_REVIEW.api_version,
+            "kind": SUBJECT_ACCESS_REVIEW.kind,
+            "metadata": {},
+            "spec": {
+                "user": caller.username,
+                "uid": caller.uid,
+                "groups": list(caller.groups),
+                "extra": caller.extra,
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": "get",
+                    "group": VOLUME_SNAPSHOT.group,
+                    "resource": VOLUME_SNAPSHOT.plural,
+                },
+            },
+        }
+        try:
+            answer = await self.api.create(SUBJECT_ACCESS_REVIEW, review)
+        except ApiError as e:
+            raise _api_refusal(e, "SubjectAccessReview") from None
+        if not (answer.get("status") or {}).get("allowed"):
+            raise Refused(
+                C.PERMISSION_DENIED,
+                f"{caller.username or 'the caller'} may not get volumesnapshots in namespace {namespace!r}",
+            )
+
+    async def snapshot_handle(self, namespace: str, name: str) -> str:
+        """The CSI snapshot handle of VolumeSnapshot ``namespace/name``, through its bound content."""
+        what = f"VolumeSnapshot {namespace}/{name}"
+        try:
+            snap = await self.api.get(VOLUME_SNAPSHOT, name, namespace)
+        except ApiError as e:
+            raise _api_refusal(e, what) from None
+        status = snap.get("status") or {}
+        content_name = status.get("boundVolumeSnapshotContentName")
+        if not content_name or not status.get("readyToUse"):
+            raise Refused(C.UNAVAILABLE, f"{what} is not ready to use yet")
+        try:
+            content = await self.api.get(VOLUME_SNAPSHOT_CONTENT, content_name)
+        except ApiError as e:
+            raise _api_refusal(e, f"VolumeSnapshotContent {content_name} of {what}") from None
+        spec = content.get("spec") or {}
+        ref = spec.get("volumeSnapshotRef") or {}
+        if ref.get("name") != name or ref.get("namespace") != namespace:
+            raise Refused(
+                C.FAILED_PRECONDITION, f"VolumeSnapshotContent {content_name} is not bound to {what}"
+            )
+        if spec.get("driver") != self.driver_name:
+            raise Refused(
+                C.INVALID_ARGUMENT,
+                f"{what} belongs to driver {spec.get('driver')!r}, not {self.driver_name!r}",
+            )
+        handle = (content.get("status") or {}).get("snapshotHandle")
+        if not handle:
+            raise Refused(C.UNAVAILABLE, f"VolumeSnapshotContent {content_name} has no snapshot handle yet")
+        return str(handle)
+
+    async def admit(self, token: str, namespace: str) -> Caller:
+        caller = await self.authenticate(token)
+        await self.authorize(caller, namespace)
+        return caller
+
+
+def _require(value: str, field: str) -> None:
+    if not value:
+        raise Refused(C.INVALID_ARGUMENT, f"{field} is required")
+
+
+class MetadataProxy(kpbg.SnapshotMetadataServicer):  # type: ignore[misc]
+    """The Kubernetes SnapshotMetadata service, relaying to the driver's CSI one."""
+
+    def __init__(self, gate: Gate, csi_endpoint: str, *, timeout: float = 600.0) -> None:
+        self.gate = gate
+        self.csi_endpoint = csi_endpoint
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._csi: Any = None
+
+    @property
+    def csi(self) -> Any:
+        """The driver's CSI SnapshotMetadata stub; its channel is made on first use, in the serving loop."""
+        if self._csi is None:
+            self._channel = grpc.aio.insecure_channel(grpc_target(self.csi_endpoint))
+            self._csi = pbg.SnapshotMetadataStub(self._channel)
+        return self._csi
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._csi = None, None
+
+    async def _relay(self, call: Any, response_type: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for answer in call:
+                yield response_type.FromString(answer.SerializeToString())
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details() or "")
+        finally:
+            call.cancel()  # the caller went away (or we did): stop the driver's stream too
+
+    async def _refused(self, method: str, e: Refused, context: Any) -> None:
+        log.info("%s %s: %s", method, e.code.name, e.message)
+        await context.abort(e.code, e.message)
+
+    async def GetMetadataAllocated(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            _require(request.namespace, "namespace")
+            _require(request.snapshot_name, "snapshot_name")
+            await self.gate.admit(request.security_token, request.namespace)
+            handle = await self.gate.snapshot_handle(request.namespace, request.snapshot_name)
+        except Refused as e:
+            await self._refused("GetMetadataAllocated", e, context)
+            return
+        call = self.csi.GetMetadataAllocated(
+            pb.GetMetadataAllocatedRequest(
+                snapshot_id=handle, starting_offset=request.starting_offset, max_results=request.max_results
+            ),
+            timeout=self.timeout,
+        )
+        async for answer in self._relay(call, kpb.GetMetadataAllocatedResponse, context):
+            yield answer
+
+    async def GetMetadataDelta(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            _require(request.namespace, "namespace")
+            _require(request.base_snapshot_id, "base_snapshot_id")
+            _require(request.target_snapshot_name, "target_snapshot_name")
+            await self.gate.admit(request.security_token, request.namespace)
+            target = await self.gate.snapshot_handle(request.namespace, request.target_snapshot_name)
+        except Refused as e:
+            await self._refused("GetMetadataDelta", e, context)
+            return
+        call = self.csi.GetMetadataDelta(
+            pb.GetMetadataDeltaRequest(
+                base_snapshot_id=request.base_snapshot_id,
+                target_snapshot_id=target,
+                starting_offset=request.starting_offset,
+                max_results=request.max_results,
+            ),
+            timeout=self.timeout,
+        )
+        async for answer in self._relay(call, kpb.GetMetadataDeltaResponse, context):
+            yield answer
+
+
+@attrs.frozen
+class TLSFiles:
+    cert: str
+    key: str
+    ca: str = ""
+
+
+class SnapshotMetadataLoop(Loop):
+    """Serves the Kubernetes SnapshotMetadata API on a TLS port until cancelled."""
+
+    name = "snapshot-metadata"
+
+    def __init__(
+        self,
+        api: KubeAPI,
+        csi_endpoint: str,
+        driver_name: str,
+        *,
+        address: str,
+        tls: TLSFiles | None,
+        audience: str = "",
+        service_address: str = "",
+    ) -> None:
+        super().__init__()
+        self.api = api
+        self.driver_name = driver_name
+        self.address = address
+        self.tls = tls
+        self.service_address = service_address
+        self.gate = Gate(api, driver_name, audience=audience)
+        self.proxy = MetadataProxy(self.gate, csi_endpoint)
+        self.port = 0
+
+    async def ensure_service_object(self) -> None:
+        """Create the SnapshotMetadataService object when asked to and it is missing."""
+        if not self.service_address:
+            return
+        try:
+            await self.api.get(SNAPSHOT_METADATA_SERVICE, self.driver_name)
+            return
+        except ApiError as e:
+            if not is_not_found(e):
+                raise
+        ca = b""
+        if self.tls is not None and self.tls.ca:
+            with open(self.tls.ca, "rb") as f:
+                ca = f.read()
+        obj: Obj = {
+            "apiVersion": SNAPSHOT_METADATA_SERVICE.api_version,
+            "kind": SNAPSHOT_METADATA_SERVICE.kind,
+            "metadata": {"name": self.driver_name},
+            "spec": {
+                "address": self.service_address,
+                "audience": self.gate.fixed_audience or self.driver_name,
+                "caCert": base64.b64encode(ca).decode(),
+            },
+        }
+        await self.api.create(SNAPSHOT_METADATA_SERVICE, obj)
+        log.info("created SnapshotMetadataService %s (address %s)", self.driver_name, self.service_address)
+
+    def _credentials(self) -> Any:
+        assert self.tls is not None
+        with open(self.tls.key, "rb") as f:
+            key = f.read()
+        with open(self.tls.cert, "rb") as f:
+            cert = f.read()
+        return grpc.ssl_server_credentials([(key, cert)])
+
+    async def run(self) -> None:
+        await self.ensure_service_object()
+        server = grpc.aio.server()
+        kpbg.add_SnapshotMetadataServicer_to_server(self.proxy, server)
+        if self.tls is None:
+            # Tests only: the CLI refuses to run without TLS (tokens travel in the requests).
+            self.port = server.add_insecure_port(self.address)
+        else:
+            self.port = server.add_secure_port(self.address, self._credentials())
+        if self.port == 0:
+            raise RuntimeError(f"snapshot-metadata: cannot listen on {self.address}")
+        await server.start()
+        self.started.set()
+        log.info("snapshot-metadata: serving the Kubernetes SnapshotMetadata API on %s (TLS)", self.address)
+        try:
+            await server.wait_for_termination()
+        finally:
+            await server.stop(5.0)
+            await self.proxy.close()
+
+
+def add_options(group: Any) -> None:
+    """The ``--snapshot-metadata-*`` options (``csi-kit serve``)."""
+    group.add_argument(
+        "--snapshot-metadata-address",
+        default=_env("snapshot-metadata-address", "0.0.0.0:50051"),
+        help="host:port of the TLS endpoint for backup applications (snapshot-metadata loop)",
+    )
+    group.add_argument("--snapshot-metadata-tls-cert", default=_env("snapshot-metadata-tls-cert", ""))
+    group.add_argument("--snapshot-metadata-tls-key", default=_env("snapshot-metadata-tls-key", ""))
+    group.add_argument(
+        "--snapshot-metadata-audience",
+        default=_env("snapshot-metadata-audience", ""),
+        help="token audience; default: spec.audience of the SnapshotMetadataService named after the driver",
+    )
+    group.add_argument(
+        "--snapshot-metadata-service-address",
+        default=_env("snapshot-metadata-service-address", ""),
+        help="create the SnapshotMetadataService object when missing, advertising this address",
+    )
+    group.add_argument(
+        "--snapshot-metadata-ca-cert",
+        default=_env("snapshot-metadata-ca-cert", ""),
+        help="CA bundle put in the created SnapshotMetadataService's spec.caCert",
+    )
+
+
+def loop_from_args(
+    args: argparse.Namespace, api: KubeAPI, csi_endpoint: str, info: DriverInfo
+) -> SnapshotMetadataLoop | None:
+    """The loop, or None (with a warning) when the driver has no SnapshotMetadata service."""
+    if "SNAPSHOT_METADATA_SERVICE" not in info.plugin_capabilities:
+        log.warning(
+            "driver %s does not offer SNAPSHOT_METADATA_SERVICE: not running snapshot-metadata", info.name
+        )
+        return None
+    if not (args.snapshot_metadata_tls_cert and args.snapshot_metadata_tls_key):
+        raise ValueError(
+            "snapshot-metadata needs --snapshot-metadata-tls-cert and --snapshot-metadata-tls-key "
+            "(security tokens travel in its requests)"
+        )
+    tls = TLSFiles(
+        args.snapshot_metadata_tls_cert, args.snapshot_metadata_tls_key, args.snapshot_metadata_ca_cert
+    )
+    return SnapshotMetadataLoop(
+        api,
+        csi_endpoint,
+        info.name,
+        address=args.snapshot_metadata_address,
+        tls=tls,
+        audience=args.snapshot_metadata_audience,
+        service_address=args.snapshot_metadata_service_address,
+    )
