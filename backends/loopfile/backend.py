@@ -11,6 +11,20 @@ through a loop device, holding a real filesystem (ext4, xfs) or used raw.
   follows the same parameter: thin volumes are offered the root's free
   space, thick ones the free space minus what existing sparse volumes may
   still claim.
+* **Modification** (ControllerModifyVolume, MODIFY_VOLUME): ``allocation``
+  is also a mutable parameter (a VolumeAttributesClass, or CreateVolume's
+  ``mutable_parameters``, which take precedence over ``parameters``).
+  ``preallocated`` fallocates the whole image now -- unwritten extents,
+  metadata only, data untouched, safe while the volume is in use -- after
+  the same thick-space check as a new volume (RESOURCE_EXHAUSTED when the
+  root cannot promise it); ``sparse`` changes only the policy for future
+  growth: blocks already allocated stay (punching holes where the image
+  reads as zeros would race with writes through an attached device; the
+  filesystem's own discard -- ``fstrim`` in the pod -- gives space back
+  through the loop device instead).  The policy in force is kept with the
+  image, in its ``user.csi-kit.allocation`` xattr, and followed by
+  expansion; the volume context keeps the allocation it was created with.
+  Any other key, or another value, is INVALID_ARGUMENT.
 * **Node side** is `csi_kit.block.BlockDeviceBackend`: attach, blkid, mkfs
   only on a blank device, fsck, mount; binds for publish.  Loop devices are
   attached with ioctls (`csi_kit.linux.loop`), found again from sysfs after a
@@ -90,6 +104,11 @@ log = logging.getLogger("csi_kit.loopfile")
 ALLOCATION_KEY = "allocation"
 ALLOCATIONS = ("sparse", "preallocated")
 CONTEXT_ALLOCATION = "csi-kit.io/allocation"
+#: The allocation policy in force for an image (set at creation and by ControllerModifyVolume).
+ALLOCATION_XATTR = "user.csi-kit.allocation"
+#: Mutable parameters under this prefix are the CO's information (external-resizer's
+#: --extra-modify-metadata), never settings: accepted and ignored.
+CO_PREFIX = "csi.storage.k8s.io/"
 SUFFIX = ".img"
 #: Logical block size of every loop device: fixed, so the geometry a volume's
 #: filesystem was made for never changes with the backing file's direct-I/O alignment.
@@ -108,11 +127,50 @@ class LoopfileConfig:
     direct_io: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "off")))
 
 
-def _allocation(parameters: Mapping[str, str]) -> str:
-    value = parameters.get(ALLOCATION_KEY, "sparse")
+def _allocation(parameters: Mapping[str, str], mutable: Mapping[str, str] | None = None) -> str:
+    """The allocation a request asks for: its mutable parameter if given (it takes
+    precedence, as the spec says), else its parameter, else sparse."""
+    field, chosen = "parameter", parameters
+    if mutable and ALLOCATION_KEY in mutable:
+        field, chosen = "mutable parameter", mutable
+    value = chosen.get(ALLOCATION_KEY, "sparse")
     if value not in ALLOCATIONS:
-        raise InvalidArgument(f"parameter {ALLOCATION_KEY}={value!r}: use one of {', '.join(ALLOCATIONS)}")
+        raise InvalidArgument(f"{field} {ALLOCATION_KEY}={value!r}: use one of {', '.join(ALLOCATIONS)}")
     return value
+
+
+def _mutable_allocation(mutable_parameters: Mapping[str, str]) -> str | None:
+    """The allocation a ControllerModifyVolume asks for (None: nothing to change); other keys are refused."""
+    unknown = sorted(k for k in mutable_parameters if k != ALLOCATION_KEY and not k.startswith(CO_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"unsupported mutable_parameters {', '.join(unknown)}; this backend accepts: {ALLOCATION_KEY}"
+        )
+    if ALLOCATION_KEY not in mutable_parameters:
+        return None
+    return _allocation({}, mutable_parameters)
+
+
+def _recorded_allocation(fd: int) -> str | None:
+    try:
+        value = os.getxattr(fd, ALLOCATION_XATTR).decode(errors="replace")
+    except OSError:
+        return None
+    return value if value in ALLOCATIONS else None
+
+
+def _record_allocation(fd: int, allocation: str, *, strict: bool) -> None:
+    """Keep the policy with the image.  At creation a root without user xattrs only
+    loses the record (the StorageClass parameter stands in); a modification must keep it."""
+    try:
+        os.setxattr(fd, ALLOCATION_XATTR, allocation.encode())
+    except OSError as e:
+        if strict:
+            raise FailedPrecondition(
+                f"cannot record the allocation policy on the image ({_errno_name(e.errno)}): "
+                "the root's filesystem must support user xattrs to change it"
+            ) from e
+        log.debug("cannot record the allocation of an image: %s", e.strerror)
 
 
 def _space_error(e: OSError, what: str) -> Exception:
@@ -122,6 +180,16 @@ def _space_error(e: OSError, what: str) -> Exception:
 
 
 class LoopfileBackend(BlockDeviceBackend):
+    """Image files on loop devices.
+
+    StorageClass parameters: ``allocation`` (``sparse``, the default, or
+    ``preallocated``).  Mutable parameters (VolumeAttributesClass,
+    ControllerModifyVolume): ``allocation`` -- ``preallocated`` allocates the
+    whole image now (RESOURCE_EXHAUSTED when the root cannot promise it),
+    ``sparse`` makes future growth sparse and keeps the blocks already
+    allocated.  Other keys are INVALID_ARGUMENT.
+    """
+
     parameter_keys = frozenset({ALLOCATION_KEY})
     default_volume_bytes = GiB
     min_volume_bytes = MiB
@@ -263,6 +331,7 @@ class LoopfileBackend(BlockDeviceBackend):
                     os.ftruncate(fd, capacity_bytes)
                 if allocation == "preallocated":
                     os.posix_fallocate(fd, 0, capacity_bytes)  # unwritten extents: metadata only
+                _record_allocation(fd, allocation, strict=False)
                 self._install(fd, staged, final, metadata_only=metadata_only)
             finally:
                 os.close(fd)
@@ -291,7 +360,7 @@ class LoopfileBackend(BlockDeviceBackend):
         return {CONTEXT_ALLOCATION: allocation}
 
     def create_volume(self, volume_id: str, request: VolumeRequest) -> CreatedVolume:
-        allocation = _allocation(request.parameters)
+        allocation = _allocation(request.parameters, request.mutable_parameters)
         size = self.size_for(request)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
@@ -339,7 +408,7 @@ class LoopfileBackend(BlockDeviceBackend):
             raise
 
     def restore_snapshot(self, volume_id: str, request: VolumeRequest, snapshot: Snapshot) -> CreatedVolume:
-        allocation = _allocation(request.parameters)
+        allocation = _allocation(request.parameters, request.mutable_parameters)
         size = max(self.size_for(request), snapshot.size_bytes)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
@@ -352,7 +421,7 @@ class LoopfileBackend(BlockDeviceBackend):
         return CreatedVolume(size, self._context(allocation))
 
     def clone_volume(self, volume_id: str, request: VolumeRequest, source: Volume) -> CreatedVolume:
-        allocation = _allocation(request.parameters)
+        allocation = _allocation(request.parameters, request.mutable_parameters)
         size = max(self.size_for(request), source.capacity_bytes)
         self._check_space(size, allocation)
         staged = self._incoming("vol", volume_id)
@@ -387,12 +456,12 @@ class LoopfileBackend(BlockDeviceBackend):
 
     def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
         image = self.image_path(volume.volume_id)
-        allocation = _allocation(volume.parameters)
         try:
             fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise NotFound(f"volume {volume.volume_id!r}: image {image} is missing") from None
         try:
+            allocation = _recorded_allocation(fd) or _allocation(volume.parameters)
             current = os.fstat(fd).st_size
             if capacity_bytes > current:
                 if allocation == "preallocated":
@@ -418,6 +487,10 @@ class LoopfileBackend(BlockDeviceBackend):
         if allocation == "sparse":
             return free
         # Thick accounting: space sparse volumes may still claim is not free to promise.
+        return max(0, free - self._claimable())
+
+    def _claimable(self) -> int:
+        """Bytes the images under the root may still claim: their holes."""
         claimable = 0
         for name in os.listdir(self.volumes_dir):
             try:
@@ -425,7 +498,47 @@ class LoopfileBackend(BlockDeviceBackend):
             except FileNotFoundError:
                 continue
             claimable += max(0, st.st_size - st.st_blocks * 512)
-        return max(0, free - claimable)
+        return claimable
+
+    def modify_volume(self, volume: Volume, mutable_parameters: Mapping[str, str]) -> None:
+        """``allocation``: ``preallocated`` fallocates the image now, ``sparse`` changes
+        the policy for future growth only (see the module docstring)."""
+        allocation = _mutable_allocation(mutable_parameters)
+        if allocation is None:
+            return
+        image = self.image_path(volume.volume_id)
+        try:
+            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise NotFound(f"volume {volume.volume_id!r}: image {image} is missing") from None
+        try:
+            if allocation == "preallocated":
+                self._thicken(fd, image)
+            _record_allocation(fd, allocation, strict=True)
+        finally:
+            os.close(fd)
+
+    def _thicken(self, fd: int, image: str) -> None:
+        """Allocate every block of an image (idempotent: allocated blocks stay as they are).
+
+        The same promise as a new thick volume: the image's holes must fit in
+        the free space that other sparse images may not still claim.
+        """
+        st = os.fstat(fd)
+        missing = max(0, st.st_size - st.st_blocks * 512)
+        if missing:
+            free = fs.statvfs_usage(self.root).available_bytes
+            promised = free - (self._claimable() - missing)
+            if missing > promised:
+                raise ResourceExhausted(
+                    f"preallocating {image} needs {missing} more bytes; {max(0, promised)} bytes "
+                    f"under {self.root} are not already claimable by sparse volumes"
+                )
+        try:
+            os.posix_fallocate(fd, 0, st.st_size)  # unwritten extents over the holes: data untouched
+            os.fsync(fd)
+        except OSError as e:
+            raise _space_error(e, f"preallocating {image}") from e
 
     def volume_condition(self, volume: Volume) -> VolumeCondition:
         return self.device_condition(volume.volume_id) or VolumeCondition(False, "")
