@@ -25,6 +25,7 @@ See docs/metrics.md.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -99,6 +100,9 @@ class _CSICallMetrics(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStream
                 await call
             code = grpc_code_name(await call.code())
             return call
+        except asyncio.CancelledError:
+            code = grpc_code_name(grpc.StatusCode.CANCELLED)  # a Go sidecar's cancelled context
+            raise
         finally:
             self._observe(details, code, start)
 

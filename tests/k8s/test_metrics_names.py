@@ -114,7 +114,8 @@ async def test_scrape_after_loop_work_has_the_sidecar_metric(
     # The first call learns the name: upstream records it under "unknown-driver" too.
     assert discovery & {DRIVER, "unknown-driver"}
     assert calls.get(("/csi.v1.Controller/CreateSnapshot", "OK"), 0) >= 1
-    assert set(GO_CODE_NAMES.values()) >= {code for _, code in calls}
+    # Earlier tests in this process may have left failed calls: all spelled as upstream.
+    assert set(GO_CODE_NAMES.values()) | {"unknown-non-grpc"} >= {code for _, code in calls}
 
 
 def test_metrics_and_liveness_ports_differ_by_default_and_never_clash() -> None:
