@@ -244,7 +244,7 @@ class Walk:
             if "groupsnapshot" in path and self.api.get(path)["items"]:
                 with contextlib.suppress(TimeoutError):
                     self.api.wait(
-                        path, lambda lst: not lst["items"], f"the group snapshots of {ns} deleted", 30
+                        path, lambda lst: not lst["items"], f"the group snapshots of {ns} deleted", 15
                     )
                 self.release_retained_contents()
                 self.api.wait(

@@ -172,7 +172,7 @@ class TestWalkthrough:
             w.api.delete(w.path("volumegroupsnapshot", "both"))
             try:
                 w.api.wait(
-                    w.path("volumegroupsnapshot", "both"), lambda g: g is None, "group snapshot gone", 30
+                    w.path("volumegroupsnapshot", "both"), lambda g: g is None, "group snapshot gone", 15
                 )
                 stuck = False
             except TimeoutError:
