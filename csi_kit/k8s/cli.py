@@ -304,7 +304,11 @@ async def run_controllers(
 
         if "group-snapshot-controller" in wanted:
             gctrl = group.GroupSnapshotController(
-                api, workers=args.k8s_workers, resync_period=args.resync_period, **timing
+                api,
+                workers=args.k8s_workers,
+                resync_period=args.resync_period,
+                distributed=args.distributed_snapshotting,
+                **timing,
             )
             loops.append((gctrl, "snapshot-controller-group-leader"))
         if "group-snapshotter" in wanted:

@@ -48,6 +48,7 @@ from csi_kit.k8s.csi_client import CSIClient, CSIError, SnapshotInfo
 from csi_kit.k8s.loop import Loop
 from csi_kit.k8s.snapshot import group as g
 from csi_kit.k8s.snapshot.controller import SnapshotController
+from csi_kit.k8s.snapshot.protocol import LABEL_MANAGED_BY
 from csi_kit.k8s.snapshot.sidecar import Snapshotter
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
@@ -109,15 +110,14 @@ async def restore(endpoint: str, name: str, snapshot_id: str) -> str:
         return str(r.volume.volume_id)
 
 
-async def labelled_volume(api: FakeKubeAPI, name: str, handle: str, driver: str, app: str = "db") -> None:
-    await as_user(
-        api.create,
-        PV,
-        {
-            "metadata": {"name": f"pv-{name}"},
-            "spec": {"csi": {"driver": driver, "volumeHandle": handle}, "volumeMode": "Filesystem"},
-        },
-    )
+async def labelled_volume(
+    api: FakeKubeAPI, name: str, handle: str, driver: str, app: str = "db", node: str | None = None
+) -> None:
+    spec: dict[str, Any] = {"csi": {"driver": driver, "volumeHandle": handle}, "volumeMode": "Filesystem"}
+    if node is not None:  # a local volume, as the provisioner makes it
+        term = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}
+        spec["nodeAffinity"] = {"required": {"nodeSelectorTerms": [term]}}
+    await as_user(api.create, PV, {"metadata": {"name": f"pv-{name}"}, "spec": spec})
     pvc = await as_user(
         api.create,
         PVC,
@@ -180,8 +180,9 @@ def everything_gone(api: FakeKubeAPI) -> bool:
 class AllLoops:
     """The single-snapshot and group loops against one driver; restartable from nothing."""
 
-    def __init__(self, api: FakeKubeAPI, endpoint: str, driver: str) -> None:
+    def __init__(self, api: FakeKubeAPI, endpoint: str, driver: str, node: str | None = None) -> None:
         self.api, self.endpoint, self.driver = api, endpoint, driver
+        self.node = node  # distributed snapshotting: a per-node snapshotter for this node
         self.tasks: list[asyncio.Task[None]] = []
         self.clients: list[Any] = []
 
@@ -190,10 +191,11 @@ class AllLoops:
         group_client = g.GroupCSIClient(self.endpoint, timeout=10)
         self.clients = [client, group_client]
         info = await client.driver_info()
+        distributed = self.node is not None
         loops: list[Loop] = [
-            SnapshotController(self.api, **FAST),
-            Snapshotter(self.api, client, self.driver, **FAST),
-            g.GroupSnapshotController(self.api, **FAST),
+            SnapshotController(self.api, distributed=distributed, **FAST),
+            Snapshotter(self.api, client, self.driver, node_name=self.node, **FAST),
+            g.GroupSnapshotController(self.api, distributed=distributed, **FAST),
             g.GroupSnapshotter(
                 self.api,
                 group_client,
@@ -219,14 +221,19 @@ class AllLoops:
 
 
 @contextlib.asynccontextmanager
-async def hostpath(tmp_path: os.PathLike[str]) -> AsyncIterator[tuple[FakeKubeAPI, str, AllLoops]]:
-    """The real hostPath driver with two labelled PVCs (and an unlabelled one) and all four loops."""
+async def hostpath(
+    tmp_path: os.PathLike[str], node: str | None = None
+) -> AsyncIterator[tuple[FakeKubeAPI, str, AllLoops]]:
+    """The real hostPath driver with two labelled PVCs (and an unlabelled one) and all four loops
+    (with `node`: local PVs on that node and distributed snapshotting, as per-node DaemonSets run)."""
     api = FakeKubeAPI()
     with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
         for name in ("data-0", "data-1"):
-            await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER)
-        await labelled_volume(api, "other", await create_volume(endpoint, "other"), DRIVER, app="web")
-        loops = AllLoops(api, endpoint, DRIVER)
+            await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER, node=node)
+        await labelled_volume(
+            api, "other", await create_volume(endpoint, "other"), DRIVER, app="web", node=node
+        )
+        loops = AllLoops(api, endpoint, DRIVER, node)
         await loops.start()
         try:
             yield api, endpoint, loops
@@ -345,6 +352,27 @@ async def test_delete_policy_removes_the_group_on_the_driver(tmp_path: os.PathLi
         handle, ids = await _cut_then_delete(api, endpoint)
         await eventually(lambda: everything_gone(api), "every object gone", limit=60)
         assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.NOT_FOUND
+        assert await backend_snapshot_count(endpoint) == 0
+
+
+async def test_distributed_group_members_are_labelled_and_deleted_with_the_group(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """Per-node snapshotters only see contents labelled with their node: the group's member
+    contents carry that label too, or their finalizers outlive the group (found on a real
+    cluster with the per-node DaemonSet)."""
+    async with hostpath(tmp_path, node="node-a") as (api, endpoint, _):
+        await group_class(api, DRIVER, "Delete")
+        await group_snapshot(api)
+        await eventually(lambda: group_ready(api), "group ready", limit=60)
+        member_contents = [vsc for vsc in api.objects(VOLUME_SNAPSHOT_CONTENT)]
+        assert len(member_contents) == 2
+        for vsc in member_contents:
+            assert vsc["metadata"]["labels"] == {LABEL_MANAGED_BY: "node-a"}
+        await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await eventually(lambda: peek_group(api) is None, "group gone", limit=60)
+        await eventually(lambda: not api.objects(VOLUME_SNAPSHOT_CONTENT), "member contents gone", limit=60)
+        await eventually(lambda: not members(api), "member snapshots gone", limit=60)
         assert await backend_snapshot_count(endpoint) == 0
 
 

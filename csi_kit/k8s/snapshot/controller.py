@@ -245,21 +245,6 @@ class SnapshotController(Loop):
             raise SnapshotError(f"cannot find CSI PersistentVolumeSource for volume {pv_name}")
         return pvc, pv
 
-    def _managed_by(self, pv: Obj) -> str | None:
-        """The node a local PV lives on, from its required node affinity on the hostname label."""
-        terms = (
-            ((p.spec(pv).get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms")
-        ) or []
-        for term in terms:
-            for expr in term.get("matchExpressions") or []:
-                if (
-                    expr.get("key") == "kubernetes.io/hostname"
-                    and expr.get("operator") == "In"
-                    and len(expr.get("values") or []) == 1
-                ):
-                    return str(expr["values"][0])
-        return None
-
     # ---------------------------------------------------------- snapshot sync
 
     async def sync_snapshot(self, key: str) -> None:
@@ -367,7 +352,7 @@ class SnapshotController(Loop):
             metadata["annotations"][p.ANN_DELETION_SECRET_NAME] = ref[0]
             metadata["annotations"][p.ANN_DELETION_SECRET_NAMESPACE] = ref[1]
         if self.distributed:
-            node = self._managed_by(pv)
+            node = p.managed_by_node(pv)
             if node:
                 metadata["labels"] = {p.LABEL_MANAGED_BY: node}
         content: Obj = {

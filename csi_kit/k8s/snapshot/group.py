@@ -337,9 +337,14 @@ class GroupSnapshotController(Loop):
         resync_period: float = 900.0,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
+        distributed: bool = False,
     ) -> None:
         super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
+        # Distributed (per-node) snapshotting: member contents carry their volume's node in
+        # LABEL_MANAGED_BY, as single contents do, or no per-node snapshotter ever sees them
+        # (their finalizers then outlive the group).
+        self.distributed = distributed
         self.groups = Informer(api, VOLUME_GROUP_SNAPSHOT, resync_period=resync_period)
         self.contents = Informer(api, VOLUME_GROUP_SNAPSHOT_CONTENT, resync_period=resync_period)
         self.classes = Informer(api, VOLUME_GROUP_SNAPSHOT_CLASS)
@@ -707,6 +712,9 @@ class GroupSnapshotController(Loop):
             )
             if pv is not None and p.spec(pv).get("volumeMode"):
                 body["spec"]["sourceVolumeMode"] = p.spec(pv)["volumeMode"]
+            node = p.managed_by_node(pv) if self.distributed and pv is not None else None
+            if node:
+                body["metadata"]["labels"] = {p.LABEL_MANAGED_BY: node}
             try:
                 vsc = await self.api.create(VOLUME_SNAPSHOT_CONTENT, body)
             except ApiError as e:

@@ -207,3 +207,18 @@ def source_content_name(snapshot: Obj) -> str | None:
 
 def is_ready(obj: Obj) -> bool:
     return status(obj).get("readyToUse") is True
+
+
+def managed_by_node(pv: Obj) -> str | None:
+    """The node a local PV lives on (its required node affinity on the hostname label): the value
+    of `LABEL_MANAGED_BY` on its snapshots' contents in distributed (per-node) mode."""
+    terms = ((spec(pv).get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms") or []
+    for term in terms:
+        for expr in term.get("matchExpressions") or []:
+            if (
+                expr.get("key") == "kubernetes.io/hostname"
+                and expr.get("operator") == "In"
+                and len(expr.get("values") or []) == 1
+            ):
+                return str(expr["values"][0])
+    return None
