@@ -48,12 +48,16 @@ resizer, as upstream: no CSI call, the PV grows, the node does the work.
 Per-node mode (`node_topology`, not in upstream) handles only PVs whose node
 affinity matches this node: a node-local backend can only grow its own
 volumes, so each node's process resizes what lives there.
+
+For a driver with MODIFY_VOLUME the same loop also applies
+VolumeAttributesClass changes (`csi_kit.k8s.modifier`, upstream's modify
+controller): its own queue, the class informer, these claim and PV
+informers, this Lease, and the same choice of claims (`volume_of`).
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
 from typing import Any, Protocol
 
@@ -64,8 +68,18 @@ from csi_kit.k8s.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
 from csi_kit.k8s.csi_client import NON_FINAL_CODES, CSIError, DriverInfo
 from csi_kit.k8s.informer import Informer
 from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.modifier import ModifyDriver, VolumeModifier
 from csi_kit.k8s.provisioner import affinity_matches
-from csi_kit.k8s.volumes import Capability, EventRecorder, capabilities_for, format_quantity, storage_of
+from csi_kit.k8s.volumes import (
+    Capability,
+    EventRecorder,
+    capabilities_for,
+    format_quantity,
+    merge_claim_conditions,
+    storage_of,
+)
+from csi_kit.k8s.volumes import claim_condition as _condition
+from csi_kit.k8s.volumes import has_claim_condition as _has_condition
 
 log = logging.getLogger(__name__)
 
@@ -95,41 +109,13 @@ class ExpandDriver(Protocol):
     ) -> tuple[int, bool]: ...
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _condition(type_: str, message: str = "") -> dict[str, Any]:
-    c: dict[str, Any] = {"type": type_, "status": "True", "lastTransitionTime": _now()}
-    if message:
-        c["message"] = message
-    return c
-
-
-def _has_condition(pvc: Obj, type_: str) -> bool:
-    return any(
-        c.get("type") == type_ and c.get("status") == "True"
-        for c in (pvc.get("status") or {}).get("conditions") or []
-    )
+class ResizerDriver(ExpandDriver, ModifyDriver, Protocol):
+    """The CSI calls of the resizer loop: expansion, and modification for MODIFY_VOLUME drivers."""
 
 
 def _conditions(pvc: Obj, *new: dict[str, Any], keep_old: bool = False) -> list[dict[str, Any]]:
-    """The claim's conditions with `new` merged in by type (upstream's MergeResizeConditionsOfPVC).
-
-    Conditions that are not about resizing stay; old resize conditions stay
-    only with `keep_old`; a new condition replaces an old one of its type.
-    """
-    by_type = {c["type"]: c for c in new}
-    out: list[dict[str, Any]] = []
-    for c in (pvc.get("status") or {}).get("conditions") or []:
-        t = c.get("type")
-        if t not in RESIZE_CONDITIONS:
-            out.append(c)
-        elif t in by_type:
-            out.append(by_type.pop(t))
-        elif keep_old:
-            out.append(c)
-    return out + list(by_type.values())
+    """The claim's conditions with `new` merged in; only resize conditions are touched."""
+    return merge_claim_conditions(pvc, new, RESIZE_CONDITIONS, keep_old=keep_old)
 
 
 def _storage_status(pvc: Obj, value: str | None) -> dict[str, Any] | None:
@@ -150,7 +136,7 @@ class Resizer(Loop):
     def __init__(
         self,
         api: KubeAPI,
-        driver: ExpandDriver,
+        driver: ResizerDriver,
         info: DriverInfo,
         *,
         node_topology: dict[str, str] | None = None,
@@ -177,6 +163,10 @@ class Resizer(Loop):
         self.claim_queue = self.queue("claim", self.sync_claim)
         self.pvcs.add_handler(self._on_claim)
         self.pvs.add_handler(self._on_volume)
+        # VolumeAttributesClass changes, in this loop as in upstream's external-resizer.
+        self.modifier: VolumeModifier | None = None
+        if "MODIFY_VOLUME" in info.controller_capabilities:
+            self.modifier = VolumeModifier(self, driver, self.driver_name)
 
     def _on_claim(self, event: str, old: Obj | None, new: Obj | None) -> None:
         if event != "DELETED" and new is not None:
@@ -187,7 +177,7 @@ class Resizer(Loop):
         if event == "ADDED" and ref.get("name"):
             self.claim_queue.add(f"{ref.get('namespace')}/{ref['name']}")
 
-    async def _patch_status(
+    async def patch_status(
         self, pvc: Obj, status: Obj, *, checked: bool = True, annotations: Obj | None = None
     ) -> Obj:
         """Merge-patch the claim's status; `checked` adds the resourceVersion precondition (409 if stale).
@@ -228,7 +218,7 @@ class Resizer(Loop):
             return None
         return caps[0]
 
-    def _volume_of(self, pvc: Obj) -> Obj | None:
+    def volume_of(self, pvc: Obj) -> Obj | None:
         spec = pvc.get("spec") or {}
         if not spec.get("volumeName") or (pvc.get("status") or {}).get("phase") != "Bound":
             return None
@@ -251,7 +241,7 @@ class Resizer(Loop):
         pvc = self.pvcs.get(key)
         if pvc is None or k.is_deleting(pvc):
             return
-        pv = self._volume_of(pvc)
+        pv = self.volume_of(pvc)
         if pv is None:
             return
         try:
@@ -302,11 +292,11 @@ class Resizer(Loop):
             # A retry at the size already recorded: the status stays as it is (an Infeasible claim
             # stays Infeasible until the driver answers otherwise); only Resizing is made sure of.
             if not _has_condition(pvc, COND_RESIZING):
-                pvc = await self._patch_status(
+                pvc = await self.patch_status(
                     pvc, {"conditions": _conditions(pvc, _condition(COND_RESIZING), keep_old=True)}
                 )
         else:
-            pvc = await self._patch_status(
+            pvc = await self.patch_status(
                 pvc,
                 {
                     "allocatedResources": {"storage": format_quantity(target)},
@@ -337,7 +327,7 @@ class Resizer(Loop):
             )
             self.pvs.store_update(updated)
         if node_needed:
-            await self._patch_status(
+            await self.patch_status(
                 pvc,
                 {
                     "allocatedResourceStatuses": _storage_status(pvc, NODE_PENDING),
@@ -351,7 +341,7 @@ class Resizer(Loop):
                 pvc, "Normal", "FileSystemResizeRequired", "Require file system resize of volume on node"
             )
             return
-        await self._patch_status(
+        await self.patch_status(
             pvc,
             {
                 "capacity": {"storage": format_quantity(new_size)},
@@ -388,6 +378,6 @@ class Resizer(Loop):
         if e.code in INFEASIBLE_CODES:
             status["allocatedResourceStatuses"] = _storage_status(pvc, INFEASIBLE)
         try:
-            await self._patch_status(pvc, status, checked=False)
+            await self.patch_status(pvc, status, checked=False)
         except ApiError as pe:
             log.info("cannot record resize failure on %s: %s", k.key_of(pvc), pe)

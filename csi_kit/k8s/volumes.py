@@ -272,6 +272,14 @@ class VolumeClient(CSIClient):
         r = await self._call("ControllerExpandVolume", self._controller.ControllerExpandVolume, req)
         return int(r.capacity_bytes), bool(r.node_expansion_required)
 
+    async def modify_volume(self, volume_id: str, mutable_parameters: dict[str, str]) -> None:
+        """ControllerModifyVolume (no secrets: upstream's resizer sends none either)."""
+        await self._call(
+            "ControllerModifyVolume",
+            self._controller.ControllerModifyVolume,
+            pb.ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters=mutable_parameters),
+        )
+
     async def publish_volume(
         self,
         volume_id: str,
@@ -326,6 +334,52 @@ class VolumeClient(CSIClient):
         r = await self._call("NodeGetInfo", self._node.NodeGetInfo, pb.NodeGetInfoRequest())
         topo = dict(r.accessible_topology.segments) if r.HasField("accessible_topology") else {}
         return r.node_id, topo
+
+
+# ------------------------------------------------------- claim conditions
+
+
+def utc_now() -> str:
+    """A condition's lastTransitionTime (RFC 3339, seconds)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def claim_condition(type_: str, message: str = "") -> dict[str, Any]:
+    """A PVC condition of `type_` with status True, as the resizer's loops write them."""
+    c: dict[str, Any] = {"type": type_, "status": "True", "lastTransitionTime": utc_now()}
+    if message:
+        c["message"] = message
+    return c
+
+
+def has_claim_condition(pvc: Obj, type_: str) -> bool:
+    return any(
+        c.get("type") == type_ and c.get("status") == "True"
+        for c in (pvc.get("status") or {}).get("conditions") or []
+    )
+
+
+def merge_claim_conditions(
+    pvc: Obj, new: Iterable[dict[str, Any]], kinds: Iterable[str], *, keep_old: bool = False
+) -> list[dict[str, Any]]:
+    """The claim's conditions with `new` merged in by type (upstream's Merge*ConditionsOfPVC).
+
+    Conditions whose type is not one of `kinds` (another loop's) stay; old
+    conditions of `kinds` stay only with `keep_old`; a new condition
+    replaces an old one of its type.
+    """
+    mine = set(kinds)
+    by_type = {c["type"]: c for c in new}
+    out: list[dict[str, Any]] = []
+    for c in (pvc.get("status") or {}).get("conditions") or []:
+        t = c.get("type")
+        if t not in mine:
+            out.append(c)
+        elif t in by_type:
+            out.append(by_type.pop(t))
+        elif keep_old:
+            out.append(c)
+    return out + list(by_type.values())
 
 
 # ----------------------------------------------------------------- events

@@ -163,6 +163,10 @@ class VolumeCSI(pbg.IdentityServicer, pbg.ControllerServicer, pbg.NodeServicer):
             node_expansion_required=self.node_expansion_required,
         )
 
+    async def ControllerModifyVolume(self, request: Any, context: Any) -> Any:
+        await self._enter("ControllerModifyVolume", request, context)
+        return pb.ControllerModifyVolumeResponse()
+
     async def ControllerPublishVolume(self, request: Any, context: Any) -> Any:
         await self._enter("ControllerPublishVolume", request, context)
         self.published.add((request.volume_id, request.node_id))
