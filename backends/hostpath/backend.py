@@ -20,6 +20,17 @@ the whole contract on the simplest storage there is:
   limit); advisory, the directory's own usage against its requested size
   (kept in the ``user.csi-kit.capacity`` xattr), never the whole filesystem's
   hundreds of gigabytes for a 1 GiB claim.
+* **Modification** (ControllerModifyVolume, MODIFY_VOLUME): one mutable
+  parameter, ``capacity``, turns a volume's quota off and on.  Where sizes
+  are enforced, ``advisory`` clears the project's limit (the directory keeps
+  its project, so usage is still accounted and the limit can come back) and
+  ``enforced`` sets it again -- INVALID_ARGUMENT if the volume already holds
+  more than its size, RESOURCE_EXHAUSTED if the filesystem cannot promise
+  the rest.  Whether a volume is limited is read from the project quota
+  itself, so stats and expansion follow it with no record of their own.
+  Without quotas every volume is advisory already: ``advisory`` succeeds,
+  ``enforced`` is INVALID_ARGUMENT naming what is missing.  A volume in use
+  changes in place.  Other keys are INVALID_ARGUMENT.
 * **Node side.**  Publishing is a bind mount of the volume directory (read-
   only honoured); there is no stage step, so STAGE_UNSTAGE_VOLUME is not
   advertised.  Mount state comes from /proc/self/mountinfo.
@@ -62,6 +73,11 @@ __all__ = ["HostPathBackend", "HostPathConfig"]
 log = logging.getLogger("csi_kit.hostpath")
 
 CAPACITY_KEY = "csi-kit.io/capacity"
+#: The mutable parameter that turns a volume's quota off (advisory) and on (enforced).
+MUTABLE_CAPACITY_KEY = "capacity"
+CAPACITY_MODES = ("enforced", "advisory")
+#: Mutable parameters under this prefix are the CO's information, never settings: ignored.
+CO_PREFIX = "csi.storage.k8s.io/"
 #: The requested size of a volume with an advisory capacity, for its stats.
 SIZE_XATTR = "user.csi-kit.capacity"
 
@@ -80,6 +96,14 @@ class HostPathConfig:
 
 
 class HostPathBackend(Backend):
+    """Directories under a root, sizes enforced by XFS project quotas where possible.
+
+    No StorageClass parameters.  Mutable parameters (VolumeAttributesClass,
+    ControllerModifyVolume): ``capacity`` -- ``advisory`` lifts the volume's
+    quota limit, ``enforced`` sets it again (only where the driver enforces
+    sizes; INVALID_ARGUMENT elsewhere).  Other keys are INVALID_ARGUMENT.
+    """
+
     access_modes = frozenset(
         {
             AccessMode.SINGLE_NODE_WRITER,
@@ -276,11 +300,65 @@ class HostPathBackend(Backend):
     def delete_volume(self, volume_id: str) -> None:
         self._discard(self.volume_path(volume_id), "volume", volume_id)
 
+    def _limited(self, directory: str) -> bool:
+        """Whether this volume's size is enforced: its project has a hard limit."""
+        if not self.enforced:
+            return False
+        project = self._project_of(directory)
+        return bool(project) and quota.get_project_quota(self.root, project).hard_bytes > 0
+
+    def modify_volume(self, volume: Volume, mutable_parameters: Mapping[str, str]) -> None:
+        """``capacity``: ``advisory`` lifts the quota limit, ``enforced`` sets it (module docstring)."""
+        unknown = sorted(
+            k for k in mutable_parameters if k != MUTABLE_CAPACITY_KEY and not k.startswith(CO_PREFIX)
+        )
+        if unknown:
+            raise InvalidArgument(
+                f"unsupported mutable_parameters {', '.join(unknown)}; "
+                f"this backend accepts: {MUTABLE_CAPACITY_KEY}"
+            )
+        mode = mutable_parameters.get(MUTABLE_CAPACITY_KEY)
+        if mode is None:
+            return
+        if mode not in CAPACITY_MODES:
+            raise InvalidArgument(
+                f"mutable parameter {MUTABLE_CAPACITY_KEY}={mode!r}: use one of {', '.join(CAPACITY_MODES)}"
+            )
+        path = self.volume_path(volume.volume_id)
+        if not os.path.isdir(path):
+            raise NotFound(f"volume {volume.volume_id!r} is missing from {self.volumes_dir}")
+        if not self.enforced:
+            if mode == "enforced":
+                raise InvalidArgument(
+                    f"{MUTABLE_CAPACITY_KEY}=enforced needs XFS project quotas under {self.root}, and this "
+                    f"driver runs without them (quota={self.config.quota}, or the root is not XFS mounted "
+                    "with prjquota): every volume is advisory"
+                )
+            return
+        project = self._project_of(path)
+        if mode == "advisory":
+            if project:
+                quota.clear_project_limit(self.root, project)  # the project stays: usage is still counted
+            return
+        size = _recorded_size(path) or volume.capacity_bytes
+        if project:
+            used = quota.get_project_quota(self.root, project).used_bytes
+            if used > size:
+                raise InvalidArgument(
+                    f"volume {volume.volume_id!r} holds {used} bytes, more than its size {size}: "
+                    "free space in it before enforcing its capacity"
+                )
+            self._check_space(size - used)
+        else:
+            self._check_space(size)
+        # A directory that lost its project gets a new one, down the whole tree.
+        self._apply_quota(path, size, recursive=not project)
+
     def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
         path = self.volume_path(volume.volume_id)
         if not os.path.isdir(path):
             raise NotFound(f"volume {volume.volume_id!r} is missing from {self.volumes_dir}")
-        if self.enforced and capacity_bytes > volume.capacity_bytes:
+        if capacity_bytes > volume.capacity_bytes and self._limited(path):
             self._check_space(capacity_bytes - volume.capacity_bytes)
             self._apply_quota(path, capacity_bytes, recursive=False)
         _record_size(path, capacity_bytes)
@@ -366,7 +444,7 @@ class HostPathBackend(Backend):
         if not os.path.isdir(directory):
             return VolumeStats(usage=(), condition=VolumeCondition(True, "volume directory is missing"))
         usage = fs.statvfs_usage(volume_path)
-        size = None if self.enforced else _recorded_size(directory)
+        size = None if self._limited(directory) else _recorded_size(directory)
         if size is None:
             # Enforced: statfs inside a project-quota directory reports the quota on XFS.
             byte_usage = VolumeUsage("BYTES", usage.total_bytes, usage.available_bytes, usage.used_bytes)
