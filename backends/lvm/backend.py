@@ -39,6 +39,15 @@ node — a thin LV in a thin pool by default, a linear (thick) LV on request.
   common metadata: FAILED_PRECONDITION.
 * **Expansion**: ``lvextend`` on the controller; the node grows the
   filesystem online; raw block volumes need no node step.
+* **Modification** (ControllerModifyVolume, MODIFY_VOLUME): one mutable
+  parameter, ``readahead`` -- ``auto`` (LVM's default), ``none``, or a
+  number of 512-byte sectors, a multiple of 8 (LVM would round anything
+  else to whole 4 KiB pages, and a value that changes on the way is not
+  idempotent) from 8 to 2097152 (1 GiB).  ``lvchange --readahead`` keeps it
+  in the VG metadata and applies it to an active LV at once, in use or not.
+  Zeroing of new blocks is not offered: LVM has it per thin *pool*
+  (``lvchange --zero`` refuses a thin LV), so it would change every volume
+  of the pool.  Other keys are INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -81,6 +90,11 @@ __all__ = ["LvmBackend", "LvmConfig", "BACKEND", "CONFIG"]
 log = logging.getLogger("csi_kit.lvm")
 
 TYPE_KEY = "type"
+READ_AHEAD_KEY = "readahead"
+#: Read-ahead bounds in 512-byte sectors: one 4 KiB page to 1 GiB, whole pages only.
+READ_AHEAD_SECTORS = (8, 1 << 21)
+#: Mutable parameters under this prefix are the CO's information, never settings: ignored.
+CO_PREFIX = "csi.storage.k8s.io/"
 POOL_KEY = "pool"
 TYPES = ("thin", "linear")
 VOLUME_PREFIX = "csi-v-"
@@ -130,7 +144,34 @@ class _Placement:
     pool: str
 
 
+def _read_ahead(mutable_parameters: Mapping[str, str]) -> str | None:
+    """The read-ahead a ControllerModifyVolume asks for (None: nothing to change); other keys are refused."""
+    unknown = sorted(k for k in mutable_parameters if k != READ_AHEAD_KEY and not k.startswith(CO_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"unsupported mutable_parameters {', '.join(unknown)}; this backend accepts: {READ_AHEAD_KEY}"
+        )
+    value = mutable_parameters.get(READ_AHEAD_KEY)
+    if value is None or value in ("auto", "none"):
+        return value
+    low, high = READ_AHEAD_SECTORS
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high or int(value) % 8:
+        raise InvalidArgument(
+            f"mutable parameter {READ_AHEAD_KEY}={value!r}: use auto, none, or a number of 512-byte "
+            f"sectors from {low} to {high} that is a multiple of 8"
+        )
+    return str(int(value))
+
+
 class LvmBackend(BlockDeviceBackend):
+    """Logical volumes in one volume group: thin (default) or linear.
+
+    StorageClass parameters: ``type`` (``thin``, ``linear``) and ``pool``.
+    Mutable parameters (VolumeAttributesClass, ControllerModifyVolume):
+    ``readahead`` -- ``auto``, ``none`` or 512-byte sectors (a multiple of 8,
+    8 to 2097152), applied at once.  Other keys are INVALID_ARGUMENT.
+    """
+
     parameter_keys = frozenset({TYPE_KEY, POOL_KEY})
     default_volume_bytes = GiB
     min_volume_bytes = MiB
@@ -384,6 +425,16 @@ class LvmBackend(BlockDeviceBackend):
 
     def volume_condition(self, volume: Volume) -> VolumeCondition:
         return self.device_condition(volume.volume_id) or VolumeCondition(False, "")
+
+    def modify_volume(self, volume: Volume, mutable_parameters: Mapping[str, str]) -> None:
+        """``readahead`` (see the module docstring); validated before LVM is asked anything."""
+        read_ahead = _read_ahead(mutable_parameters)
+        if read_ahead is None:
+            return
+        name = self.volume_lv(volume.volume_id)
+        if self._owned(name, VOLUME_TAG) is None:
+            raise NotFound(f"volume {volume.volume_id!r}: its logical volume {self.vg}/{name} is missing")
+        lvm.set_read_ahead(self.vg, name, read_ahead)
 
     # -- snapshots ---------------------------------------------------------------------------
 

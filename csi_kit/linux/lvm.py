@@ -583,6 +583,23 @@ def deactivate(vg: str, name: str) -> None:
     _lvm("lvchange", "--activate", "n", f"{vg}/{name}")
 
 
+def set_read_ahead(vg: str, name: str, read_ahead: str) -> None:
+    """Set the LV's read-ahead: ``auto``, ``none`` or a number of 512-byte sectors.
+
+    Kept in the VG metadata and applied to an active LV at once (the device's
+    queue changes; a filesystem on it may stay mounted).  Asking for the
+    value the LV already has is success: lvchange exits 5 then, saying
+    "Read ahead is already ..." (its messages are read in the C locale).
+    """
+    validate_vg_name(vg)
+    _validate_lv_name(name)
+    try:
+        _lvm("lvchange", "--readahead", read_ahead, f"{vg}/{name}")
+    except CommandFailed as e:
+        if "Read ahead is already" not in e.stderr:
+            raise
+
+
 def add_tags(vg: str, name: str, tags: Sequence[str]) -> None:
     validate_vg_name(vg)
     _validate_lv_name(name)
