@@ -48,6 +48,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--csi-expand-size", type=int, default=None, help="size to expand volumes to, in bytes")
     group.addoption("--csi-parameters", default=None, help="YAML file: CreateVolume parameters")
     group.addoption("--csi-snapshot-parameters", default=None, help="YAML file: CreateSnapshot parameters")
+    group.addoption(
+        "--csi-modify-parameters", default=None, help="YAML file: a valid ControllerModifyVolume change"
+    )
     group.addoption("--csi-secrets", default=None, help="YAML file: secrets (flat or per RPC)")
     group.addoption("--csi-access-type", default=None, choices=("mount", "block"), help="volume access type")
     group.addoption("--csi-fs-type", default=None, help="fs_type for mount volumes")
@@ -106,6 +109,8 @@ def config_from_options(config: pytest.Config) -> SanityConfig | None:
         kw["parameters"] = load_yaml_map(opt("--csi-parameters"))
     if opt("--csi-snapshot-parameters"):
         kw["snapshot_parameters"] = load_yaml_map(opt("--csi-snapshot-parameters"))
+    if opt("--csi-modify-parameters"):
+        kw["modify_parameters"] = load_yaml_map(opt("--csi-modify-parameters"))
     if opt("--csi-secrets"):
         kw["secrets"] = load_secrets(opt("--csi-secrets"))
     if opt("--csi-access-type"):

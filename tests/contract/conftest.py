@@ -52,6 +52,8 @@ def csi_sanity_config(
         # inside it; named apart so the node-path attacks aim at both).
         driver_roots=(state, os.path.join(state, getattr(request.module, "BACKEND", "hostpath"))),
         idempotency_repeats=int(os.environ.get("CSI_SANITY_REPEATS", "10")),
+        # A valid ControllerModifyVolume for the module's backend, if it names one.
+        modify_parameters=getattr(request.module, "MODIFY_PARAMETERS", {}),
     )
 
 

@@ -9,3 +9,5 @@ from __future__ import annotations
 from csi_kit.testing.sanity import *  # noqa: F403
 
 BACKEND = "hostpath"
+#: Valid everywhere: without project quotas (as here) every volume is advisory already.
+MODIFY_PARAMETERS = {"capacity": "advisory"}

@@ -75,6 +75,7 @@ def csi_sanity_config(
             fs_type=fs_type,
             driver_roots=(root, state),
             idempotency_repeats=int(os.environ.get("CSI_SANITY_REPEATS", "5")),
+            modify_parameters={"allocation": "preallocated"},
         )
 
     if os.environ.get("CSI_SANITY_DRIVER") == "thread":

@@ -55,6 +55,8 @@ FOCUS = frozenset(
         "TestNodeGetVolumeStats::test_reports_usage_of_published_volume",
         "TestNodeExpandVolume::test_expands_published_volume",
         "TestIdempotency::test_create_volume_from_snapshot",
+        "TestModifyVolume::test_valid_change_succeeds_repeatedly",
+        "TestModifyVolume::test_unknown_volume_is_not_found",
     }
 )
 
@@ -84,6 +86,7 @@ def csi_sanity_config(
             driver_roots=(state,),
             idempotency_repeats=int(os.environ.get("CSI_SANITY_REPEATS", "2")),
             concurrency=2,
+            modify_parameters={"readahead": "256"},
         )
 
     if os.environ.get("CSI_SANITY_DRIVER", "thread") == "thread":

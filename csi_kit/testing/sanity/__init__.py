@@ -26,6 +26,8 @@ from csi_kit.testing.sanity.test_idempotency import *  # noqa: F403
 from csi_kit.testing.sanity.test_idempotency import __all__ as _idempotency
 from csi_kit.testing.sanity.test_identity import *  # noqa: F403
 from csi_kit.testing.sanity.test_identity import __all__ as _identity
+from csi_kit.testing.sanity.test_modify import *  # noqa: F403
+from csi_kit.testing.sanity.test_modify import __all__ as _modify
 from csi_kit.testing.sanity.test_node import *  # noqa: F403
 from csi_kit.testing.sanity.test_node import __all__ as _node
 from csi_kit.testing.sanity.test_node_paths import *  # noqa: F403
@@ -43,6 +45,7 @@ from csi_kit.testing.sanity.test_topology import __all__ as _topology
 TEST_CLASSES = [
     *_identity,
     *_controller,
+    *_modify,
     *_topology,
     *_snapshot,
     *_snapshot_metadata,

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parameters", metavar="FILE.yaml", help="CreateVolume parameters (a flat map)")
     p.add_argument("--snapshot-parameters", metavar="FILE.yaml", help="CreateSnapshot parameters")
+    p.add_argument(
+        "--modify-parameters", metavar="FILE.yaml", help="a valid ControllerModifyVolume change"
+    )
     p.add_argument("--secrets", metavar="FILE.yaml", help="secrets: a flat map or one map per RPC name")
     p.add_argument("--access-type", choices=("mount", "block"), help="volume access type (default mount)")
     p.add_argument("--fs-type", help="fs_type for mount volumes")
@@ -142,6 +145,7 @@ def pytest_args(ns: argparse.Namespace, inifile: str) -> list[str]:
         "--csi-expand-size": ns.expand_size,
         "--csi-parameters": ns.parameters,
         "--csi-snapshot-parameters": ns.snapshot_parameters,
+        "--csi-modify-parameters": ns.modify_parameters,
         "--csi-secrets": ns.secrets,
         "--csi-access-type": ns.access_type,
         "--csi-fs-type": ns.fs_type,

@@ -100,7 +100,9 @@ class SanityConfig:
     parents under which the suite makes one fresh directory per test (a
     private temporary directory when unset).  `volume_size` is what the suite
     asks for; `expand_size` the size it expands to (twice `volume_size` when
-    unset).  `driver_roots` are directories the driver keeps its data in, if
+    unset).  `modify_parameters` are mutable parameters that make a valid
+    ControllerModifyVolume for the driver (the tests needing a valid change
+    skip without them).  `driver_roots` are directories the driver keeps its data in, if
     known: loop devices backed by files there count as the run's own when the
     suite checks that nothing leaked, and the node-path attacks aim targets
     at them.  `allow_host_namespace` lets those attacks run in the machine's
@@ -116,6 +118,7 @@ class SanityConfig:
     expand_size: int | None = None
     parameters: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
     snapshot_parameters: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    modify_parameters: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
     secrets: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict, converter=dict)
     access_type: str = attrs.field(default="mount", validator=_check_access_type)
     fs_type: str = ""

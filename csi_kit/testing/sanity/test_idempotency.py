@@ -115,9 +115,9 @@ class TestIdempotency:
 
     def test_controller_modify_volume(self, csi_sanity: SanityContext, csi_resources: Resources) -> None:
         csi_sanity.need_controller(CtrlCap.MODIFY_VOLUME, CtrlCap.CREATE_DELETE_VOLUME)
-        params = dict(csi_sanity.config.parameters)
+        params = dict(csi_sanity.config.modify_parameters)
         if not params:
-            pytest.skip("no parameters configured to send as mutable_parameters")
+            pytest.skip("no modify_parameters configured (a valid ControllerModifyVolume change)")
         vol = csi_resources.create_volume()
         req = pb.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters=params)
         for _ in range(csi_sanity.config.idempotency_repeats):
