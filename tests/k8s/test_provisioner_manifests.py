@@ -34,6 +34,7 @@ from volume_peer import (
 
 from csi_kit.k8s.api import PVC, SECRET
 from csi_kit.k8s.capacity import CapacityTracker
+from csi_kit.k8s.modifier import VOLUME_ATTRIBUTES_CLASS
 from csi_kit.k8s.provisioner import Provisioner
 from csi_kit.k8s.resizer import Resizer
 from csi_kit.k8s.volumes import STORAGE_CLASS, VolumeClient
@@ -66,6 +67,7 @@ async def recorded(api: FakeKubeAPI, tmp_path: Any) -> dict[str, Used]:
     """Run the provisioner, resizer and capacity loops (per-node, as deployed) through their flows."""
     peer = VolumeCSI(node_id="node-1")
     peer.capacity = {"node-1": 8 << 30}
+    peer.controller_caps.add("MODIFY_VOLUME")  # every built-in backend modifies volumes
     topo = {TOPO_KEY: "node-1"}
     rec = {name: Recording(api) for name in ("provisioner", "resizer", "capacity")}
     fast: dict[str, Any] = {"base_delay": 0.01, "max_delay": 0.05}
@@ -133,6 +135,19 @@ async def recorded(api: FakeKubeAPI, tmp_path: Any) -> dict[str, Used]:
                     == "2Gi"
                 ),
                 "expanded",
+            )
+            # Resizer: a VolumeAttributesClass change (modify).
+            await api.create(
+                VOLUME_ATTRIBUTES_CLASS,
+                {"metadata": {"name": "gold"}, "driverName": peer.name, "parameters": {"iops": "3000"}},
+            )
+            await api.patch(PVC, "grow", {"spec": {"volumeAttributesClassName": "gold"}}, "default")
+            await eventually(
+                lambda: (
+                    ((claim(api, "grow") or {}).get("status") or {}).get("currentVolumeAttributesClassName")
+                    == "gold"
+                ),
+                "modified",
             )
             # Capacity: created, updated, removed with its class.
             peer.capacity["node-1"] = 4 << 30
