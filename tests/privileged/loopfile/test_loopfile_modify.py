@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loopfile_helpers import MiB, Csi
+from loopfile_helpers import Csi, MiB
 
 from csi_kit._pb import csi_pb2 as pb
 
