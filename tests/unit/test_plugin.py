@@ -169,7 +169,8 @@ def test_capabilities_follow_overrides() -> None:
     )
     full = capabilities_of(HostPathBackend)
     assert full.snapshots and full.restore and full.clone and full.group_snapshots and full.expand
-    assert not full.node_stage and not full.controller_publish and not full.modify
+    assert full.modify  # the capacity mutable parameter
+    assert not full.node_stage and not full.controller_publish
 
     class HalfSnapshots(VolumesOnly):
         def create_snapshot(self, snapshot_id: str, source: Any, parameters: Mapping[str, str]) -> Any:
@@ -251,6 +252,7 @@ def test_hostpath_advertises_what_it_implements(hostpath: Csi) -> None:
         CCap.EXPAND_VOLUME,
         CCap.VOLUME_CONDITION,
         CCap.SINGLE_NODE_MULTI_WRITER,
+        CCap.MODIFY_VOLUME,
     }
     assert _node_caps(hostpath) == {
         NCap.GET_VOLUME_STATS,
