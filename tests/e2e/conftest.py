@@ -69,7 +69,15 @@ def cluster() -> Iterator[Cluster]:
 class Deployment:
     """A csi_kit driver running on the node as the project's DaemonSet describes it."""
 
-    def __init__(self, cluster: Cluster, backend: str, controllers: str | None, health_port: int) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        backend: str,
+        controllers: str | None,
+        health_port: int,
+        extra_env: dict[str, str] | None = None,
+        extra_manifests: tuple[str, ...] = (),
+    ) -> None:
         self.cluster = cluster
         self.backend = backend
         self.namespace = f"csi-kit-{backend}"
@@ -77,7 +85,13 @@ class Deployment:
         self.state_dir = cluster.work / "csi-kit" / backend
         self.data_dir = self.state_dir / "data"
         self.name = f"driver-{backend}"
-        for f in ("rbac.yaml", "csidriver.yaml", "storageclass.yaml", "volumesnapshotclass.yaml"):
+        for f in (
+            "rbac.yaml",
+            "csidriver.yaml",
+            "storageclass.yaml",
+            "volumesnapshotclass.yaml",
+            *extra_manifests,
+        ):
             cluster.apply_file(DEPLOY / backend / f)
         self._apply_group_snapshot_manifests()
         (ds,) = load_manifests(DEPLOY / backend / "daemonset.yaml")
@@ -88,6 +102,7 @@ class Deployment:
         if controllers is not None:
             env["CSI_KIT_CONTROLLERS"] = controllers
         env["CSI_KIT_HEALTH_PORT"] = str(health_port)
+        env.update(extra_env or {})
         env = {k: self._host_path(v) for k, v in env.items()}
         args = [self._host_path(a) for a in container["args"]]
         kubeconfig = cluster.kubeconfig(self.namespace, ds["spec"]["template"]["spec"]["serviceAccountName"])
@@ -138,13 +153,18 @@ class Deployments:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.current: tuple[str, str | None] | None = None
+        self.current: tuple[object, ...] | None = None
         self.deployment: Deployment | None = None
 
     def get(
-        self, backend: str, controllers: str | None = None, upstream_snapshot_controller: bool = False
+        self,
+        backend: str,
+        controllers: str | None = None,
+        upstream_snapshot_controller: bool = False,
+        extra_env: dict[str, str] | None = None,
+        extra_manifests: tuple[str, ...] = (),
     ) -> Deployment:
-        key = (backend, controllers)
+        key = (backend, controllers, tuple(sorted((extra_env or {}).items())), extra_manifests)
         if self.current != key or self.deployment is None:
             self.close()
             if upstream_snapshot_controller:
@@ -157,7 +177,7 @@ class Deployments:
                         "--enable-distributed-snapshotting",
                     ],
                 )
-            self.deployment = Deployment(self.cluster, backend, controllers, 9808)
+            self.deployment = Deployment(self.cluster, backend, controllers, 9808, extra_env, extra_manifests)
             self.current = key
         return self.deployment
 
