@@ -188,6 +188,7 @@ _CLUSTER_SCOPED = {
     "VolumeGroupSnapshotClass",
     "VolumeGroupSnapshotContent",
     "VolumeAttachment",
+    "VolumeAttributesClass",
 }
 
 
