@@ -99,6 +99,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="octal mode of the unix socket",
     )
     p.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", "30"))
+    p.add_argument(
+        "--durability",
+        choices=["power", "process"],
+        default=_env("DURABILITY", "power"),
+        help="what an acknowledged change survives: power (flushed to disk before the answer) "
+        "or process (a killed driver, not a power cut; faster)",
+    )
     _k8s_options(p)
 
 
@@ -190,6 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         socket_mode=_octal(args.socket_mode),
         drain_seconds=args.drain_seconds,
+        durability=args.durability,
     )
     controllers = getattr(args, "controllers", "") or ""
     if controllers:

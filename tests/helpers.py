@@ -2,7 +2,7 @@
 request builders, short state directories, and backends whose calls a test
 can hold inside the backend.
 
-Run as a script (``python tests/helpers.py STATE_DIR GATE_DIR [--log-level L]``)
+Run as a script (``python tests/helpers.py STATE_DIR GATE_DIR [--log-level L] [--durability D]``)
 it serves a hostPath driver whose CreateVolume and CreateSnapshot stop inside
 the backend until a line is written to a FIFO in GATE_DIR: the crash and drain tests
 use it to act on a driver *process* at a known moment, without sleeping.
@@ -302,12 +302,14 @@ def _serve_gated(argv: list[str]) -> int:
     state_dir, gate_dir, *rest = argv
     os.environ["CSI_KIT_TEST_GATE"] = gate_dir
     level = rest[rest.index("--log-level") + 1] if "--log-level" in rest else "info"
+    durability = rest[rest.index("--durability") + 1] if "--durability" in rest else "power"
     setup_logging(level)
     config = DriverConfig(
         endpoints=(f"unix://{os.path.join(state_dir, 'csi.sock')}",),
         state_dir=state_dir,
         node_id="node-1",
         drain_seconds=30.0,
+        durability=durability,  # type: ignore[arg-type]
     )
     backend = _FifoGated(HostPathConfig(), BackendContext(config.driver_name, config.node_id, state_dir))
     asyncio.run(Driver(config, backend=backend).serve_until_signalled())

@@ -117,6 +117,7 @@ class HostPathBackend(Backend):
     default_volume_bytes = GiB
     min_volume_bytes = 1
     parameter_keys = frozenset()
+    cheap_probe = True  # probe: stat + access(2) of a local directory
 
     def __init__(self, config: HostPathConfig | None, context: BackendContext) -> None:
         config = config or HostPathConfig()

@@ -194,6 +194,7 @@ class LoopfileBackend(BlockDeviceBackend):
     default_volume_bytes = GiB
     min_volume_bytes = MiB
     max_volume_bytes = 1 << 50
+    cheap_probe = True  # probe: stat + access(2) of a local directory
 
     def __init__(self, config: LoopfileConfig | None, context: BackendContext) -> None:
         config = config or LoopfileConfig()

@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import attrs
 
+from csi_kit._core import timing
 from csi_kit._core import validate as v
 from csi_kit._core.locks import KeyLocks
 from csi_kit._core.store import Attachment, PublishRecord, SnapshotRecord, Store, VolumeRecord
@@ -151,6 +152,16 @@ class VolumeEngine:
         self._clock = clock
         self._node_topology = backend.node_topology()
         self._protected_paths: tuple[str, ...] | None = None
+        if timing.ENABLED:
+            self._time_parts()
+
+    def _time_parts(self) -> None:
+        """CSI_KIT_TIMING: count the backend's calls and the validation (`csi_kit._core.timing`)."""
+        for name in dir(Backend):
+            if not name.startswith("_") and callable(getattr(Backend, name)):
+                setattr(self.backend, name, timing.timed("backend", getattr(self.backend, name)))
+        for name in ("_validate_create", "_check_id", "_check_caller_path"):
+            setattr(self, name, timing.timed("validation", getattr(self, name)))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -165,6 +176,8 @@ class VolumeEngine:
         self, fn: Callable[[], T], *, exclusive: Sequence[str] = (), shared: Sequence[str] = ()
     ) -> T:
         """Run ``fn`` in the pool holding the keys until it really finishes."""
+        if timing.ENABLED:
+            return await self._run_timed(fn, exclusive, shared)
         held = self.locks.acquire(exclusive, shared)
         loop = asyncio.get_running_loop()
         try:
@@ -181,9 +194,47 @@ class VolumeEngine:
         fut.add_done_callback(done)
         return await asyncio.shield(fut)
 
+    async def _run_timed(self, fn: Callable[[], T], exclusive: Sequence[str], shared: Sequence[str]) -> T:
+        """`_run`, counting the lock and the two thread hand-offs (CSI_KIT_TIMING)."""
+        start = timing.now()
+        held = self.locks.acquire(exclusive, shared)
+        timing.add("lock", timing.now() - start)
+        loop = asyncio.get_running_loop()
+        submitted = timing.now()
+        ended = [0]
+
+        def work() -> T:
+            timing.add("hand-off to a worker", timing.now() - submitted)
+            try:
+                return fn()
+            finally:
+                ended[0] = timing.now()
+
+        fut = loop.run_in_executor(self._pool, work)
+
+        def done(f: asyncio.Future[T]) -> None:
+            start = timing.now()
+            self.locks.release(held)
+            timing.add("lock", timing.now() - start)
+            if not f.cancelled():
+                f.exception()
+
+        fut.add_done_callback(done)
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if ended[0]:
+                timing.add("hand-off back to the loop", timing.now() - ended[0])
+
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the pool without a lock (reads)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def probe(self) -> bool:
+        """Readiness: the backend's `probe`, on the loop when the backend says it is cheap."""
+        if self.backend_type.cheap_probe:
+            return bool(self.backend.probe())
+        return bool(await self._call(self.backend.probe))
 
     def _require(self, flag: bool, what: str) -> None:
         if not flag:

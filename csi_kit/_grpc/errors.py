@@ -27,7 +27,8 @@ import attrs
 import grpc
 from google.protobuf.message import Message
 
-from csi_kit._grpc.metrics import ServerMetrics
+from csi_kit._core import timing
+from csi_kit._grpc.metrics import MethodMetrics, ServerMetrics
 from csi_kit._grpc.redact import redacted, request_fields
 from csi_kit.errors import CSIError
 from csi_kit.log import LogThrottle
@@ -77,22 +78,27 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def rpc(method: str) -> Callable[[F], F]:
-    """Wrap a servicer coroutine: translate errors, log one line, observe latency."""
+    """Wrap a servicer coroutine: translate errors, log one line, observe latency.
+
+    What a call costs here is paid on every call, Probe included, so the
+    per-method parts are looked up once (`ServerMetrics.method`), and the
+    log line's fields are gathered only when the line will be written.
+    """
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics: ServerMetrics | None = getattr(self, "metrics", None)
+            metrics: ServerMetrics | None = self.metrics
             if isinstance(request, Undecodable):
                 return await _refuse_undecodable(method, request, context, metrics)
-            ids = request_fields(request)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request", extra={"method": method, "request": redacted(request)})
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             message = ""
-            if metrics:
-                metrics.in_flight.labels(method).inc()
+            counted = metrics.method(method) if metrics else None
+            if counted:
+                counted.in_flight.inc()
             try:
                 return await fn(self, request, context)
             except asyncio.CancelledError:
@@ -101,10 +107,14 @@ def rpc(method: str) -> Callable[[F], F]:
             except Exception as e:
                 code, message = status_of(e)
                 if not isinstance(e, CSIError):
-                    log.exception("unexpected error in %s", method, extra={"method": method, **ids})
+                    log.exception(
+                        "unexpected error in %s", method, extra={"method": method, **request_fields(request)}
+                    )
                 await context.abort(code, message)
             finally:
-                _finished(method, code, message, time.perf_counter() - start, metrics, ids)
+                _finished(method, code, message, time.perf_counter() - start, counted, request)
+                if timing.ENABLED:
+                    timing.add("handler", int((time.perf_counter() - start) * 1e9))
 
         return call  # type: ignore[return-value]
 
@@ -116,16 +126,23 @@ def _finished(
     code: grpc.StatusCode,
     message: str,
     elapsed: float,
-    metrics: ServerMetrics | None,
-    ids: dict[str, Any],
+    counted: MethodMetrics | None,
+    request: Any,
 ) -> None:
     """The end of any call: metrics and its one log line."""
-    if metrics:
-        metrics.in_flight.labels(method).dec()
-        metrics.latency.labels(method, code.name).observe(elapsed)
-    level = logging.INFO if code in (grpc.StatusCode.OK,) else logging.WARNING
-    if method in _QUIET and code == grpc.StatusCode.OK:
-        level = logging.DEBUG
+    start = timing.now() if timing.ENABLED else 0
+    if counted:
+        counted.in_flight.dec()
+        counted.latency(code.name).observe(elapsed)
+    if timing.ENABLED:
+        logging_start = timing.now()
+        timing.add("metrics", logging_start - start)
+    if code is grpc.StatusCode.OK:
+        level = logging.DEBUG if method in _QUIET else logging.INFO
+    else:
+        level = logging.WARNING
+    if not log.isEnabledFor(level):
+        return
     log.log(
         level,
         "%s %s",
@@ -136,9 +153,11 @@ def _finished(
             "status": code.name,
             "duration_ms": round(elapsed * 1000, 3),
             "error": message,
-            **ids,
+            **request_fields(request),
         },
     )
+    if timing.ENABLED:
+        timing.add("logging", timing.now() - logging_start)
 
 
 def rpc_stream(method: str) -> Callable[[S], S]:
@@ -156,14 +175,14 @@ def rpc_stream(method: str) -> Callable[[S], S]:
             if isinstance(request, Undecodable):
                 await _refuse_undecodable(method, request, context, metrics)
                 return
-            ids = request_fields(request)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request", extra={"method": method, "request": redacted(request)})
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             message = ""
-            if metrics:
-                metrics.in_flight.labels(method).inc()
+            counted = metrics.method(method) if metrics else None
+            if counted:
+                counted.in_flight.inc()
             try:
                 # aclosing: when the client goes away mid-stream, the method's own
                 # generator is closed now (its finally gives back locks), not at GC.
@@ -176,10 +195,12 @@ def rpc_stream(method: str) -> Callable[[S], S]:
             except Exception as e:
                 code, message = status_of(e)
                 if not isinstance(e, CSIError):
-                    log.exception("unexpected error in %s", method, extra={"method": method, **ids})
+                    log.exception(
+                        "unexpected error in %s", method, extra={"method": method, **request_fields(request)}
+                    )
                 await context.abort(code, message)
             finally:
-                _finished(method, code, message, time.perf_counter() - start, metrics, ids)
+                _finished(method, code, message, time.perf_counter() - start, counted, request)
 
         return call  # type: ignore[return-value]
 

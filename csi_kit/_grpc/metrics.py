@@ -10,13 +10,31 @@ scrape target per driver pod, as with one sidecar.  docs/metrics.md lists them.
 
 from __future__ import annotations
 
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram, start_http_server
 
-__all__ = ["ServerMetrics"]
+__all__ = ["ServerMetrics", "MethodMetrics"]
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class MethodMetrics:
+    """One method's label children, looked up once instead of on every call
+    (``labels()`` takes a lock and builds a key each time)."""
+
+    def __init__(self, metrics: ServerMetrics, method: str) -> None:
+        self.in_flight = metrics.in_flight.labels(method)
+        self._latency = metrics.latency
+        self._method = method
+        self._by_code: dict[str, Any] = {}
+
+    def latency(self, code: str) -> Any:
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._latency.labels(self._method, code)
+        return child
 
 
 class ServerMetrics:
@@ -34,6 +52,14 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "csi_kit_operations_in_flight", "CSI calls being served", ["method"], registry=self.registry
         )
+        self._methods: dict[str, MethodMetrics] = {}
+
+    def method(self, name: str) -> MethodMetrics:
+        """The label children of one method (made on its first call)."""
+        found = self._methods.get(name)
+        if found is None:
+            found = self._methods[name] = MethodMetrics(self, name)
+        return found
 
     def serve(self, address: str) -> None:
         """Start the HTTP exporter on ``host:port`` (a daemon thread)."""

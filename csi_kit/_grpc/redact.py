@@ -64,15 +64,24 @@ def redacted(msg: Message) -> dict[str, Any]:
     return out
 
 
+@cache
+def _id_fields(desc: Descriptor) -> tuple[tuple[str, str], ...]:
+    """(field, log key) of the identifying fields a message type has, secrets left out."""
+    names = {f.name for f in desc.fields}
+    secret = _secret_fields(desc)
+    # "name" would clash with LogRecord.name
+    return tuple(
+        (name, "object_name" if name == "name" else name)
+        for name in _ID_FIELDS
+        if name in names and name not in secret
+    )
+
+
 def request_fields(msg: Message) -> dict[str, str]:
     """The identifying fields of a request, for the per-call log line."""
     out = {}
-    names = {f.name for f in msg.DESCRIPTOR.fields}
-    secret = _secret_fields(msg.DESCRIPTOR)
-    for name in _ID_FIELDS:
-        if name in names and name not in secret:
-            value = getattr(msg, name)
-            if value:
-                # "name" would clash with LogRecord.name
-                out["object_name" if name == "name" else name] = str(value)[:256]
+    for name, key in _id_fields(msg.DESCRIPTOR):
+        value = getattr(msg, name)
+        if value:
+            out[key] = str(value)[:256]
     return out

@@ -60,7 +60,11 @@ class IdentityServicer(_Base, pb_grpc.IdentityServicer):
         return pb.GetPluginInfoResponse(
             name=self.driver_name,
             vendor_version=__version__,
-            manifest={"backend": self.engine.backend_type.__name__, **self.engine.backend.describe()},
+            manifest={
+                "backend": self.engine.backend_type.__name__,
+                **self.engine.backend.describe(),
+                "durability": self.engine.store.durability,
+            },
         )
 
     @rpc("GetPluginCapabilities")
@@ -82,9 +86,8 @@ class IdentityServicer(_Base, pb_grpc.IdentityServicer):
 
     @rpc("Probe")
     async def Probe(self, request: Any, context: Ctx) -> Any:
-        ready = await self.engine._call(self.engine.backend.probe)
         resp = pb.ProbeResponse()
-        resp.ready.value = bool(ready)
+        resp.ready.value = await self.engine.probe()
         return resp
 
 

@@ -5,7 +5,10 @@ Two forms: a deterministic one (the driver is held inside the backend at a
 known point, then killed) and a randomised one (many concurrent creates,
 snapshots and deletes, killed after a random number of acknowledgements,
 over several rounds; the seed is printed so that a failure can be replayed
-with CSI_KIT_CRASH_SEED, and CSI_KIT_CRASH_ROUNDS runs more rounds)."""
+with CSI_KIT_CRASH_SEED, and CSI_KIT_CRASH_ROUNDS runs more rounds).
+
+Both run at every ``--durability`` that claims to survive a killed driver:
+``power`` (flushed before the answer) and ``process`` (page cache only)."""
 
 from __future__ import annotations
 
@@ -34,11 +37,23 @@ from csi_kit.testing.driver import DriverProcess, driver_process
 
 pytestmark = pytest.mark.slow
 
+#: Every durability mode that claims to survive kill -9.
+DURABILITIES = ("power", "process")
+
 
 @pytest.fixture
 def state() -> Iterator[str]:
     with short_dir() as d:
         yield d
+
+
+@pytest.fixture(params=DURABILITIES)
+def durability(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _args(durability: str) -> list[str]:
+    return ["--durability", durability]
 
 
 def _rows(state: str, table: str) -> list[tuple[str, str]]:
@@ -66,11 +81,12 @@ def _size(path: str) -> int:
 # -- deterministic ----------------------------------------------------------------------------------
 
 
-def test_kill_inside_the_backend_then_restart(state: str) -> None:
+def test_kill_inside_the_backend_then_restart(state: str, durability: str) -> None:
     gates = os.path.join(state, "gates")
     make_gates(gates)
     log = os.path.join(state, "driver.log")
-    proc = DriverProcess(gated_process_argv(state, gates), os.path.join(state, "csi.sock"), log)
+    argv = gated_process_argv(state, gates, *_args(durability))
+    proc = DriverProcess(argv, os.path.join(state, "csi.sock"), log)
     proc.start()
     try:
         with Csi(proc.endpoint) as csi:
@@ -96,7 +112,7 @@ def test_kill_inside_the_backend_then_restart(state: str) -> None:
         proc.stop()
 
     offset = _size(log)
-    with driver_process(state) as plain, Csi(plain.endpoint) as csi:
+    with driver_process(state, extra_args=_args(durability)) as plain, Csi(plain.endpoint) as csi:
         # Reconciled at start: the half-made objects are gone, the acknowledged one stays.
         assert csi.list_volume_ids() == [source.volume_id]
         assert csi.list_snapshot_ids() == []
@@ -214,7 +230,7 @@ def _check(csi: Csi, state: str, ledger: Ledger) -> None:
     assert _ls(state, "snapshots") == set(csi.list_snapshot_ids())
 
 
-def test_random_kill_9_rounds(state: str) -> None:
+def test_random_kill_9_rounds(state: str, durability: str) -> None:
     seed = int(os.environ.get("CSI_KIT_CRASH_SEED", time.time_ns() % 1_000_000))
     print(f"crash test seed: {seed} (CSI_KIT_CRASH_SEED={seed} replays it)")
     rng = random.Random(seed)
@@ -223,7 +239,7 @@ def test_random_kill_9_rounds(state: str) -> None:
     rounds = int(os.environ.get("CSI_KIT_CRASH_ROUNDS", "2"))
     for round_no in range(rounds + 1):
         offset = _size(log)
-        with driver_process(state) as proc, Csi(proc.endpoint) as csi:
+        with driver_process(state, extra_args=_args(durability)) as proc, Csi(proc.endpoint) as csi:
             if round_no:
                 out = _new_log(log, offset)
                 assert "orphan" not in out, out

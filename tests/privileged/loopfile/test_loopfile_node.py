@@ -329,14 +329,18 @@ def test_restore_or_clone_for_another_node_is_resource_exhausted(csi: Csi) -> No
     csi.delete(vol.volume_id)
 
 
-def test_a_killed_driver_process_leaves_a_state_the_next_one_finishes(driver_root: Path, work: Path) -> None:
+@pytest.mark.parametrize("durability", ["power", "process"])  # every mode that survives kill -9
+def test_a_killed_driver_process_leaves_a_state_the_next_one_finishes(
+    driver_root: Path, work: Path, durability: str
+) -> None:
     """kill -9 of a real `csi-kit serve` with a volume staged, published and
     a raw volume staged: the next process serves retries and cleans up."""
     state = work / "state"
     options = {"root": str(driver_root)}
+    args = ["--durability", durability]
     try:
         with driver_process(
-            str(state), backend="loopfile", backend_options=options, driver_name=DRIVER
+            str(state), backend="loopfile", backend_options=options, driver_name=DRIVER, extra_args=args
         ) as proc:
             with grpc.insecure_channel(proc.endpoint) as channel:
                 csi = Csi(channel, work)
@@ -348,7 +352,7 @@ def test_a_killed_driver_process_leaves_a_state_the_next_one_finishes(driver_roo
             proc.kill()
         with (
             driver_process(
-                str(state), backend="loopfile", backend_options=options, driver_name=DRIVER
+                str(state), backend="loopfile", backend_options=options, driver_name=DRIVER, extra_args=args
             ) as proc,
             grpc.insecure_channel(proc.endpoint) as channel,
         ):
