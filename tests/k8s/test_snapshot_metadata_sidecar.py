@@ -1,20 +1,27 @@
 """The snapshot-metadata loop (external-snapshot-metadata) on the in-memory API:
 authentication (TokenReview with the SnapshotMetadataService's audience),
 authorization (SubjectAccessReview: get volumesnapshots in the namespace),
-VolumeSnapshot → VolumeSnapshotContent → CSI handle translation, and the
-relay to a real csi_kit driver's SnapshotMetadata service; one run over TLS.
+VolumeSnapshot → VolumeSnapshotContent → CSI handle translation, the
+VolumeSnapshotClass's snapshotter secret passed to the driver, and the relay
+to a real csi_kit driver's SnapshotMetadata service; runs over TLS, with the
+serving certificate renewed underneath; the loop's RBAC manifest checked
+against a recorded run.
 
 The fake API stores TokenReviews and SubjectAccessReviews like any object;
 `ReviewingAPI` answers them as kube-apiserver would, from tables a test sets.
+`RecordingCSI` is a driver's SnapshotMetadata service that notes each request
+(the secrets a backend sees are not visible through a real driver's hooks).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import os
+import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +30,8 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import yaml
+from k8s_helpers import Recording
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
@@ -30,9 +39,18 @@ from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as kpbg
 from csi_kit.backend import BackendContext
 from csi_kit.k8s import cli as k8s_cli
-from csi_kit.k8s.api import VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, Obj, Resource
+from csi_kit.k8s.api import (
+    SECRET,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CLASS,
+    VOLUME_SNAPSHOT_CONTENT,
+    Obj,
+    Resource,
+)
 from csi_kit.k8s.csi_client import DriverInfo
 from csi_kit.k8s.snapshot import metadata as sm
+from csi_kit.k8s.snapshot import protocol as p
+from csi_kit.linux.run import run
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 from csi_kit.types import BlockMetadata, BlockMetadataType, BlockRange, Snapshot
@@ -128,16 +146,26 @@ def _snapshots(endpoint: str) -> tuple[str, str, str]:
 
 
 async def _bound_snapshot(
-    api: FakeKubeAPI, name: str, handle: str, *, ready: bool = True, driver: str = DRIVER, bound_to: str = ""
+    api: FakeKubeAPI,
+    name: str,
+    handle: str,
+    *,
+    ready: bool = True,
+    driver: str = DRIVER,
+    bound_to: str = "",
+    cls: str = "",
 ) -> None:
     content = f"snapcontent-{name}"
+    spec: Obj = {"source": {"persistentVolumeClaimName": "pvc"}}
+    if cls:
+        spec["volumeSnapshotClassName"] = cls
     vs = await api.create(
         VOLUME_SNAPSHOT,
         {
             "apiVersion": VOLUME_SNAPSHOT.api_version,
             "kind": VOLUME_SNAPSHOT.kind,
             "metadata": {"name": name, "namespace": NS},
-            "spec": {"source": {"persistentVolumeClaimName": "pvc"}},
+            "spec": spec,
         },
     )
     await api.update_status(
@@ -322,35 +350,289 @@ async def test_the_service_object_is_created_when_asked(driver: str, tmp_path: P
     await loop.proxy.close()
 
 
-async def test_served_over_tls(driver: str, tmp_path: Path) -> None:
+SERVER_NAME = "csi-kit-snapshot-metadata"
+
+
+def _key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `SERVER_NAME` and its key: (cert, key)."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=csi-kit-snapshot-metadata",
-         "-addext", "subjectAltName=DNS:csi-kit-snapshot-metadata"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={SERVER_NAME}",
+         "-addext", f"subjectAltName=DNS:{SERVER_NAME}"])  # fmt: skip
+    return cert, key
+
+
+def _install(src: Path, dst: Path) -> None:
+    """Replace `dst` by a copy of `src` in one rename, as a Secret volume update does."""
+    tmp = dst.with_suffix(".new")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+async def _allocated_over_tls(port: int, trusted: Path) -> list[tuple[int, int]] | grpc.StatusCode:
+    """GetMetadataAllocated of snap-b on a new TLS connection trusting `trusted`: ranges or error code."""
+    creds = grpc.ssl_channel_credentials(root_certificates=trusted.read_bytes())
+    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=options) as ch:
+        try:
+            return _ranges(await _allocated(kpbg.SnapshotMetadataStub(ch), "snap-b"))
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+
+
+async def _tls_world(driver: str) -> ReviewingAPI:
     handles = await asyncio.to_thread(_snapshots, driver)
     api = ReviewingAPI()
     api.tokens = {"good": ("alice", (AUDIENCE,))}
     api.allowed = {("alice", NS)}
     await _service_object(api)
     await _bound_snapshot(api, "snap-b", handles[1])
+    return api
+
+
+async def test_served_over_tls(driver: str, tmp_path: Path) -> None:
+    cert, key = _key_pair(tmp_path, "tls")
+    api = await _tls_world(driver)
     loop = sm.SnapshotMetadataLoop(
         api, driver, DRIVER, address="127.0.0.1:0", tls=sm.TLSFiles(str(cert), str(key))
     )
-    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-    options = [("grpc.ssl_target_name_override", "csi-kit-snapshot-metadata")]
     async with serving(loop) as port:
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=options) as ch:
-            out = await _allocated(kpbg.SnapshotMetadataStub(ch), "snap-b")
-            assert _ranges(out) == [(0, 8 * KiB), (64 * KiB, 4 * KiB)]
+        assert await _allocated_over_tls(port, cert) == [(0, 8 * KiB), (64 * KiB, 4 * KiB)]
         # A client that does not speak TLS gets nowhere.
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
             code, _ = await _code(_allocated(kpbg.SnapshotMetadataStub(plain), "snap-b"))
             assert code == C.UNAVAILABLE
+
+
+async def test_a_renewed_certificate_serves_the_next_connections(driver: str, tmp_path: Path) -> None:
+    old_cert, old_key = _key_pair(tmp_path, "old")
+    new_cert, new_key = _key_pair(tmp_path, "new")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _install(old_cert, cert)
+    _install(old_key, key)
+    api = await _tls_world(driver)
+    loop = sm.SnapshotMetadataLoop(
+        api, driver, DRIVER, address="127.0.0.1:0", tls=sm.TLSFiles(str(cert), str(key))
+    )
+    want = [(0, 8 * KiB), (64 * KiB, 4 * KiB)]
+    async with serving(loop) as port:
+        assert await _allocated_over_tls(port, old_cert) == want
+        assert await _allocated_over_tls(port, new_cert) == C.UNAVAILABLE  # not renewed yet
+        _install(new_key, key)
+        _install(new_cert, cert)
+        assert await _allocated_over_tls(port, new_cert) == want
+        assert await _allocated_over_tls(port, old_cert) == C.UNAVAILABLE
+        # A broken renewal (the old key with the new certificate): refused, the last good pair serves on.
+        _install(old_key, key)
+        assert await _allocated_over_tls(port, new_cert) == want
+        assert await _allocated_over_tls(port, new_cert) == want
+        assert loop.certificates is not None and loop.certificates.loads == 2
+        # Files that cannot be read at all: the same.
+        key.unlink()
+        assert await _allocated_over_tls(port, new_cert) == want
+        _install(new_key, key)
+        assert await _allocated_over_tls(port, new_cert) == want
+        assert loop.certificates.loads == 3  # the repaired pair was loaded again
+
+
+def test_unusable_tls_files_are_one_clear_error(tmp_path: Path) -> None:
+    cert, key = _key_pair(tmp_path, "a")
+    _, other_key = _key_pair(tmp_path, "b")
+    with pytest.raises(ValueError, match="No such file") as e:
+        sm.CertificateReloader(sm.TLSFiles(str(tmp_path / "missing.crt"), str(key)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=re.escape(str(cert))):
+        sm.CertificateReloader(sm.TLSFiles(str(cert), str(other_key)))
+    with pytest.raises(ValueError, match=re.escape(str(key))):
+        sm.CertificateReloader(sm.TLSFiles(str(key), str(key)))
+
+
+# -- the snapshotter secret ------------------------------------------------------------------
+
+
+class RecordingCSI(pbg.SnapshotMetadataServicer):
+    """A driver's SnapshotMetadata service answering one range, noting every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    async def GetMetadataAllocated(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        self.requests.append(request)
+        yield pb.GetMetadataAllocatedResponse(
+            block_metadata_type=pb.FIXED_LENGTH,
+            volume_capacity_bytes=1 << 20,
+            block_metadata=[pb.BlockMetadata(byte_offset=0, size_bytes=4 * KiB)],
+        )
+
+    async def GetMetadataDelta(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        self.requests.append(request)
+        yield pb.GetMetadataDeltaResponse(
+            block_metadata_type=pb.FIXED_LENGTH,
+            volume_capacity_bytes=1 << 20,
+            block_metadata=[pb.BlockMetadata(byte_offset=4 * KiB, size_bytes=4 * KiB)],
+        )
+
+
+async def _class(
+    api: FakeKubeAPI, name: str, params: dict[str, str] | None = None, *, default: bool = False
+) -> None:
+    meta: Obj = {"name": name}
+    if default:
+        meta["annotations"] = {p.ANN_IS_DEFAULT_CLASS: "true"}
+    await api.create(
+        VOLUME_SNAPSHOT_CLASS,
+        {"metadata": meta, "driver": DRIVER, "deletionPolicy": "Delete", "parameters": params or {}},
+    )
+
+
+async def _secret(api: FakeKubeAPI, name: str, namespace: str, **data: str) -> None:
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    await api.create(SECRET, {"metadata": {"name": name, "namespace": namespace}, "data": encoded})
+
+
+SECRET_PARAMS = {
+    p.SECRET_NAME_KEY: "${volumesnapshot.name}-creds",
+    p.SECRET_NAMESPACE_KEY: "${volumesnapshot.namespace}",
+}
+
+
+@pytest.fixture
+async def recorded(tmp_path: Path) -> AsyncIterator[tuple[ReviewingAPI, Any, RecordingCSI]]:
+    """The loop in front of `RecordingCSI`, alice allowed in NS, no snapshots or classes yet."""
+    csi = RecordingCSI()
+    server = grpc.aio.server()
+    pbg.add_SnapshotMetadataServicer_to_server(csi, server)
+    sock = f"unix://{tmp_path}/csi.sock"
+    server.add_insecure_port(sock)
+    await server.start()
+    api = ReviewingAPI()
+    api.tokens = {"good": ("alice", (AUDIENCE,))}
+    api.allowed = {("alice", NS)}
+    await _service_object(api)
+    loop = sm.SnapshotMetadataLoop(api, sock, DRIVER, address="127.0.0.1:0", tls=None)
+    try:
+        async with serving(loop) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield api, kpbg.SnapshotMetadataStub(ch), csi
+    finally:
+        await server.stop(None)
+
+
+async def test_the_class_secret_reaches_the_driver(recorded: Any) -> None:
+    api, stub, csi = recorded
+    await _class(api, "with-secret", SECRET_PARAMS)
+    await _class(api, "plain")
+    await _secret(api, "target-creds", NS, user="backup", password="s3cret")
+    await _secret(api, "base-creds", NS, user="someone-else")
+    await _bound_snapshot(api, "base", "h-base", cls="plain")
+    await _bound_snapshot(api, "target", "h-target", cls="with-secret")
+    assert _ranges(await _allocated(stub, "target")) == [(0, 4 * KiB)]
+    assert dict(csi.requests[-1].secrets) == {"user": "backup", "password": "s3cret"}
+    assert csi.requests[-1].snapshot_id == "h-target"
+    assert _ranges(await _allocated(stub, "base")) == [(0, 4 * KiB)]
+    assert dict(csi.requests[-1].secrets) == {}
+    # A delta carries the target's secret (the base is only a handle).
+    assert _ranges(await _delta(stub, "h-base", "target")) == [(4 * KiB, 4 * KiB)]
+    last = csi.requests[-1]
+    assert (last.base_snapshot_id, last.target_snapshot_id) == ("h-base", "h-target")
+    assert dict(last.secrets) == {"user": "backup", "password": "s3cret"}
+
+
+async def test_without_a_class_name_the_drivers_default_class_counts(recorded: Any) -> None:
+    api, stub, csi = recorded
+    await _bound_snapshot(api, "static", "h-static")
+    await _allocated(stub, "static")  # no class at all: nothing to pass
+    assert dict(csi.requests[-1].secrets) == {}
+    await _class(api, "default", SECRET_PARAMS, default=True)
+    await _secret(api, "static-creds", NS, token="t")
+    await _allocated(stub, "static")
+    assert dict(csi.requests[-1].secrets) == {"token": "t"}
+    await _class(api, "another-default", default=True)
+    code, details = await _code(_allocated(stub, "static"))
+    assert code == C.UNAVAILABLE and "more than one default" in details
+
+
+async def test_secret_problems_are_unavailable_and_never_show_values(recorded: Any) -> None:
+    api, stub, csi = recorded
+    await _class(api, "with-secret", SECRET_PARAMS)
+    await _class(api, "half", {p.SECRET_NAME_KEY: "creds"})
+    await _class(api, "bad-token", {p.SECRET_NAME_KEY: "${pvc.name}", p.SECRET_NAMESPACE_KEY: NS})
+    not_text = base64.b64encode(b"\xff\xfe-s3cret").decode()
+    await api.create(
+        SECRET, {"metadata": {"name": "garbled-creds", "namespace": NS}, "data": {"k": not_text}}
+    )
+    await _bound_snapshot(api, "no-secret", "h1", cls="with-secret")
+    await _bound_snapshot(api, "missing-class", "h2", cls="no-such-class")
+    await _bound_snapshot(api, "half", "h3", cls="half")
+    await _bound_snapshot(api, "bad-token", "h4", cls="bad-token")
+    await _bound_snapshot(api, "garbled", "h5", cls="with-secret")
+    want = {
+        "no-secret": f"{NS}/no-secret-creds",
+        "missing-class": "no-such-class",
+        "half": "Both must be specified",
+        "bad-token": "pvc.name",
+        "garbled": "not UTF-8",
+    }
+    for name, words in want.items():
+        code, details = await _code(_allocated(stub, name))
+        assert code == C.UNAVAILABLE and words in details, f"{name}: {code.name}: {details}"
+        assert "s3cret" not in details
+    assert csi.requests == []  # nothing reached the driver
+
+
+# -- the RBAC manifest -----------------------------------------------------------------------
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "examples" / "deploy" / "loopfile"
+
+
+def _granted(role: Obj) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}  # fmt: skip
+
+
+async def test_rbac_is_exactly_what_the_loop_uses(tmp_path: Path) -> None:
+    found = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in yaml.safe_load_all((MANIFESTS / "rbac-snapshot-metadata.yaml").read_text())
+        if d
+    }
+    name = "csi-kit-loopfile-snapshot-metadata"
+    binding = found[("ClusterRoleBinding", name)]
+    assert binding["roleRef"] == {
+        "kind": "ClusterRole",
+        "name": name,
+        "apiGroup": "rbac.authorization.k8s.io",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "csi-kit", "namespace": "csi-kit-loopfile"}
+    ]
+    csi = RecordingCSI()
+    server = grpc.aio.server()
+    pbg.add_SnapshotMetadataServicer_to_server(csi, server)
+    sock = f"unix://{tmp_path}/csi.sock"
+    server.add_insecure_port(sock)
+    await server.start()
+    fake = ReviewingAPI()
+    fake.tokens = {"good": ("alice", (AUDIENCE,))}
+    fake.allowed = {("alice", NS)}
+    await _service_object(fake)
+    await _class(fake, "with-secret", SECRET_PARAMS)
+    await _class(fake, "default", default=True)
+    await _secret(fake, "named-creds", NS, k="v")
+    await _bound_snapshot(fake, "named", "h1", cls="with-secret")
+    await _bound_snapshot(fake, "unnamed", "h2")
+    rec = Recording(fake)
+    loop = sm.SnapshotMetadataLoop(rec, sock, DRIVER, address="127.0.0.1:0", tls=None)
+    try:
+        async with serving(loop) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = kpbg.SnapshotMetadataStub(ch)
+            await _allocated(stub, "named")  # the class by name, its secret
+            await _delta(stub, "h1", "unnamed")  # the default class, found in the list
+    finally:
+        await server.stop(None)
+    assert len(csi.requests) == 2
+    assert rec.used == _granted(found[("ClusterRole", name)])
 
 
 def _args(**kw: str) -> argparse.Namespace:
@@ -365,7 +647,7 @@ def test_cli_selects_the_loop_only_when_asked() -> None:
     assert "snapshot-metadata" not in k8s_cli.selected(_args(controllers="all"))
 
 
-def test_cli_loop_needs_the_driver_service_and_tls() -> None:
+def test_cli_loop_needs_the_driver_service_and_tls(tmp_path: Path) -> None:
     api = FakeKubeAPI()
     without = DriverInfo(DRIVER, "1", frozenset({"CONTROLLER_SERVICE"}), frozenset(), frozenset())
     with_service = DriverInfo(
@@ -374,10 +656,21 @@ def test_cli_loop_needs_the_driver_service_and_tls() -> None:
     assert sm.loop_from_args(_args(), api, "unix:///x.sock", without) is None
     with pytest.raises(ValueError, match="tls"):
         sm.loop_from_args(_args(), api, "unix:///x.sock", with_service)
+    with pytest.raises(ValueError, match=re.escape("/nowhere/tls.crt")):
+        sm.loop_from_args(
+            _args(
+                snapshot_metadata_tls_cert="/nowhere/tls.crt", snapshot_metadata_tls_key="/nowhere/tls.key"
+            ),
+            api,
+            "unix:///x.sock",
+            with_service,
+        )
+    cert, key = _key_pair(tmp_path, "tls")
     loop = sm.loop_from_args(
-        _args(snapshot_metadata_tls_cert="/c", snapshot_metadata_tls_key="/k"),
+        _args(snapshot_metadata_tls_cert=str(cert), snapshot_metadata_tls_key=str(key)),
         api,
         "unix:///x.sock",
         with_service,
     )
     assert loop is not None and loop.address == "0.0.0.0:50051"
+    assert loop.certificates is not None and loop.certificates.loads == 1

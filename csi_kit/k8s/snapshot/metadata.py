@@ -23,7 +23,16 @@ there over TLS.  Each call is handled in this order, as upstream does:
    CSI snapshot handle (``base_snapshot_id``, upstream's current field) and
    is passed through; the driver checks it (NOT_FOUND, or INVALID_ARGUMENT
    for a snapshot of another volume);
-5. **forwarding** to the driver's CSI SnapshotMetadata service over its unix
+5. **secrets**: the snapshot's VolumeSnapshotClass (the one its spec names,
+   else the driver's default class) may name a snapshotter secret with
+   ``csi.storage.k8s.io/snapshotter-secret-name``/``-namespace`` (the same
+   templates the snapshotter resolves); that secret's data goes to the
+   driver in the CSI request's ``secrets``, as the snapshotter's
+   CreateSnapshot got it.  A delta uses the *target*'s class, as upstream
+   does (the base is only a handle).  A class, template or secret that
+   cannot be read is UNAVAILABLE; a snapshot with no class and no default
+   class is forwarded without secrets (upstream refuses it);
+6. **forwarding** to the driver's CSI SnapshotMetadata service over its unix
    socket, streaming each answer back as it comes; the driver's error codes
    reach the caller unchanged, and a caller that goes away cancels the CSI
    stream.
@@ -36,15 +45,26 @@ The audience is read from the SnapshotMetadataService object (cached for
 ``--snapshot-metadata-audience`` names one; with
 ``--snapshot-metadata-service-address`` the loop also creates that object
 when it is missing (address, audience, and the CA bundle from
-``--snapshot-metadata-ca-cert``).  Not done (upstream does): passing the
-VolumeSnapshotClass's snapshotter secrets to the driver.
+``--snapshot-metadata-ca-cert``).
+
+The serving certificate and key are files (a mounted Secret, renewed by
+cert-manager or by hand): `CertificateReloader` looks at them at every TLS
+handshake (one ``stat`` each) and loads a changed pair for the following
+connections, as upstream's certificate watcher does; a pair that does not
+load (half-written, key and certificate that do not match) is refused with
+one warning and the last good pair keeps serving.  Connections already open
+keep the certificate they were made with.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import logging
+import os
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -58,7 +78,9 @@ from csi_kit._pb import csi_pb2_grpc as _pbg
 from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as _kpbg
 from csi_kit.k8s.api import (
+    SECRET,
     VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
     ApiError,
     KubeAPI,
@@ -69,15 +91,19 @@ from csi_kit.k8s.api import (
 from csi_kit.k8s.csi_client import DriverInfo, grpc_target
 from csi_kit.k8s.envopts import env as _env
 from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.snapshot import protocol as p
 
 __all__ = [
     "SNAPSHOT_METADATA_SERVICE",
     "TOKEN_REVIEW",
     "SUBJECT_ACCESS_REVIEW",
     "Caller",
+    "Resolved",
     "Refused",
     "Gate",
     "MetadataProxy",
+    "TLSFiles",
+    "CertificateReloader",
     "SnapshotMetadataLoop",
     "add_options",
     "loop_from_args",
@@ -122,6 +148,15 @@ class Caller:
     uid: str = ""
     groups: tuple[str, ...] = ()
     extra: dict[str, list[str]] = attrs.field(factory=dict, eq=False)
+
+
+@attrs.frozen
+class Resolved:
+    """A VolumeSnapshot the caller named, through its bound content."""
+
+    handle: str
+    snapshot: Obj = attrs.field(eq=False, repr=False)
+    content_name: str
 
 
 def _api_refusal(e: ApiError, what: str) -> Refused:
@@ -219,8 +254,8 @@ class Gate:
                 f"{caller.username or 'the caller'} may not get volumesnapshots in namespace {namespace!r}",
             )
 
-    async def snapshot_handle(self, namespace: str, name: str) -> str:
-        """The CSI snapshot handle of VolumeSnapshot ``namespace/name``, through its bound content."""
+    async def resolve(self, namespace: str, name: str) -> Resolved:
+        """VolumeSnapshot ``namespace/name`` and the CSI snapshot handle of its bound content."""
         what = f"VolumeSnapshot {namespace}/{name}"
         try:
             snap = await self.api.get(VOLUME_SNAPSHOT, name, namespace)
@@ -248,7 +283,70 @@ class Gate:
         handle = (content.get("status") or {}).get("snapshotHandle")
         if not handle:
             raise Refused(C.UNAVAILABLE, f"VolumeSnapshotContent {content_name} has no snapshot handle yet")
-        return str(handle)
+        return Resolved(str(handle), snap, str(content_name))
+
+    async def snapshot_handle(self, namespace: str, name: str) -> str:
+        """The CSI snapshot handle of VolumeSnapshot ``namespace/name``, through its bound content."""
+        return (await self.resolve(namespace, name)).handle
+
+    async def _snapshot_class(self, snapshot: Obj) -> Obj | None:
+        """The class the snapshot names, else the driver's one default class, else None."""
+        name = p.spec(snapshot).get("volumeSnapshotClassName")
+        if name:
+            try:
+                return await self.api.get(VOLUME_SNAPSHOT_CLASS, str(name))
+            except ApiError as e:
+                raise Refused(
+                    C.UNAVAILABLE, f"reading VolumeSnapshotClass {name}: {e.code} {e.reason}"
+                ) from None
+        try:
+            classes = (await self.api.list(VOLUME_SNAPSHOT_CLASS)).items
+        except ApiError as e:
+            raise Refused(C.UNAVAILABLE, f"listing VolumeSnapshotClasses: {e.code} {e.reason}") from None
+        defaults = [c for c in classes if c.get("driver") == self.driver_name and p.is_default_class(c)]
+        if len(defaults) > 1:
+            raise Refused(
+                C.UNAVAILABLE, f"more than one default VolumeSnapshotClass for driver {self.driver_name}"
+            )
+        return defaults[0] if defaults else None
+
+    async def secrets(self, resolved: Resolved) -> dict[str, str]:
+        """The snapshotter secret of the snapshot's class, decoded; {} when the class names none.
+
+        Only names appear in errors: a secret's values never reach a message or a log line.
+        """
+        cls = await self._snapshot_class(resolved.snapshot)
+        if cls is None:
+            return {}
+        meta = resolved.snapshot.get("metadata") or {}
+        try:
+            ref = p.secret_ref(
+                {str(k): str(v) for k, v in (cls.get("parameters") or {}).items()},
+                resolved.content_name,
+                meta.get("name"),
+                meta.get("namespace"),
+            )
+        except ValueError as e:
+            raise Refused(
+                C.UNAVAILABLE, f"VolumeSnapshotClass {(cls.get('metadata') or {}).get('name')}: {e}"
+            ) from None
+        if ref is None:
+            return {}
+        try:
+            secret = await self.api.get(SECRET, ref[0], ref[1])
+        except ApiError as e:
+            raise Refused(
+                C.UNAVAILABLE, f"reading snapshotter secret {ref[1]}/{ref[0]}: {e.code} {e.reason}"
+            ) from None
+        try:
+            return {
+                str(k): base64.b64decode(v, validate=True).decode()
+                for k, v in (secret.get("data") or {}).items()
+            }
+        except (binascii.Error, UnicodeDecodeError, TypeError):
+            raise Refused(
+                C.UNAVAILABLE, f"snapshotter secret {ref[1]}/{ref[0]} holds a value that is not UTF-8 text"
+            ) from None
 
     async def admit(self, token: str, namespace: str) -> Caller:
         caller = await self.authenticate(token)
@@ -302,13 +400,17 @@ class MetadataProxy(kpbg.SnapshotMetadataServicer):  # type: ignore[misc]
             _require(request.namespace, "namespace")
             _require(request.snapshot_name, "snapshot_name")
             await self.gate.admit(request.security_token, request.namespace)
-            handle = await self.gate.snapshot_handle(request.namespace, request.snapshot_name)
+            snap = await self.gate.resolve(request.namespace, request.snapshot_name)
+            secrets = await self.gate.secrets(snap)
         except Refused as e:
             await self._refused("GetMetadataAllocated", e, context)
             return
         call = self.csi.GetMetadataAllocated(
             pb.GetMetadataAllocatedRequest(
-                snapshot_id=handle, starting_offset=request.starting_offset, max_results=request.max_results
+                snapshot_id=snap.handle,
+                starting_offset=request.starting_offset,
+                max_results=request.max_results,
+                secrets=secrets,
             ),
             timeout=self.timeout,
         )
@@ -321,16 +423,18 @@ class MetadataProxy(kpbg.SnapshotMetadataServicer):  # type: ignore[misc]
             _require(request.base_snapshot_id, "base_snapshot_id")
             _require(request.target_snapshot_name, "target_snapshot_name")
             await self.gate.admit(request.security_token, request.namespace)
-            target = await self.gate.snapshot_handle(request.namespace, request.target_snapshot_name)
+            target = await self.gate.resolve(request.namespace, request.target_snapshot_name)
+            secrets = await self.gate.secrets(target)  # the base is a bare handle: the target's class
         except Refused as e:
             await self._refused("GetMetadataDelta", e, context)
             return
         call = self.csi.GetMetadataDelta(
             pb.GetMetadataDeltaRequest(
                 base_snapshot_id=request.base_snapshot_id,
-                target_snapshot_id=target,
+                target_snapshot_id=target.handle,
                 starting_offset=request.starting_offset,
                 max_results=request.max_results,
+                secrets=secrets,
             ),
             timeout=self.timeout,
         )
@@ -340,9 +444,92 @@ class MetadataProxy(kpbg.SnapshotMetadataServicer):  # type: ignore[misc]
 
 @attrs.frozen
 class TLSFiles:
+    """The serving certificate (chain) and key, and the CA bundle advertised in spec.caCert."""
+
     cert: str
     key: str
     ca: str = ""
+
+
+#: (device, inode, size, mtime) of the certificate and of the key: a changed pair changes one of them.
+_Fingerprint = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+
+
+class CertificateReloader:
+    """The serving key pair for gRPC, re-read whenever its files change.
+
+    `fetch` is gRPC's certificate-configuration fetcher: gRPC calls it (from
+    its own threads) at the start of every TLS handshake.  It costs two
+    ``stat`` calls; when the files changed it loads them, checks with the
+    ``ssl`` module that the key matches the certificate, and hands gRPC the
+    new pair for this and later connections.  A pair that does not load is
+    logged once and the pair in use stays; the next change is tried again.
+    """
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.files = files
+        self._lock = threading.Lock()
+        self._serving: _Fingerprint | None = None
+        self._refused: _Fingerprint | None = None
+        #: Pairs loaded so far (1 after construction).
+        self.loads = 0
+        try:
+            fp = self._fingerprint()
+        except OSError as e:
+            raise ValueError(f"TLS certificate {files.cert} with key {files.key}: {e.strerror}") from None
+        self.initial = self._load(fp)
+        self._serving = fp
+
+    def _fingerprint(self) -> _Fingerprint:
+        c, k = os.stat(self.files.cert), os.stat(self.files.key)
+        return (
+            (c.st_dev, c.st_ino, c.st_size, c.st_mtime_ns),
+            (k.st_dev, k.st_ino, k.st_size, k.st_mtime_ns),
+        )
+
+    def _load(self, fp: _Fingerprint) -> Any:
+        """The pair as a gRPC configuration; ValueError (one line) when it is unusable."""
+        try:
+            with open(self.files.cert, "rb") as f:
+                cert = f.read()
+            with open(self.files.key, "rb") as f:
+                key = f.read()
+            # Parses both PEM files and checks that the key belongs to the certificate.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.files.cert, self.files.key)
+            if self._fingerprint() != fp:
+                raise ValueError("the files changed while they were read")
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+            raise ValueError(
+                f"TLS certificate {self.files.cert} with key {self.files.key}: {reason}"
+            ) from None
+        self.loads += 1
+        return grpc.ssl_server_certificate_configuration([(key, cert)])
+
+    def fetch(self) -> Any:
+        """A new configuration when the files changed into a usable pair, else None (keep the current one)."""
+        with self._lock:
+            try:
+                fp = self._fingerprint()
+            except OSError as e:
+                if self._refused is None:
+                    log.warning("snapshot-metadata: TLS files unreadable, serving the last pair: %s", e)
+                self._refused = self._serving  # quiet until the files change again
+                return None
+            if fp in (self._serving, self._refused):
+                return None
+            try:
+                config = self._load(fp)
+            except ValueError as e:
+                self._refused = fp
+                log.warning("snapshot-metadata: not reloading: %s; serving the last good pair", e)
+                return None
+            self._serving, self._refused = fp, None
+            log.info("snapshot-metadata: loaded the renewed TLS certificate %s", self.files.cert)
+            return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch)
 
 
 class SnapshotMetadataLoop(Loop):
@@ -370,6 +557,7 @@ class SnapshotMetadataLoop(Loop):
         self.gate = Gate(api, driver_name, audience=audience)
         self.proxy = MetadataProxy(self.gate, csi_endpoint)
         self.port = 0
+        self.certificates: CertificateReloader | None = None
 
     async def ensure_service_object(self) -> None:
         """Create the SnapshotMetadataService object when asked to and it is missing."""
@@ -398,14 +586,6 @@ class SnapshotMetadataLoop(Loop):
         await self.api.create(SNAPSHOT_METADATA_SERVICE, obj)
         log.info("created SnapshotMetadataService %s (address %s)", self.driver_name, self.service_address)
 
-    def _credentials(self) -> Any:
-        assert self.tls is not None
-        with open(self.tls.key, "rb") as f:
-            key = f.read()
-        with open(self.tls.cert, "rb") as f:
-            cert = f.read()
-        return grpc.ssl_server_credentials([(key, cert)])
-
     async def run(self) -> None:
         await self.ensure_service_object()
         server = grpc.aio.server()
@@ -414,7 +594,9 @@ class SnapshotMetadataLoop(Loop):
             # Tests only: the CLI refuses to run without TLS (tokens travel in the requests).
             self.port = server.add_insecure_port(self.address)
         else:
-            self.port = server.add_secure_port(self.address, self._credentials())
+            if self.certificates is None:
+                self.certificates = CertificateReloader(self.tls)
+            self.port = server.add_secure_port(self.address, self.certificates.credentials())
         if self.port == 0:
             raise RuntimeError(f"snapshot-metadata: cannot listen on {self.address}")
         await server.start()
@@ -470,7 +652,7 @@ def loop_from_args(
     tls = TLSFiles(
         args.snapshot_metadata_tls_cert, args.snapshot_metadata_tls_key, args.snapshot_metadata_ca_cert
     )
-    return SnapshotMetadataLoop(
+    loop = SnapshotMetadataLoop(
         api,
         csi_endpoint,
         info.name,
@@ -479,3 +661,5 @@ def loop_from_args(
         audience=args.snapshot_metadata_audience,
         service_address=args.snapshot_metadata_service_address,
     )
+    loop.certificates = CertificateReloader(tls)  # unusable files fail here, in one line (ValueError)
+    return loop
