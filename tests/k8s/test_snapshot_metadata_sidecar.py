@@ -635,6 +635,31 @@ async def test_rbac_is_exactly_what_the_loop_uses(tmp_path: Path) -> None:
     assert rec.used == _granted(found[("ClusterRole", name)])
 
 
+def test_the_crd_and_the_sample_agree_with_the_loop() -> None:
+    (crd,) = yaml.safe_load_all((MANIFESTS / "snapshotmetadataservice-crd.yaml").read_text())
+    res = sm.SNAPSHOT_METADATA_SERVICE
+    assert crd["metadata"]["name"] == f"{res.plural}.{res.group}"
+    assert crd["spec"]["group"] == res.group and crd["spec"]["scope"] == "Cluster"
+    assert crd["spec"]["names"]["kind"] == res.kind and crd["spec"]["names"]["plural"] == res.plural
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == res.version and version["served"] and version["storage"]
+    spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert sorted(spec_schema["required"]) == ["address", "audience", "caCert"]
+    assert spec_schema["properties"]["caCert"]["format"] == "byte"
+    sample = {
+        d["kind"]: d for d in yaml.safe_load_all((MANIFESTS / "snapshotmetadataservice.yaml").read_text())
+    }
+    sms = sample["SnapshotMetadataService"]
+    assert sms["apiVersion"] == res.api_version and sms["metadata"]["name"] == "loopfile.csi-kit.io"
+    assert set(sms["spec"]) == set(spec_schema["properties"])
+    base64.b64decode(sms["spec"]["caCert"], validate=True)
+    service = sample["Service"]
+    host, port = sms["spec"]["address"].rsplit(":", 1)
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["ports"][0]["targetPort"] == 50051  # the loop's default port
+
+
 def _args(**kw: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     k8s_cli.add_controller_options(parser)
