@@ -189,6 +189,7 @@ _CLUSTER_SCOPED = {
     "VolumeGroupSnapshotContent",
     "VolumeAttachment",
     "VolumeAttributesClass",
+    "SnapshotMetadataService",
 }
 
 
