@@ -447,6 +447,11 @@ def test_unusable_tls_files_are_one_clear_error(tmp_path: Path) -> None:
         sm.CertificateReloader(sm.TLSFiles(str(cert), str(other_key)))
     with pytest.raises(ValueError, match=re.escape(str(key))):
         sm.CertificateReloader(sm.TLSFiles(str(key), str(key)))
+    # An encrypted key is refused at once (OpenSSL would otherwise ask a terminal for its password).
+    locked = tmp_path / "locked.key"
+    run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:x", "-out", str(locked)])
+    with pytest.raises(ValueError, match="encrypted"):
+        sm.CertificateReloader(sm.TLSFiles(str(cert), str(locked)))
 
 
 # -- the snapshotter secret ------------------------------------------------------------------

@@ -451,6 +451,10 @@ class TLSFiles:
     ca: str = ""
 
 
+def _no_password() -> str:
+    raise ValueError("the key is encrypted (the service needs an unencrypted key)")
+
+
 #: (device, inode, size, mtime) of the certificate and of the key: a changed pair changes one of them.
 _Fingerprint = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
 
@@ -494,14 +498,21 @@ class CertificateReloader:
                 cert = f.read()
             with open(self.files.key, "rb") as f:
                 key = f.read()
-            # Parses both PEM files and checks that the key belongs to the certificate.
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.files.cert, self.files.key)
+            # Parses both PEM files and checks that the key belongs to the certificate; an
+            # encrypted key fails here instead of OpenSSL prompting on a terminal.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                self.files.cert, self.files.key, password=_no_password
+            )
             if self._fingerprint() != fp:
                 raise ValueError("the files changed while they were read")
-        except (OSError, ssl.SSLError) as e:
-            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+        except ssl.SSLError as e:  # before OSError, its base class
             raise ValueError(
-                f"TLS certificate {self.files.cert} with key {self.files.key}: {reason}"
+                f"TLS certificate {self.files.cert} with key {self.files.key}: {e.reason or e}"
+            ) from None
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise ValueError(
+                f"TLS certificate {self.files.cert} with key {self.files.key}: {reason or e}"
             ) from None
         self.loads += 1
         return grpc.ssl_server_certificate_configuration([(key, cert)])
