@@ -28,7 +28,10 @@ __all__ = [
     "header",
     "load_average",
     "mount_capability",
+    "percentile",
+    "pin_process",
     "process_cpu_seconds",
+    "rss_mib",
     "timed",
     "tree_digest",
     "write_random_tree",
@@ -143,6 +146,33 @@ def children_cpu_seconds() -> float:
     """user+system CPU time of every finished (waited-for) descendant of this process."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
+
+
+def rss_mib(pid: int) -> float:
+    """VmRSS of a process in MiB (``/proc/PID/status``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pin_process(pid: int, cpu: int | None) -> None:
+    """Keep every thread of ``pid`` on one CPU (threads it makes later inherit it); None: leave it.
+
+    What an exclusive CPU (``taskset -c``, or Kubernetes' static CPU manager
+    for a Guaranteed pod with a whole CPU) gives a driver: its threads hand
+    work to each other on one CPU instead of waking one another across CPUs.
+    """
+    if cpu is None:
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of an already sorted list, nearest rank."""
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def load_average() -> str:

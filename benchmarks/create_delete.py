@@ -5,11 +5,11 @@ Issue #2's figure: the rate with 10,000 volumes already there must stay within
 that grows with the store).
 
 Two ``csi-kit serve`` child processes run side by side with their default
-settings (SQLite store with ``synchronous=FULL``: every create and delete is
-durable before it is acknowledged), each on its own unix socket and state
+settings (``--durability power``: every create and delete is on the disk
+before it is acknowledged), each on its own unix socket and state
 directory: "empty" and "full".  The 10,000 volumes of "full" are made
 first, 16 at a time, by an in-process engine on its state directory whose
-store commits with ``synchronous=NORMAL`` (``--fill direct``, the default:
+store commits without flushing (``durability="process"``; ``--fill direct``, the default:
 about 4x faster than with fsyncs, which keeps the run under three minutes;
 the measured driver then starts on that state directory with its defaults),
 or with ``--fill grpc`` by 16 threads over the measured driver's own socket.
@@ -127,7 +127,7 @@ def fill(endpoint: str, count: int, threads: int) -> float:
 
 async def _fill_direct(state_dir: str, count: int, concurrency: int) -> None:
     driver = Driver(
-        DriverConfig(state_dir=state_dir, store_sync="NORMAL", endpoints=(f"unix://{state_dir}/fill.sock",))
+        DriverConfig(state_dir=state_dir, durability="process", endpoints=(f"unix://{state_dir}/fill.sock",))
     )
     capability = VolumeCapability("mount", int(AccessMode.SINGLE_NODE_WRITER), MountAccess())
     gate = asyncio.Semaphore(concurrency)
@@ -146,10 +146,10 @@ async def _fill_direct(state_dir: str, count: int, concurrency: int) -> None:
 def fill_direct(state_dir: str, count: int, concurrency: int) -> float:
     """Create `count` volumes through an in-process engine whose store commits without fsync.
 
-    Only the fill runs this way (the brief allows ``store_sync=NORMAL`` for
-    it): the measured driver is then started on the same state directory
-    with its defaults, and its start-up reconciliation sees the 10,000
-    volumes as any restart would.  Returns the seconds taken.
+    Only the fill runs this way (``durability="process"``): the measured
+    driver is then started on the same state directory with its defaults,
+    and its start-up reconciliation sees the 10,000 volumes as any restart
+    would.  Returns the seconds taken.
     """
     start = time.perf_counter()
     asyncio.run(_fill_direct(state_dir, count, concurrency))
@@ -167,7 +167,7 @@ def main() -> int:
         choices=["grpc", "direct"],
         default="direct",
         help="grpc: over the measured driver's socket (store fsyncs every commit); "
-        "direct: in-process engine with store_sync=NORMAL, before the measured driver starts",
+        "direct: in-process engine with durability=process, before the measured driver starts",
     )
     parser.add_argument(
         "--fs", choices=["xfs", "ext4", "none"], default="xfs", help="filesystem of the state dirs"
@@ -191,13 +191,13 @@ def main() -> int:
                     print(
                         f"   created {args.existing} volumes for 'full' in {took:.1f} s "
                         f"({args.existing / took:.0f}/s; in-process engine, "
-                        "store_sync=NORMAL for the fill only)"
+                        "durability=process for the fill only)"
                     )
                 proc = stack.enter_context(driver_process(state_dir))
                 assert proc.proc is not None
                 drivers[label] = (stack.enter_context(Client(proc.endpoint)), proc.proc.pid)
                 print(f"   {label}: driver pid {proc.proc.pid}, state dir {state_dir} ({args.fs})")
-            print("   both drivers run with their defaults (store synchronous=FULL)")
+            print("   both drivers run with their defaults (--durability power)")
             full_client = drivers["full"][0]
             if args.fill == "grpc":
                 took = fill(full_client.endpoint, args.existing, args.fill_threads)
