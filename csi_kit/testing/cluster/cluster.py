@@ -103,7 +103,7 @@ def binaries_dir(repo: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("CSI_KIT_K8S_BINARIES")
     if env:
         return Path(env)
-    root = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    root = Path(repo) if repo is not None else Path(__file__).resolve().parents[3]
     return root.parent / "shared" / "k8s"
 
 
