@@ -91,25 +91,17 @@ def rpc(method: str) -> Callable[[F], F]:
             metrics: ServerMetrics | None = self.metrics
             if isinstance(request, Undecodable):
                 return await _refuse_undecodable(method, request, context, metrics)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"method": method, "request": redacted(request)})
+            counted = _begin(method, request, metrics)
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             message = ""
-            counted = metrics.method(method) if metrics else None
-            if counted:
-                counted.in_flight.inc()
             try:
                 return await fn(self, request, context)
             except asyncio.CancelledError:
                 code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
                 raise
             except Exception as e:
-                code, message = status_of(e)
-                if not isinstance(e, CSIError):
-                    log.exception(
-                        "unexpected error in %s", method, extra={"method": method, **request_fields(request)}
-                    )
+                code, message = _failed(method, e, request)
                 await context.abort(code, message)
             finally:
                 _finished(method, code, message, time.perf_counter() - start, counted, request)
@@ -119,6 +111,26 @@ def rpc(method: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def _begin(method: str, request: Any, metrics: ServerMetrics | None) -> MethodMetrics | None:
+    """The start of any decoded call: its debug line, and its in-flight count (the
+    method's metrics, handed on to `_finished`)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("request", extra={"method": method, "request": redacted(request)})
+    counted = metrics.method(method) if metrics else None
+    if counted:
+        counted.in_flight.inc()
+    return counted
+
+
+def _failed(method: str, error: Exception, request: Any) -> tuple[grpc.StatusCode, str]:
+    """The status a call that raised `error` ends with; an error that is not a
+    `CSIError` is a bug, logged with its traceback (call it inside the except block)."""
+    code, message = status_of(error)
+    if not isinstance(error, CSIError):
+        log.exception("unexpected error in %s", method, extra={"method": method, **request_fields(request)})
+    return code, message
 
 
 def _finished(
@@ -175,14 +187,10 @@ def rpc_stream(method: str) -> Callable[[S], S]:
             if isinstance(request, Undecodable):
                 await _refuse_undecodable(method, request, context, metrics)
                 return
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"method": method, "request": redacted(request)})
+            counted = _begin(method, request, metrics)
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             message = ""
-            counted = metrics.method(method) if metrics else None
-            if counted:
-                counted.in_flight.inc()
             try:
                 # aclosing: when the client goes away mid-stream, the method's own
                 # generator is closed now (its finally gives back locks), not at GC.
@@ -193,11 +201,7 @@ def rpc_stream(method: str) -> Callable[[S], S]:
                 code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
                 raise
             except Exception as e:
-                code, message = status_of(e)
-                if not isinstance(e, CSIError):
-                    log.exception(
-                        "unexpected error in %s", method, extra={"method": method, **request_fields(request)}
-                    )
+                code, message = _failed(method, e, request)
                 await context.abort(code, message)
             finally:
                 _finished(method, code, message, time.perf_counter() - start, counted, request)
