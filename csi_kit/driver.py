@@ -124,14 +124,19 @@ def _check_metrics_address(address: str) -> None:
         raise InvalidArgument(f"metrics address {address!r} is not host:port (e.g. 0.0.0.0:9808)")
 
 
-def _backend_factory(
-    config: DriverConfig, registry: BackendRegistry | None
-) -> tuple[str, Callable[[BackendContext], Backend]]:
-    """Resolve the backend name and options (a mistake here touches nothing)."""
+def _backend_maker(
+    config: DriverConfig, backend: Backend | None, registry: BackendRegistry | None
+) -> tuple[str, Callable[[], Backend]]:
+    """The backend's name and how to build it: the object given, else the
+    configured backend from the registry with its options checked (a mistake
+    here touches nothing; `_start_backend` builds and starts it)."""
+    if backend is not None:
+        return type(backend).__name__, lambda: backend
     registry = registry or load_registry()
     entry = registry.get(config.backend)
     backend_config = build_config(entry, config.backend_options)
-    return entry.name, lambda context: entry.backend(backend_config, context)
+    context = BackendContext(config.driver_name, config.node_id, config.state_dir)
+    return entry.name, lambda: entry.backend(backend_config, context)
 
 
 def _start_backend(name: str, make: Callable[[], Backend]) -> Backend:
@@ -176,13 +181,7 @@ class Driver:
             parse_endpoint(endpoint)
         if config.metrics_address:
             _check_metrics_address(config.metrics_address)
-        context = BackendContext(config.driver_name, config.node_id, config.state_dir)
-        if backend is None:
-            name, factory = _backend_factory(config, registry)
-            make: Callable[[], Backend] = lambda: factory(context)  # noqa: E731
-        else:
-            name, given = type(backend).__name__, backend
-            make = lambda: given  # noqa: E731
+        name, make = _backend_maker(config, backend, registry)
         # 2. One driver per state directory: the first thing taken, the last released.
         self._lock: StateDirLock | None = StateDirLock.acquire(config.state_dir)
         self._backend_started = False
@@ -327,13 +326,7 @@ def rebuild_store(
     store aside (never deleting it) and records the backend's inventory as
     ready volumes and snapshots (`csi_kit._core.statedir.rebuild_store`).
     """
-    context = BackendContext(config.driver_name, config.node_id, config.state_dir)
-    if backend is None:
-        name, factory = _backend_factory(config, registry)
-        make: Callable[[], Backend] = lambda: factory(context)  # noqa: E731
-    else:
-        name, given = type(backend).__name__, backend
-        make = lambda: given  # noqa: E731
+    name, make = _backend_maker(config, backend, registry)
     lock = StateDirLock.acquire(config.state_dir)
     try:
         started = _start_backend(name, make)
