@@ -455,12 +455,17 @@ class LoopfileBackend(BlockDeviceBackend):
                 raise FailedPrecondition(f"volume {volume_id!r}: {device.path} is held open by a process")
         self._discard(image, "volume", volume_id)
 
-    def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
-        image = self.image_path(volume.volume_id)
+    def _open_image(self, volume_id: str) -> tuple[str, int]:
+        """A volume's image path and a read-write descriptor on it (never through a
+        symlink); NotFound when the image is gone."""
+        image = self.image_path(volume_id)
         try:
-            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            return image, os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            raise NotFound(f"volume {volume.volume_id!r}: image {image} is missing") from None
+            raise NotFound(f"volume {volume_id!r}: image {image} is missing") from None
+
+    def expand_volume(self, volume: Volume, capacity_bytes: int) -> ExpandResult:
+        image, fd = self._open_image(volume.volume_id)
         try:
             allocation = _recorded_allocation(fd) or _allocation(volume.parameters)
             current = os.fstat(fd).st_size
@@ -507,11 +512,7 @@ class LoopfileBackend(BlockDeviceBackend):
         allocation = _mutable_allocation(mutable_parameters)
         if allocation is None:
             return
-        image = self.image_path(volume.volume_id)
-        try:
-            fd = os.open(image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise NotFound(f"volume {volume.volume_id!r}: image {image} is missing") from None
+        image, fd = self._open_image(volume.volume_id)
         try:
             if allocation == "preallocated":
                 self._thicken(fd, image)
