@@ -39,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parameters", metavar="FILE.yaml", help="CreateVolume parameters (a flat map)")
     p.add_argument("--snapshot-parameters", metavar="FILE.yaml", help="CreateSnapshot parameters")
-    p.add_argument(
-        "--modify-parameters", metavar="FILE.yaml", help="a valid ControllerModifyVolume change"
-    )
+    p.add_argument("--modify-parameters", metavar="FILE.yaml", help="a valid ControllerModifyVolume change")
     p.add_argument("--secrets", metavar="FILE.yaml", help="secrets: a flat map or one map per RPC name")
     p.add_argument("--access-type", choices=("mount", "block"), help="volume access type (default mount)")
     p.add_argument("--fs-type", help="fs_type for mount volumes")

@@ -65,9 +65,7 @@ def test_the_driver_advertises_modify_volume(csi: Csi) -> None:
     assert pb.ControllerServiceCapability.RPC.MODIFY_VOLUME in kinds
 
 
-def test_sparse_to_preallocated_allocates_every_block_and_keeps_the_data(
-    csi: Csi, driver_root: Path
-) -> None:
+def test_sparse_to_preallocated_allocates_every_block_and_keeps_the_data(csi: Csi, driver_root: Path) -> None:
     vol = csi.create(SIZE)
     image = _image(driver_root, vol.volume_id)
     data = os.urandom(MiB)
