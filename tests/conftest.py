@@ -3,7 +3,9 @@ machine does not have it.  CI runs as root, so privileged tests run there."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,3 +40,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(
                 pytest.mark.skip(reason="no device-mapper in this kernel: runs in the VM harness")
             )
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs `csi-kit` in-process configures the root logger (handlers on the
+    stderr pytest captured for that test); put it back, or later records are written to a
+    closed stream ("--- Logging error ---" noise in unrelated tests)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
