@@ -41,7 +41,9 @@ def _serve(state: str, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_second_serve_exits_at_once_naming_the_pid_and_the_live_work_survives(state: str) -> None:
     gates = os.path.join(state, "gates")
     make_gates(gates)
-    live = DriverProcess(gated_process_argv(state, gates), os.path.join(state, "csi.sock"), f"{state}.log")
+    live = DriverProcess(
+        gated_process_argv(state, gates), os.path.join(state, "csi.sock"), os.path.join(state, "driver.log")
+    )
     live.start()
     try:
         with Csi(live.endpoint) as csi:
