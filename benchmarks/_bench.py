@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 
@@ -27,6 +28,7 @@ __all__ = [
     "children_cpu_seconds",
     "header",
     "load_average",
+    "serve_loopfile",
     "mount_capability",
     "percentile",
     "pin_process",
@@ -189,3 +191,22 @@ def header(title: str) -> None:
     )
     print(f"   load average {load_average()} (the machine may be shared: figures are wall-clock)")
     sys.stdout.flush()
+
+
+@contextmanager
+def serve_loopfile(mode: str, state: str, root: str) -> Iterator[str]:
+    """A loopfile driver on `root`: in a child process ("process", as a sidecar sees it) or in
+    this one ("inline"); yields its endpoint."""
+    from csi_kit.testing.driver import driver_process, running_driver
+
+    kw: dict[str, Any] = {
+        "backend": "loopfile",
+        "backend_options": {"root": root},
+        "driver_name": "loopfile.csi-kit.io",
+    }
+    if mode == "process":
+        with driver_process(state, **kw) as proc:
+            yield proc.endpoint
+    else:
+        with running_driver(state, socket_path=os.path.join(state, "csi.sock"), **kw) as endpoint:
+            yield endpoint

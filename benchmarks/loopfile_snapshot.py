@@ -42,7 +42,6 @@ missed target.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import shutil
@@ -51,18 +50,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from _bench import MiB, header, load_average
+from _bench import MiB, header, load_average, serve_loopfile
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pb_grpc
 from csi_kit.backend import BackendContext
 from csi_kit.linux import fs, loop
 from csi_kit.linux.run import run
-from csi_kit.testing.driver import driver_process, running_driver
 from csi_kit.testing.fsimage import loop_mounted_fs
 from csi_kit.types import CapacityRange, MountAccess, Snapshot, Volume, VolumeCapability, VolumeRequest
 from csi_kit_backends.loopfile.backend import LoopfileBackend, LoopfileConfig
@@ -170,21 +167,6 @@ def file_digest(path: str) -> str:
         while chunk := f.read(4 * MiB):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def serve(mode: str, state: str, root: str) -> Iterator[str]:
-    kw: dict[str, Any] = {
-        "backend": "loopfile",
-        "backend_options": {"root": root},
-        "driver_name": "loopfile.csi-kit.io",
-    }
-    if mode == "process":
-        with driver_process(state, **kw) as proc:
-            yield proc.endpoint
-    else:
-        with running_driver(state, socket_path=os.path.join(state, "csi.sock"), **kw) as endpoint:
-            yield endpoint
 
 
 def timed_pairs(
@@ -435,8 +417,12 @@ def main() -> int:
                 f"   fsync latency (4 KiB write + fsync, median of 9): state dir {state_ms:.1f} ms, "
                 f"root {root_ms:.1f} ms"
             )
-            with serve(args.driver, work, root) as endpoint:
-                n = Node(endpoint, work)
+            # The driver refuses node paths inside its own state directory: keep them apart.
+            state, node_paths = os.path.join(work, "state"), os.path.join(work, "node")
+            os.makedirs(state)
+            os.makedirs(node_paths)
+            with serve_loopfile(args.driver, state, root) as endpoint:
+                n = Node(endpoint, node_paths)
                 for mib in args.data:
                     results.append(bench_data_size(n, root, mib, args.rounds))
                 bench_stage(n, args.rounds)

@@ -33,7 +33,6 @@ one), never on a slow figure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
@@ -42,15 +41,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from _bench import MiB, header, load_average
+from _bench import MiB, header, load_average, serve_loopfile
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pb_grpc
-from csi_kit.testing.driver import driver_process, running_driver
 from csi_kit.testing.fsimage import loop_mounted_fs
 
 GiB = 1024 * MiB
@@ -188,21 +185,6 @@ def cold_read(path: str, below: list[str]) -> float:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def serve(mode: str, state: str, root: str) -> Iterator[str]:
-    kw: dict[str, Any] = {
-        "backend": "loopfile",
-        "backend_options": {"root": root},
-        "driver_name": "loopfile.csi-kit.io",
-    }
-    if mode == "process":
-        with driver_process(state, **kw) as proc:
-            yield proc.endpoint
-    else:
-        with running_driver(state, socket_path=os.path.join(state, "csi.sock"), **kw) as endpoint:
-            yield endpoint
-
-
 def bench_root(fs_type: str, mode: str, rounds: int, share: float) -> dict[str, float]:
     size = GiB
     rng = random.Random(14)
@@ -214,7 +196,7 @@ def bench_root(fs_type: str, mode: str, rounds: int, share: float) -> dict[str, 
         root = os.path.join(mnt, "root")
         state = tempfile.mkdtemp(prefix="state-", dir=tmp)
         work = tempfile.mkdtemp(prefix="w-", dir=tmp)  # staging and target paths: outside the state
-        with serve(mode, state, root) as endpoint:
+        with serve_loopfile(mode, state, root) as endpoint:
             d = Driver(endpoint, work)
             vol = d.create(size)
             snaps: list[str] = []
