@@ -27,11 +27,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _bench import Client, header, process_cpu_seconds
 
-from csi_kit.k8s.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT
-from csi_kit.k8s.csi_client import CSIClient
-from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
+from csi_kit.k8s.runtime.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.runtime.csi import CSIClient
+from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
 from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.testing.driver import driver_process
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

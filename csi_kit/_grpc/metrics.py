@@ -4,7 +4,7 @@ The endpoint serves this server's own registry (``csi_kit_*``: every CSI call
 the driver answers, by method and gRPC code) together with prometheus_client's
 default registry, where the Kubernetes loops of the same process keep theirs
 (``csi_sidecar_operations_seconds`` under the upstream sidecars' names, see
-``csi_kit/k8s/metrics.py``) beside the process and Python collectors: one
+``csi_kit/k8s/runtime/metrics.py``) beside the process and Python collectors: one
 scrape target per driver pod, as with one sidecar.  docs/metrics.md lists them.
 """
 

@@ -18,20 +18,21 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from csi_kit.k8s import health, metrics
-from csi_kit.k8s.api import KubeAPI
-from csi_kit.k8s.csi_client import CSIClient, CSIError, DriverInfo
 from csi_kit.k8s.envopts import env as _env
 from csi_kit.k8s.envopts import env_bool as _env_bool
-from csi_kit.k8s.events import EventRecorder
-from csi_kit.k8s.leader import LeaderElector
-from csi_kit.k8s.loop import Loop
-from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
+from csi_kit.k8s.runtime import metrics
+from csi_kit.k8s.runtime.api import KubeAPI
+from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.csi import CSIClient, CSIError, DriverInfo
+from csi_kit.k8s.runtime.events import EventRecorder
+from csi_kit.k8s.runtime.leader import LeaderElector
+from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
 from csi_kit.k8s.snapshot import group
 from csi_kit.k8s.snapshot import metadata as snapshot_metadata
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
+from csi_kit.k8s.volume import health
 from csi_kit.k8s.volume_cli import VOLUME_LOOPS, VolumeLoops, add_volume_options
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ async def _discover(client: CSIClient, stop: asyncio.Event) -> DriverInfo | None
 
 
 def _connect(args: argparse.Namespace) -> KubeAPI:
-    from csi_kit.k8s.lightkube_api import LightkubeAPI
+    from csi_kit.k8s.runtime.lightkube import LightkubeAPI
 
     return LightkubeAPI.connect(args.kubeconfig)
 

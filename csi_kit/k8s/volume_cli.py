@@ -17,20 +17,20 @@ import argparse
 import logging
 from typing import Any
 
-from csi_kit.k8s.api import KubeAPI
-from csi_kit.k8s.attacher import Attacher
-from csi_kit.k8s.capacity import CapacityTracker
-from csi_kit.k8s.csi_client import DriverInfo
 from csi_kit.k8s.envopts import deprecated_alias
 from csi_kit.k8s.envopts import env as _env
 from csi_kit.k8s.envopts import env_bool as _env_bool
-from csi_kit.k8s.liveness import LivenessServer
-from csi_kit.k8s.loop import Loop
-from csi_kit.k8s.provisioner import HOSTNAME_LABEL, Provisioner
-from csi_kit.k8s.registration import KUBELET_REGISTRY, RegistrationServer
-from csi_kit.k8s.resizer import Resizer
+from csi_kit.k8s.runtime.api import KubeAPI
+from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.csi import DriverInfo
 from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
-from csi_kit.k8s.volumes import VolumeClient
+from csi_kit.k8s.volume.attacher import Attacher
+from csi_kit.k8s.volume.capacity import CapacityTracker
+from csi_kit.k8s.volume.liveness import LivenessServer
+from csi_kit.k8s.volume.protocol import VolumeClient
+from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, Provisioner
+from csi_kit.k8s.volume.registration import KUBELET_REGISTRY, RegistrationServer
+from csi_kit.k8s.volume.resizer import Resizer
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
 
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime.api import (
     ApiError,
     Obj,
     ObjectList,
@@ -62,7 +62,7 @@ from csi_kit.k8s.api import (
     merge_patch,
     not_found,
 )
-from csi_kit.k8s.volumes import parse_quantity
+from csi_kit.k8s.volume.protocol import parse_quantity
 
 Reactor = Callable[[str, Resource, str, "Obj | None"], "Awaitable[None] | None"]
 """Called before each request as (verb, resource, name, body); raise to fail the request."""
@@ -167,7 +167,7 @@ class _Watcher:
 
 
 class FakeKubeAPI:
-    """Implements `csi_kit.k8s.api.KubeAPI` in memory.
+    """Implements `csi_kit.k8s.runtime.api.KubeAPI` in memory.
 
     `history` bounds the number of events kept for watch resumption: a watch
     from a version older than the oldest kept event gets 410, as from an API

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime.api import (
     PV,
     PVC,
     VOLUME_SNAPSHOT,
@@ -16,9 +16,9 @@ from csi_kit.k8s.api import (
     Obj,
     Resource,
 )
-from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "scripted.csi-kit.io"

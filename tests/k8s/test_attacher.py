@@ -9,10 +9,10 @@ import grpc
 import pytest
 from volume_peer import VolumeCSI, eventually, make_bound, make_node, run_tasks, served, settle, stop_tasks
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import PV, Obj
-from csi_kit.k8s.attacher import ANN_NODE_ID, Attacher, finalizer_for
-from csi_kit.k8s.volumes import CSI_NODE, VOLUME_ATTACHMENT, VolumeClient
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import PV, Obj
+from csi_kit.k8s.volume.attacher import ANN_NODE_ID, Attacher, finalizer_for
+from csi_kit.k8s.volume.protocol import CSI_NODE, VOLUME_ATTACHMENT, VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 FIN = "external-attacher/vol-csi-kit-io"

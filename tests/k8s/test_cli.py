@@ -10,8 +10,8 @@ from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot, make_volume, settle
 from prometheus_client import REGISTRY
 
-from csi_kit.k8s.api import LEASE, ApiError, Obj, Resource
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
+from csi_kit.k8s.runtime.api import LEASE, ApiError, Obj, Resource
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 

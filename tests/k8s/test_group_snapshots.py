@@ -31,7 +31,8 @@ from k8s_helpers import eventually, make_volume, settle
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s.api import (
+from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
+from csi_kit.k8s.runtime.api import (
     LEASE,
     PV,
     PVC,
@@ -43,13 +44,12 @@ from csi_kit.k8s.api import (
     Resource,
     conflict,
 )
-from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
-from csi_kit.k8s.csi_client import CSIClient, CSIError, SnapshotInfo
-from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.csi import CSIClient, CSIError, SnapshotInfo
 from csi_kit.k8s.snapshot import group as g
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import LABEL_MANAGED_BY
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

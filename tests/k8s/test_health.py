@@ -24,21 +24,21 @@ from volume_peer import VolumeCSI, eventually, make_bound, served, stop_tasks
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s import api as k
-from csi_kit.k8s import health
-from csi_kit.k8s.api import EVENT, LEASE, PV, Obj
 from csi_kit.k8s.cli import CONTROLLERS, add_controller_options, run_controllers, selected
-from csi_kit.k8s.csi_client import DriverInfo
-from csi_kit.k8s.events import EventRecorder
-from csi_kit.k8s.health import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import EVENT, LEASE, PV, Obj
+from csi_kit.k8s.runtime.csi import DriverInfo
+from csi_kit.k8s.runtime.events import EventRecorder
+from csi_kit.k8s.volume import health
+from csi_kit.k8s.volume.health import (
     COMPONENT_PREFIX,
     REASON_ABNORMAL,
     Condition,
     HealthClient,
     HealthMonitor,
 )
-from csi_kit.k8s.provisioner import HOSTNAME_LABEL
-from csi_kit.k8s.volumes import Capability
+from csi_kit.k8s.volume.protocol import Capability
+from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -197,7 +197,7 @@ async def test_a_driver_without_volume_condition_is_told_once_and_left_alone(
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
         stop = asyncio.Event()
         args = parse("--controllers", "health-monitor", "--monitor-interval", "0.01", "--kube-api-qps", "0")
-        with caplog.at_level(logging.WARNING, logger="csi_kit.k8s.health"):
+        with caplog.at_level(logging.WARNING, logger="csi_kit.k8s.volume.health"):
             task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
             await eventually(lambda: "does not report volume conditions" in caplog.text, "the warning")
             await asyncio.sleep(0.1)  # ten intervals' worth, had it started
@@ -322,7 +322,7 @@ async def test_each_interval_asks_the_driver_the_way_its_capabilities_allow(
         api, client, info, interval=0.02, events=events, node_topology={HOSTNAME_LABEL: "node-1"}, **FAST
     )
     assert monitor.mode == mode
-    with caplog.at_level(logging.WARNING, logger="csi_kit.k8s.health"):
+    with caplog.at_level(logging.WARNING, logger="csi_kit.k8s.volume.health"):
         tasks = await start(monitor)
         try:
             await checked(monitor, "pv-a", "pv-b", "pv-gone")

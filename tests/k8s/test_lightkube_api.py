@@ -20,10 +20,10 @@ import yaml
 from k8s_helpers import eventually
 from lightkube import AsyncClient, KubeConfig
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import LEASE, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, ApiError
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.lightkube_api import LightkubeAPI
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import LEASE, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, ApiError
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.lightkube import LightkubeAPI
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 KINDS = {r.plural: r for r in (PVC, LEASE, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, k.PV, k.SECRET)}
@@ -199,7 +199,7 @@ def test_label_selectors_keep_their_operators() -> None:
     API server gets says the same as the selector the loop was given."""
     from lightkube.core.selector import build_selector
 
-    from csi_kit.k8s.lightkube_api import _labels
+    from csi_kit.k8s.runtime.lightkube import _labels
 
     for selector in ("a=b", "a=b,c!=d", "e", "!f", "a=b, c!=d ,e,!f"):
         labels = _labels(selector)

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from volume_peer import VolumeCSI, served
 
-from csi_kit.k8s.liveness import LivenessServer
-from csi_kit.k8s.volumes import VolumeClient
+from csi_kit.k8s.volume.liveness import LivenessServer
+from csi_kit.k8s.volume.protocol import VolumeClient
 
 
 async def http_get(port: int, path: str = "/healthz", method: str = "GET") -> tuple[int, str]:

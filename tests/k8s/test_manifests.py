@@ -29,15 +29,15 @@ from k8s_helpers import (
     snapshot,
 )
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
-from csi_kit.k8s.csi_client import CSIClient, DriverInfo
-from csi_kit.k8s.events import EventRecorder
-from csi_kit.k8s.health import Condition, HealthMonitor
-from csi_kit.k8s.leader import LeaderElector
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
+from csi_kit.k8s.runtime.events import EventRecorder
+from csi_kit.k8s.runtime.leader import LeaderElector
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
+from csi_kit.k8s.volume.health import Condition, HealthMonitor
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy" / "snapshot"

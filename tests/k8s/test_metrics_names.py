@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from csi_kit.cli import build_parser, main
 from csi_kit.k8s.cli import run_controllers, selected
-from csi_kit.k8s.metrics import grpc_code_name
+from csi_kit.k8s.runtime.metrics import grpc_code_name
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 UPSTREAM_NAME = "csi_sidecar_operations_seconds"

@@ -26,9 +26,9 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import EVENT, PV, PVC, Obj
-from csi_kit.k8s.modifier import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import EVENT, PV, PVC, Obj
+from csi_kit.k8s.volume.modifier import (
     COND_MODIFY_ERROR,
     COND_MODIFYING,
     IN_PROGRESS,
@@ -36,8 +36,8 @@ from csi_kit.k8s.modifier import (
     PENDING,
     VOLUME_ATTRIBUTES_CLASS,
 )
-from csi_kit.k8s.resizer import Resizer
-from csi_kit.k8s.volumes import Capability, VolumeClient
+from csi_kit.k8s.volume.protocol import Capability, VolumeClient
+from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

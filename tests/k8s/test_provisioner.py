@@ -27,9 +27,16 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, Obj
-from csi_kit.k8s.provisioner import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, Obj
+from csi_kit.k8s.volume.protocol import (
+    REFERENCE_GRANT,
+    VolumeClient,
+    capabilities_for,
+    format_quantity,
+    parse_quantity,
+)
+from csi_kit.k8s.volume.provisioner import (
     ANN_DELETION_SECRET_NAME,
     ANN_PROVISIONED_BY,
     ANN_SELECTED_NODE,
@@ -38,13 +45,6 @@ from csi_kit.k8s.provisioner import (
     PV_FINALIZER,
     SNAPSHOT_SOURCE_FINALIZER,
     Provisioner,
-)
-from csi_kit.k8s.volumes import (
-    REFERENCE_GRANT,
-    VolumeClient,
-    capabilities_for,
-    format_quantity,
-    parse_quantity,
 )
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

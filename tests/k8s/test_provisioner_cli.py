@@ -22,11 +22,11 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s.api import LEASE, PV, PVC, ApiError
-from csi_kit.k8s.attacher import Attacher
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
+from csi_kit.k8s.runtime.api import LEASE, PV, PVC, ApiError
+from csi_kit.k8s.volume.attacher import Attacher
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume_cli import VolumeLoops, lease_names
-from csi_kit.k8s.volumes import VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 

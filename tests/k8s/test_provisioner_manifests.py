@@ -32,12 +32,12 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s.api import PVC, SECRET
-from csi_kit.k8s.capacity import CapacityTracker
-from csi_kit.k8s.modifier import VOLUME_ATTRIBUTES_CLASS
-from csi_kit.k8s.provisioner import Provisioner
-from csi_kit.k8s.resizer import Resizer
-from csi_kit.k8s.volumes import STORAGE_CLASS, VolumeClient
+from csi_kit.k8s.runtime.api import PVC, SECRET
+from csi_kit.k8s.volume.capacity import CapacityTracker
+from csi_kit.k8s.volume.modifier import VOLUME_ATTRIBUTES_CLASS
+from csi_kit.k8s.volume.protocol import STORAGE_CLASS, VolumeClient
+from csi_kit.k8s.volume.provisioner import Provisioner
+from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy"

@@ -12,7 +12,7 @@ import pytest
 
 from csi_kit._pb import pluginregistration_pb2 as rpb
 from csi_kit._pb import pluginregistration_pb2_grpc as rpbg
-from csi_kit.k8s.registration import RegistrationServer, socket_path
+from csi_kit.k8s.volume.registration import RegistrationServer, socket_path
 
 
 def test_wire_names_and_numbers_are_the_kubelets() -> None:

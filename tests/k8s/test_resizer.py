@@ -21,9 +21,16 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s.api import PV, PVC, SECRET, ApiError, Obj
-from csi_kit.k8s.resizer import COND_ERROR, COND_FS_PENDING, IN_PROGRESS, INFEASIBLE, NODE_PENDING, Resizer
-from csi_kit.k8s.volumes import VolumeClient, parse_quantity
+from csi_kit.k8s.runtime.api import PV, PVC, SECRET, ApiError, Obj
+from csi_kit.k8s.volume.protocol import VolumeClient, parse_quantity
+from csi_kit.k8s.volume.resizer import (
+    COND_ERROR,
+    COND_FS_PENDING,
+    IN_PROGRESS,
+    INFEASIBLE,
+    NODE_PENDING,
+    Resizer,
+)
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 

@@ -8,11 +8,11 @@ import contextlib
 import pytest
 from k8s_helpers import eventually
 
-from csi_kit.k8s.api import LEASE, VOLUME_SNAPSHOT, ApiError, Obj, Resource
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.leader import LeaderElector
-from csi_kit.k8s.ratelimit import ThrottledAPI, TokenBucket
-from csi_kit.k8s.workqueue import WorkQueue, run_workers
+from csi_kit.k8s.runtime.api import LEASE, VOLUME_SNAPSHOT, ApiError, Obj, Resource
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.leader import LeaderElector
+from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
+from csi_kit.k8s.runtime.workqueue import WorkQueue, run_workers
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
@@ -169,13 +169,13 @@ def test_elector_rejects_inconsistent_durations() -> None:
 async def test_token_bucket_spends_burst_then_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
     slept: list[float] = []
-    monkeypatch.setattr("csi_kit.k8s.ratelimit.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("csi_kit.k8s.runtime.ratelimit.time.monotonic", lambda: clock[0])
 
     async def fake_sleep(d: float) -> None:
         slept.append(d)
         clock[0] += d
 
-    monkeypatch.setattr("csi_kit.k8s.ratelimit.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("csi_kit.k8s.runtime.ratelimit.asyncio.sleep", fake_sleep)
     tb = TokenBucket(qps=5, burst=10)
     for _ in range(10):
         await tb.acquire()

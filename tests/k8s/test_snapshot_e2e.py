@@ -11,10 +11,10 @@ from k8s_helpers import contents, eventually, is_ready, snapshot
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
-from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.runtime.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

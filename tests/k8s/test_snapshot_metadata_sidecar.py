@@ -39,7 +39,7 @@ from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as kpbg
 from csi_kit.backend import BackendContext
 from csi_kit.k8s import cli as k8s_cli
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime.api import (
     SECRET,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
@@ -47,7 +47,7 @@ from csi_kit.k8s.api import (
     Obj,
     Resource,
 )
-from csi_kit.k8s.csi_client import DriverInfo
+from csi_kit.k8s.runtime.csi import DriverInfo
 from csi_kit.k8s.snapshot import metadata as sm
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.linux.run import run

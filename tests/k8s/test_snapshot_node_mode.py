@@ -9,11 +9,11 @@ from typing import Any
 from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot
 
-from csi_kit.k8s.api import PV, PVC
-from csi_kit.k8s.csi_client import CSIClient, SnapshotInfo
+from csi_kit.k8s.runtime.api import PV, PVC
+from csi_kit.k8s.runtime.csi import CSIClient, SnapshotInfo
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.sidecar import Snapshotter
+from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 

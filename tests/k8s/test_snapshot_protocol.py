@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csi_kit.k8s.csi_client import rfc3339_from_ns
+from csi_kit.k8s.runtime.csi import rfc3339_from_ns
 from csi_kit.k8s.snapshot import protocol as p
 
 

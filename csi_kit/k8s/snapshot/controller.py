@@ -24,8 +24,8 @@ import asyncio
 import logging
 from typing import Any
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import (
     PV,
     PVC,
     VOLUME_SNAPSHOT,
@@ -35,10 +35,10 @@ from csi_kit.k8s.api import (
     KubeAPI,
     Obj,
 )
-from csi_kit.k8s.csi_client import rfc3339_from_ns
-from csi_kit.k8s.events import NORMAL, WARNING, EventRecorder
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop, Retry
+from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.csi import rfc3339_from_ns
+from csi_kit.k8s.runtime.events import NORMAL, WARNING, EventRecorder
+from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ import grpc.aio
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import (
     PV,
     PVC,
     SECRET,
@@ -55,10 +55,10 @@ from csi_kit.k8s.api import (
     Obj,
     Resource,
 )
-from csi_kit.k8s.csi_client import CSIError, SnapshotInfo, grpc_target, is_final_error
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop, Retry
-from csi_kit.k8s.metrics import csi_call_interceptors
+from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, grpc_target, is_final_error
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.metrics import csi_call_interceptors
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)

@@ -77,7 +77,8 @@ from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
 from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as _kpbg
-from csi_kit.k8s.api import (
+from csi_kit.k8s.envopts import env as _env
+from csi_kit.k8s.runtime.api import (
     SECRET,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
@@ -88,9 +89,8 @@ from csi_kit.k8s.api import (
     Resource,
     is_not_found,
 )
-from csi_kit.k8s.csi_client import DriverInfo, grpc_target
-from csi_kit.k8s.envopts import env as _env
-from csi_kit.k8s.loop import Loop
+from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.csi import DriverInfo, grpc_target
 from csi_kit.k8s.snapshot import protocol as p
 
 __all__ = [

@@ -11,7 +11,7 @@ import datetime
 import re
 from typing import Any
 
-from csi_kit.k8s.api import Obj, annotations_of
+from csi_kit.k8s.runtime.api import Obj, annotations_of
 
 GROUP = "snapshot.storage.k8s.io"
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from loopfile_helpers import DRIVER, Csi, MiB
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import EVENT, PV, PVC, Obj
-from csi_kit.k8s.events import EventRecorder
-from csi_kit.k8s.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthClient, HealthMonitor
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import EVENT, PV, PVC, Obj
+from csi_kit.k8s.runtime.events import EventRecorder
+from csi_kit.k8s.volume.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthClient, HealthMonitor
 from csi_kit.linux import loop
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

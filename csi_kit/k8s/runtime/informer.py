@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime.api import (
     ApiError,
     KubeAPI,
     Obj,

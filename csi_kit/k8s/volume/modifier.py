@@ -54,12 +54,12 @@ from typing import Any, Protocol
 
 import grpc
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import PV, ApiError, KubeAPI, Obj, Resource
-from csi_kit.k8s.csi_client import NON_FINAL_CODES, CSIError
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.volumes import EventRecorder, claim_condition, merge_claim_conditions
-from csi_kit.k8s.workqueue import WorkQueue
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import PV, ApiError, KubeAPI, Obj, Resource
+from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.workqueue import WorkQueue
+from csi_kit.k8s.volume.protocol import EventRecorder, claim_condition, merge_claim_conditions
 
 log = logging.getLogger(__name__)
 

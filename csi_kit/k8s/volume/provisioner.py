@@ -54,8 +54,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import (
     NODE,
     PV,
     PVC,
@@ -66,10 +66,10 @@ from csi_kit.k8s.api import (
     KubeAPI,
     Obj,
 )
-from csi_kit.k8s.csi_client import NON_FINAL_CODES, CSIError, DriverInfo
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop, Retry
-from csi_kit.k8s.volumes import (
+from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.volume.protocol import (
     CSI_NODE,
     REFERENCE_GRANT,
     STORAGE_CLASS,

@@ -22,12 +22,19 @@ import logging
 import time
 from typing import Any, Protocol
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import SECRET, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT, ApiError, KubeAPI, Obj
-from csi_kit.k8s.csi_client import CSIError, SnapshotInfo, is_final_error
-from csi_kit.k8s.events import WARNING, EventRecorder
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop, Retry
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import (
+    SECRET,
+    VOLUME_SNAPSHOT_CLASS,
+    VOLUME_SNAPSHOT_CONTENT,
+    ApiError,
+    KubeAPI,
+    Obj,
+)
+from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, is_final_error
+from csi_kit.k8s.runtime.events import WARNING, EventRecorder
+from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from csi_kit.k8s.api import KubeAPI, Obj, ObjectList, Resource, WatchEvent
+from csi_kit.k8s.runtime.api import KubeAPI, Obj, ObjectList, Resource, WatchEvent
 
 
 class TokenBucket:

@@ -18,7 +18,7 @@ import grpc.aio
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
-from csi_kit.k8s.metrics import csi_call_interceptors
+from csi_kit.k8s.runtime.metrics import csi_call_interceptors
 
 pbg: Any = _pbg  # generated, untyped
 

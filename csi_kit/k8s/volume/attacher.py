@@ -27,12 +27,12 @@ import logging
 import re
 from typing import Any, Protocol
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import PV, SECRET, ApiError, KubeAPI, Obj
-from csi_kit.k8s.csi_client import CSIError, DriverInfo
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop, Retry
-from csi_kit.k8s.volumes import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import PV, SECRET, ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.volume.protocol import (
     CSI_NODE,
     VOLUME_ATTACHMENT,
     Capability,

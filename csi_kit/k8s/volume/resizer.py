@@ -50,7 +50,7 @@ affinity matches this node: a node-local backend can only grow its own
 volumes, so each node's process resizes what lives there.
 
 For a driver with MODIFY_VOLUME the same loop also applies
-VolumeAttributesClass changes (`csi_kit.k8s.modifier`, upstream's modify
+VolumeAttributesClass changes (`csi_kit.k8s.volume.modifier`, upstream's modify
 controller): its own queue, the class informer, these claim and PV
 informers, this Lease, and the same choice of claims (`volume_of`).
 """
@@ -63,14 +63,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
-from csi_kit.k8s.csi_client import NON_FINAL_CODES, CSIError, DriverInfo
-from csi_kit.k8s.informer import Informer
-from csi_kit.k8s.loop import Loop
-from csi_kit.k8s.modifier import ModifyDriver, VolumeModifier
-from csi_kit.k8s.provisioner import affinity_matches
-from csi_kit.k8s.volumes import (
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
+from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
+from csi_kit.k8s.volume.protocol import (
     Capability,
     EventRecorder,
     capabilities_for,
@@ -78,8 +77,9 @@ from csi_kit.k8s.volumes import (
     merge_claim_conditions,
     storage_of,
 )
-from csi_kit.k8s.volumes import claim_condition as _condition
-from csi_kit.k8s.volumes import has_claim_condition as _has_condition
+from csi_kit.k8s.volume.protocol import claim_condition as _condition
+from csi_kit.k8s.volume.protocol import has_claim_condition as _has_condition
+from csi_kit.k8s.volume.provisioner import affinity_matches
 
 log = logging.getLogger(__name__)
 

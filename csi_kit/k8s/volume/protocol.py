@@ -20,9 +20,9 @@ from typing import Any
 import attrs
 
 from csi_kit._pb import csi_pb2 as pb
-from csi_kit.k8s import api as k
-from csi_kit.k8s.api import EVENT, ApiError, KubeAPI, Obj, Resource
-from csi_kit.k8s.csi_client import CSIClient
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import EVENT, ApiError, KubeAPI, Obj, Resource
+from csi_kit.k8s.runtime.csi import CSIClient
 
 log = logging.getLogger(__name__)
 

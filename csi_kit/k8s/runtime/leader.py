@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from csi_kit.k8s.api import LEASE, ApiError, KubeAPI, Obj, is_not_found, rv_of
+from csi_kit.k8s.runtime.api import LEASE, ApiError, KubeAPI, Obj, is_not_found, rv_of
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from csi_kit.k8s import metrics
-from csi_kit.k8s.informer import Informer, wait_synced
-from csi_kit.k8s.workqueue import WorkQueue, run_workers
+from csi_kit.k8s.runtime import metrics
+from csi_kit.k8s.runtime.informer import Informer, wait_synced
+from csi_kit.k8s.runtime.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from lightkube.generic_resource import (
 )
 from lightkube.types import PatchType
 
-from csi_kit.k8s.api import ApiError, Obj, ObjectList, Resource, WatchEvent
+from csi_kit.k8s.runtime.api import ApiError, Obj, ObjectList, Resource, WatchEvent
 
 _classes: dict[Resource, Any] = {}
 

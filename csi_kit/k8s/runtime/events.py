@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from csi_kit.k8s.api import EVENT, ApiError, KubeAPI, Obj, name_of, namespace_of, uid_of
+from csi_kit.k8s.runtime.api import EVENT, ApiError, KubeAPI, Obj, name_of, namespace_of, uid_of
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The volume loops: what external-provisioner, -attacher, -resizer and friends do."""
