@@ -40,7 +40,6 @@ loop can notice, the fake does the same:
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import random
 import uuid
@@ -48,6 +47,8 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
 
+from csi_kit.k8s.objects.quantity import parse_quantity
+from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime.api import (
     ApiError,
     Obj,
@@ -62,7 +63,6 @@ from csi_kit.k8s.runtime.api import (
     merge_patch,
     not_found,
 )
-from csi_kit.k8s.volume.protocol import parse_quantity
 
 Reactor = Callable[[str, Resource, str, "Obj | None"], "Awaitable[None] | None"]
 """Called before each request as (verb, resource, name, body); raise to fail the request."""
@@ -130,7 +130,7 @@ def _copy(o: _T) -> _T:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339()
 
 
 class _Watcher:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from volume_peer import ClusterSim, bound, claim, eventually, run_tasks, stop_tasks
 
+from csi_kit.k8s.objects.quantity import parse_quantity
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import (
     PV,
@@ -28,7 +29,7 @@ from csi_kit.k8s.runtime.api import (
 )
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
-from csi_kit.k8s.volume.protocol import STORAGE_CLASS, VolumeClient, parse_quantity
+from csi_kit.k8s.volume.protocol import STORAGE_CLASS, VolumeClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver

@@ -260,20 +260,10 @@ async def backend_snapshot_count(endpoint: str) -> int:
 # --------------------------------------------------------------------- tests
 
 
-def test_names_and_selector() -> None:
+def test_names_and_secrets() -> None:
     assert g.member_snapshot_name("u", "v").startswith("snapshot-")
     assert g.member_snapshot_name("u", "v")[len("snapshot-") :] == g.member_content_name("u", "v")[12:]
     assert g.member_snapshot_name("u", "v") != g.member_snapshot_name("u", "w")
-    sel = {
-        "matchLabels": {"app": "db"},
-        "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}],
-    }
-    assert g.selector_matches(sel, {"app": "db"})
-    assert not g.selector_matches(sel, {"app": "db", "tier": "x"})
-    assert not g.selector_matches(sel, {"app": "web"})
-    assert g.selector_matches({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"a": ""})
-    with pytest.raises(ValueError):
-        g.selector_matches({"matchExpressions": [{"key": "a", "operator": "Near"}]}, {})
     params = {g.GROUP_SECRET_NAME_KEY: "s-${volumegroupsnapshot.name}", g.GROUP_SECRET_NAMESPACE_KEY: "ns"}
     assert g.group_secret_ref(params, "c", "grp", NS) == ("s-grp", "ns")
     assert g.strip_group_params({**params, "k": "v"}) == {"k": "v"}

@@ -21,8 +21,9 @@ from volume_peer import (
     stop_tasks,
 )
 
+from csi_kit.k8s.objects.quantity import parse_quantity
 from csi_kit.k8s.runtime.api import PV, PVC, SECRET, ApiError, Obj
-from csi_kit.k8s.volume.protocol import VolumeClient, parse_quantity
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.resizer import (
     COND_ERROR,
     COND_FS_PENDING,

@@ -1,10 +1,9 @@
-"""The protocol helpers: names, quantities, secret templates, reserved parameters."""
+"""The snapshot protocol helpers: names, secret templates, reserved parameters."""
 
 from __future__ import annotations
 
 import pytest
 
-from csi_kit.k8s.runtime.csi import rfc3339_from_ns
 from csi_kit.k8s.snapshot import protocol as p
 
 
@@ -16,17 +15,6 @@ def test_names_follow_upstream() -> None:
     assert p.csi_snapshot_name(content, "snap", 4) == "snap-0b5c"
     assert p.sanitize_lease_name("hostpath.csi-kit.io") == "hostpath-csi-kit-io"
     assert p.sanitize_lease_name("a.b.") == "a-b-X"
-
-
-@pytest.mark.parametrize(
-    ("n", "q"), [(0, "0"), (1, "1"), (1024, "1Ki"), (1536, "1536"), (1 << 30, "1Gi"), (5 << 40, "5Ti")]
-)
-def test_quantity_is_canonical_binary_si(n: int, q: str) -> None:
-    assert p.quantity(n) == q
-
-
-def test_creation_time_is_rfc3339_utc() -> None:
-    assert rfc3339_from_ns(1_700_000_000_123_456_789) == "2023-11-14T22:13:20Z"
 
 
 def test_reserved_parameters_are_stripped_and_unknown_ones_refused() -> None:

@@ -10,13 +10,28 @@ loops can branch on 404/409/410 whichever side answered.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
-Obj = dict[str, Any]
+# The accessors live with the other pure helpers; re-exported because every loop reads them as `k.*`.
+from csi_kit.k8s.objects import selectors
+from csi_kit.k8s.objects.meta import Obj as Obj
+from csi_kit.k8s.objects.meta import annotations_of as annotations_of
+from csi_kit.k8s.objects.meta import deep_copy as deep_copy
+from csi_kit.k8s.objects.meta import finalizers_of as finalizers_of
+from csi_kit.k8s.objects.meta import is_deleting as is_deleting
+from csi_kit.k8s.objects.meta import key_of as key_of
+from csi_kit.k8s.objects.meta import labels_of as labels_of
+from csi_kit.k8s.objects.meta import merge_patch as merge_patch
+from csi_kit.k8s.objects.meta import meta as meta
+from csi_kit.k8s.objects.meta import name_of as name_of
+from csi_kit.k8s.objects.meta import namespace_of as namespace_of
+from csi_kit.k8s.objects.meta import rv_newer as rv_newer
+from csi_kit.k8s.objects.meta import rv_of as rv_of
+from csi_kit.k8s.objects.meta import split_key as split_key
+from csi_kit.k8s.objects.meta import uid_of as uid_of
 
 
 @attrs.frozen
@@ -176,111 +191,6 @@ class KubeAPI(Protocol):
     ) -> None: ...
 
 
-# Small accessors shared by the loops, the fake and the tests.
-
-
-def meta(obj: Obj) -> dict[str, Any]:
-    m: dict[str, Any] = obj.setdefault("metadata", {})
-    return m
-
-
-def name_of(obj: Obj) -> str:
-    return str(obj.get("metadata", {}).get("name", ""))
-
-
-def namespace_of(obj: Obj) -> str | None:
-    ns = obj.get("metadata", {}).get("namespace")
-    return str(ns) if ns else None
-
-
-def key_of(obj: Obj) -> str:
-    """The work-queue key: `namespace/name`, or `name` for cluster-scoped objects."""
-    ns = namespace_of(obj)
-    return f"{ns}/{name_of(obj)}" if ns else name_of(obj)
-
-
-def split_key(key: str) -> tuple[str | None, str]:
-    if "/" in key:
-        ns, name = key.split("/", 1)
-        return ns, name
-    return None, key
-
-
-def uid_of(obj: Obj) -> str:
-    return str(obj.get("metadata", {}).get("uid", ""))
-
-
-def rv_of(obj: Obj) -> str:
-    return str(obj.get("metadata", {}).get("resourceVersion", ""))
-
-
-def finalizers_of(obj: Obj) -> list[str]:
-    return list(obj.get("metadata", {}).get("finalizers") or [])
-
-
-def annotations_of(obj: Obj) -> dict[str, str]:
-    return dict(obj.get("metadata", {}).get("annotations") or {})
-
-
-def labels_of(obj: Obj) -> dict[str, str]:
-    return dict(obj.get("metadata", {}).get("labels") or {})
-
-
-def is_deleting(obj: Obj) -> bool:
-    return bool(obj.get("metadata", {}).get("deletionTimestamp"))
-
-
-def deep_copy(obj: Obj) -> Obj:
-    return copy.deepcopy(obj)
-
-
-def rv_newer(a: str, b: str) -> bool:
-    """Whether resourceVersion `a` is newer than `b`.
-
-    Versions are opaque to clients in general; every API server (etcd3) and our
-    fake hand out integers, and upstream controllers compare them the same way.
-    Non-integers compare as "not newer" so the cache keeps what it has.
-    """
-    try:
-        return int(a) > int(b)
-    except ValueError:
-        return False
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """Apply an RFC 7386 JSON merge patch and return the result (inputs unchanged)."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result: dict[str, Any] = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            result.pop(k, None)
-        else:
-            result[k] = merge_patch(result.get(k), v)
-    return result
-
-
 def match_labels(obj: Obj, selector: str | None) -> bool:
-    """Equality-based label selectors (`a=b,c!=d,e`), the subset the loops use."""
-    if not selector:
-        return True
-    have = labels_of(obj)
-    for term in selector.split(","):
-        term = term.strip()
-        if not term:
-            continue
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            if have.get(k.strip()) == v.strip():
-                return False
-        elif "=" in term:
-            k, v = term.split("=", 1)
-            k, v = k.strip(), v.strip().lstrip("=")
-            if have.get(k) != v:
-                return False
-        elif term.startswith("!"):
-            if term[1:] in have:
-                return False
-        elif term not in have:
-            return False
-    return True
+    """Whether the object's labels satisfy a selector string (both equality and set-based terms)."""
+    return selectors.matches(selector, labels_of(obj))

@@ -9,7 +9,6 @@ surfaces as `CSIError` with its status code, which the loops classify into
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Self
 
 import attrs
@@ -205,9 +204,3 @@ class CSIClient:
             pb.GetSnapshotRequest(snapshot_id=snapshot_id, secrets=secrets),
         )
         return _snapshot(r.snapshot)
-
-
-def rfc3339_from_ns(ns: int) -> str:
-    """Format a CSI creation time (ns since the epoch) the way VolumeSnapshot.status.creationTime wants it."""
-    dt = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -10,11 +10,11 @@ Event write never delays a sync.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 from collections import OrderedDict
 
+from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime.api import EVENT, ApiError, KubeAPI, Obj, name_of, namespace_of, uid_of
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class EventRecorder:
             del self._seen[key]
 
     async def _write(self, obj: Obj, type_: str, reason: str, message: str) -> None:
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = rfc3339()
         # Cluster-scoped objects' events go to "default", as client-go's recorder does.
         ns = namespace_of(obj) or "default"
         involved = {

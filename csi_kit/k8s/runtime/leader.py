@@ -17,19 +17,15 @@ burst of loop traffic cannot make the leader miss its renewals.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from csi_kit.k8s.objects.times import micro_time
 from csi_kit.k8s.runtime.api import LEASE, ApiError, KubeAPI, Obj, is_not_found, rv_of
 
 log = logging.getLogger(__name__)
-
-
-def _micro_time() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -73,7 +69,7 @@ class LeaderElector:
                 self.on_change(value)
 
     def _spec(self, lease: Obj | None, transitions: int, acquire_time: str) -> dict[str, object]:
-        now = _micro_time()
+        now = micro_time()
         return {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": max(1, round(self.lease_duration)),
@@ -134,7 +130,7 @@ class LeaderElector:
                 return
             lease["spec"]["holderIdentity"] = None
             lease["spec"]["leaseDurationSeconds"] = 1
-            lease["spec"]["renewTime"] = _micro_time()
+            lease["spec"]["renewTime"] = micro_time()
             await self.api.update(LEASE, lease)
         except ApiError as e:
             log.info("lease %s: release failed: %s", self.lease_name, e)

@@ -29,6 +29,7 @@ from lightkube.generic_resource import (
 )
 from lightkube.types import PatchType
 
+from csi_kit.k8s.objects import selectors
 from csi_kit.k8s.runtime.api import ApiError, Obj, ObjectList, Resource, WatchEvent
 
 _classes: dict[Resource, Any] = {}
@@ -63,29 +64,26 @@ def _plain(obj: Any) -> Obj:
     return d
 
 
-def _labels(selector: str | None) -> dict[str, Any] | None:
-    """An equality-based selector string (`a=b,c!=d,e,!f`) as lightkube's label dict.
+_OPERATORS: dict[str, Any] = {
+    "!=": lambda v: operators.not_equal(v[0]),
+    "in": lambda v: operators.in_(list(v)),
+    "notin": lambda v: operators.not_in(list(v)),
+    "exists": lambda v: operators.exists(),
+    "!exists": lambda v: operators.not_exists(),
+}
 
-    Each term keeps its operator: `c!=d` must not become key `c!` (nor `e` a
-    test for an empty value), or the server filters on the wrong thing.
+
+def _labels(selector: str | None) -> dict[str, Any] | None:
+    """A selector string as lightkube's label dict, every term with its operator kept.
+
+    `c!=d` must not become key `c!` (nor `e` a test for an empty value), or the
+    server filters on the wrong thing.
     """
     if not selector:
         return None
-    out: dict[str, Any] = {}
-    for term in (t.strip() for t in selector.split(",")):
-        if not term:
-            continue
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            out[k.strip()] = operators.not_equal(v.strip())
-        elif "=" in term:
-            k, v = term.split("=", 1)
-            out[k.strip()] = v.strip().lstrip("=")  # "a==b" is "a=b"
-        elif term.startswith("!"):
-            out[term[1:].strip()] = operators.not_exists()
-        else:
-            out[term] = operators.exists()
-    return out
+    return {
+        t.key: t.values[0] if t.op == "=" else _OPERATORS[t.op](t.values) for t in selectors.parse(selector)
+    }
 
 
 def _convert(e: BaseException) -> BaseException:

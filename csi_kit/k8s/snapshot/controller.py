@@ -24,6 +24,8 @@ import asyncio
 import logging
 from typing import Any
 
+from csi_kit.k8s.objects.quantity import format_quantity
+from csi_kit.k8s.objects.times import rfc3339_from_ns
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import (
     PV,
@@ -36,7 +38,6 @@ from csi_kit.k8s.runtime.api import (
     Obj,
 )
 from csi_kit.k8s.runtime.controller import Loop, Retry
-from csi_kit.k8s.runtime.csi import rfc3339_from_ns
 from csi_kit.k8s.runtime.events import NORMAL, WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.snapshot import protocol as p
@@ -201,7 +202,7 @@ class SnapshotController(Loop):
         if cs.get("readyToUse") is not None:
             st["readyToUse"] = bool(cs["readyToUse"])
         if cs.get("restoreSize") is not None:
-            st["restoreSize"] = p.quantity(int(cs["restoreSize"]))
+            st["restoreSize"] = format_quantity(int(cs["restoreSize"]))
         st["error"] = cs.get("error")
         return st
 

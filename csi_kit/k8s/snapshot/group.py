@@ -32,7 +32,6 @@ lists this and every other difference from upstream.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import logging
 import time
@@ -43,6 +42,8 @@ import grpc.aio
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
+from csi_kit.k8s.objects.selectors import format_label_selector, label_selector_matches
+from csi_kit.k8s.objects.times import rfc3339_from_ns
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import (
     PV,
@@ -118,45 +119,7 @@ def member_content_name(group_uid: str, volume_handle: str) -> str:
     return "snapcontent-" + _member_hash(group_uid, volume_handle)
 
 
-def _rfc3339(ns: int) -> str:
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # ------------------------------------------------------------- label selector
-
-
-def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """metav1.LabelSelector semantics: matchLabels AND every matchExpression.
-
-    An empty selector matches everything, as in Kubernetes.
-    """
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), list(expr.get("values") or [])
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            raise ValueError(f"invalid label selector operator {op!r}")
-    return True
-
-
-def format_selector(selector: dict[str, Any]) -> str:
-    parts = [f"{key}={v}" for key, v in sorted((selector.get("matchLabels") or {}).items())]
-    for e in selector.get("matchExpressions") or []:
-        op = e.get("operator")
-        if op in ("In", "NotIn"):
-            parts.append(f"{e.get('key')} {op.lower()} ({','.join(e.get('values') or [])})")
-        else:
-            parts.append(("!" if op == "DoesNotExist" else "") + str(e.get("key")))
-    return ",".join(parts) or "<none>"
 
 
 # ------------------------------------------------------------------- secrets
@@ -435,13 +398,13 @@ class GroupSnapshotController(Loop):
             pvcs = [
                 c
                 for c in self.pvcs.items()
-                if k.namespace_of(c) == ns and selector_matches(selector, k.labels_of(c))
+                if k.namespace_of(c) == ns and label_selector_matches(selector, k.labels_of(c))
             ]
         except ValueError as e:
             raise GroupSnapshotError(str(e)) from None
         if not pvcs:
             raise GroupSnapshotError(
-                f"label selector {format_selector(selector)} for group snapshot not applied to any PVC"
+                f"label selector {format_label_selector(selector)} for group snapshot not applied to any PVC"
             )
         out: list[tuple[Obj, Obj]] = []
         for pvc in sorted(pvcs, key=k.name_of):
@@ -956,7 +919,7 @@ class GroupSnapshotter(Loop):
         created = info.creation_time_ns or time.time_ns()
         return {
             "volumeGroupSnapshotHandle": info.group_snapshot_id,
-            "creationTime": _rfc3339(created),
+            "creationTime": rfc3339_from_ns(created),
             "readyToUse": info.ready_to_use,
             "volumeSnapshotInfoList": [
                 {

@@ -7,10 +7,12 @@ over each other's objects on a live cluster.
 
 from __future__ import annotations
 
-import datetime
 import re
 from typing import Any
 
+from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
+from csi_kit.k8s.objects.templates import TemplateError, expand
+from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime.api import Obj, annotations_of
 
 GROUP = "snapshot.storage.k8s.io"
@@ -62,9 +64,6 @@ META_GROUP_NAME = PARAM_PREFIX + "volumegroupsnapshot/name"
 META_GROUP_NAMESPACE = PARAM_PREFIX + "volumegroupsnapshot/namespace"
 META_GROUP_CONTENT_NAME = PARAM_PREFIX + "volumegroupsnapshotcontent/name"
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
 
 def content_name_for(snapshot: Obj) -> str:
     """Dynamic contents are named after the snapshot's UID, so a restarted controller finds them again."""
@@ -79,23 +78,8 @@ def csi_snapshot_name(content: Obj, prefix: str = "snapshot", uuid_length: int =
     return f"{prefix}-{uid}"
 
 
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def error_status(message: str) -> dict[str, str]:
-    return {"time": now_rfc3339(), "message": message}
-
-
-def quantity(n: int) -> str:
-    """Bytes as a canonical binary-SI Kubernetes quantity ("1Gi", "1536")."""
-    if n == 0:
-        return "0"
-    for power, suffix in ((6, "Ei"), (5, "Pi"), (4, "Ti"), (3, "Gi"), (2, "Mi"), (1, "Ki")):
-        unit = 1024**power
-        if n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
+    return {"time": rfc3339(), "message": message}
 
 
 def strip_prefixed(params: dict[str, str]) -> dict[str, str]:
@@ -115,19 +99,11 @@ def strip_prefixed(params: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _resolve(template: str, params: dict[str, str]) -> str:
-    missing: list[str] = []
-
-    class _Map(dict[str, str]):
-        def __missing__(self, key: str) -> str:
-            missing.append(key)
-            return ""
-
-    # os.Expand semantics for ${name}: the only form the secret templates use.
-    resolved = re.sub(r"\$\{([^}]*)\}", lambda m: _Map(params)[m.group(1)], template)
-    if missing:
-        raise ValueError(f"invalid tokens: {sorted(set(missing))}")
-    return resolved
+def _expand(template: str, params: dict[str, str]) -> str:
+    try:
+        return expand(template, params)
+    except TemplateError as e:
+        raise ValueError(f"invalid tokens: {e.missing}") from None
 
 
 def secret_ref(
@@ -161,14 +137,14 @@ def secret_ref(
     ns_params = {f"{kind}content.name": content_name}
     if snapshot_namespace is not None:
         ns_params[f"{kind}.namespace"] = snapshot_namespace
-    ns = _resolve(ns_t, ns_params)
-    if not _DNS1123_LABEL.match(ns) or len(ns) > 63:
+    ns = _expand(ns_t, ns_params)
+    if not is_dns1123_label(ns):
         raise ValueError(f"{ns_t!r} resolved to {ns!r} which is not a valid namespace name")
     name_params = dict(ns_params)
     if snapshot_name is not None:
         name_params[f"{kind}.name"] = snapshot_name
-    name = _resolve(name_t, name_params)
-    if not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
+    name = _expand(name_t, name_params)
+    if not is_dns1123_subdomain(name):
         raise ValueError(f"{name_t!r} resolved to {name!r} which is not a valid secret name")
     return name, ns
 

@@ -22,23 +22,18 @@ What the upstream external-attacher does for one driver, on the same fields:
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
 import re
 from typing import Any, Protocol
 
+from csi_kit.k8s.objects.meta import set_finalizers_patch
+from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import PV, SECRET, ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer
-from csi_kit.k8s.volume.protocol import (
-    CSI_NODE,
-    VOLUME_ATTACHMENT,
-    Capability,
-    capabilities_for,
-    set_finalizers_patch,
-)
+from csi_kit.k8s.volume.protocol import CSI_NODE, VOLUME_ATTACHMENT, Capability, capabilities_for
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +65,6 @@ class AttachDriver(Protocol):
     ) -> dict[str, str]: ...
 
     async def unpublish_volume(self, volume_id: str, node_id: str, secrets: dict[str, str]) -> None: ...
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Attacher(Loop):
@@ -173,7 +164,7 @@ class Attacher(Loop):
         if ((va.get("status") or {}).get(field) or {}).get("message") == message:
             return
         try:
-            await self._patch(va, {"status": {field: {"time": _now(), "message": message}}}, status=True)
+            await self._patch(va, {"status": {field: {"time": rfc3339(), "message": message}}}, status=True)
         except ApiError as e:
             log.info("cannot record %s on %s: %s", field, k.name_of(va), e)
 

@@ -47,13 +47,16 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 import time
 import uuid
 from typing import Any, Protocol
 
 import attrs
 
+from csi_kit.k8s.objects.meta import set_finalizers_patch
+from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
+from csi_kit.k8s.objects.quantity import format_quantity, parse_quantity, storage_of
+from csi_kit.k8s.objects.templates import TemplateError, expand
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import (
     NODE,
@@ -78,10 +81,6 @@ from csi_kit.k8s.volume.protocol import (
     EventRecorder,
     TopologyRequirement,
     capabilities_for,
-    format_quantity,
-    parse_quantity,
-    set_finalizers_patch,
-    storage_of,
 )
 
 log = logging.getLogger(__name__)
@@ -138,9 +137,6 @@ KNOWN_KEYS = {FSTYPE_KEY} | {key for kind in SECRET_KINDS.values() for key in ki
 
 SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
 
 class VolumeDriver(Protocol):
     """The CSI calls the provisioner makes (`VolumeClient` implements it)."""
@@ -181,19 +177,10 @@ class CreateRequest:
 
 
 def _resolve(template: str, values: dict[str, str], what: str) -> str:
-    missing: list[str] = []
-
-    def sub(m: re.Match[str]) -> str:
-        key = m.group(1)
-        if key not in values:
-            missing.append(key)
-            return ""
-        return values[key]
-
-    out = re.sub(r"\$\{([^}]*)\}", sub, template)
-    if missing:
-        raise ProvisioningError(f"{what}: invalid tokens {sorted(set(missing))} in {template!r}")
-    return out
+    try:
+        return expand(template, values)
+    except TemplateError as e:
+        raise ProvisioningError(f"{what}: invalid tokens {e.missing} in {template!r}") from None
 
 
 def secret_ref(params: dict[str, str], kind: str, pv_name: str, pvc: Obj | None) -> tuple[str, str] | None:
@@ -220,9 +207,9 @@ def secret_ref(params: dict[str, str], kind: str, pv_name: str, pvc: Obj | None)
                 name_values[f"pvc.annotations['{ak}']"] = av
     ns = _resolve(params[ns_key], ns_values, f"{kind} secret namespace")
     name = _resolve(params[name_key], name_values, f"{kind} secret name")
-    if not ns or len(ns) > 63 or not _DNS1123_LABEL.match(ns):
+    if not is_dns1123_label(ns):
         raise ProvisioningError(f"{kind} secret namespace {params[ns_key]!r} resolved to invalid {ns!r}")
-    if not name or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+    if not is_dns1123_subdomain(name):
         raise ProvisioningError(f"{kind} secret name {params[name_key]!r} resolved to invalid {name!r}")
     return name, ns
 

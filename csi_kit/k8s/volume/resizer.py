@@ -63,20 +63,14 @@ from typing import Any, Protocol
 
 import grpc
 
+from csi_kit.k8s.objects.quantity import format_quantity, storage_of
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
-from csi_kit.k8s.volume.protocol import (
-    Capability,
-    EventRecorder,
-    capabilities_for,
-    format_quantity,
-    merge_claim_conditions,
-    storage_of,
-)
+from csi_kit.k8s.volume.protocol import Capability, EventRecorder, capabilities_for, merge_claim_conditions
 from csi_kit.k8s.volume.protocol import claim_condition as _condition
 from csi_kit.k8s.volume.protocol import has_claim_condition as _has_condition
 from csi_kit.k8s.volume.provisioner import affinity_matches
