@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _bench import header, process_cpu_seconds
 from volume_peer import ClusterSim
 
-from csi_kit.k8s.runtime.api import PV, PVC
-from csi_kit.k8s.volume.protocol import STORAGE_CLASS, VolumeClient
+from csi_kit.k8s.objects.resources import PV, PVC, STORAGE_CLASS
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import driver_process

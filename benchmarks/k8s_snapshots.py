@@ -27,7 +27,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _bench import Client, header, process_cpu_seconds
 
-from csi_kit.k8s.runtime.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.objects.resources import (
+    PV,
+    PVC,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CLASS,
+    VOLUME_SNAPSHOT_CONTENT,
+)
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
 from csi_kit.k8s.snapshot.controller import SnapshotController

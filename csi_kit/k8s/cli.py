@@ -18,19 +18,19 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from csi_kit.k8s.envopts import env as _env
-from csi_kit.k8s.envopts import env_bool as _env_bool
+from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.runtime import metrics
 from csi_kit.k8s.runtime.api import KubeAPI
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIClient, CSIError, DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.leader import LeaderElector
+from csi_kit.k8s.runtime.options import env as _env
+from csi_kit.k8s.runtime.options import env_bool as _env_bool
 from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
 from csi_kit.k8s.snapshot import group
 from csi_kit.k8s.snapshot import metadata as snapshot_metadata
 from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.k8s.volume import health
 from csi_kit.k8s.volume_cli import VOLUME_LOOPS, VolumeLoops, add_volume_options

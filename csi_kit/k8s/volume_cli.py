@@ -17,13 +17,13 @@ import argparse
 import logging
 from typing import Any
 
-from csi_kit.k8s.envopts import deprecated_alias
-from csi_kit.k8s.envopts import env as _env
-from csi_kit.k8s.envopts import env_bool as _env_bool
+from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.runtime.api import KubeAPI
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import DriverInfo
-from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
+from csi_kit.k8s.runtime.options import deprecated_alias
+from csi_kit.k8s.runtime.options import env as _env
+from csi_kit.k8s.runtime.options import env_bool as _env_bool
 from csi_kit.k8s.volume.attacher import Attacher
 from csi_kit.k8s.volume.capacity import CapacityTracker
 from csi_kit.k8s.volume.liveness import LivenessServer

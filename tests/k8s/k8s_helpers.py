@@ -7,15 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
-    Obj,
-    Resource,
 )
+from csi_kit.k8s.runtime.api import Obj, Resource
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter

@@ -9,10 +9,11 @@ import grpc
 import pytest
 from volume_peer import VolumeCSI, eventually, make_bound, make_node, run_tasks, served, settle, stop_tasks
 
+from csi_kit.k8s.objects.resources import CSI_NODE, PV, VOLUME_ATTACHMENT
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import PV, Obj
+from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.volume.attacher import ANN_NODE_ID, Attacher, finalizer_for
-from csi_kit.k8s.volume.protocol import CSI_NODE, VOLUME_ATTACHMENT, VolumeClient
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 FIN = "external-attacher/vol-csi-kit-io"

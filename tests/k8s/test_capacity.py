@@ -19,9 +19,10 @@ from volume_peer import (
 )
 
 from csi_kit.k8s.objects.quantity import parse_quantity
+from csi_kit.k8s.objects.resources import CSI_STORAGE_CAPACITY, STORAGE_CLASS
 from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.volume.capacity import LABEL_DRIVER, LABEL_MANAGED_BY, CapacityTracker
-from csi_kit.k8s.volume.protocol import CSI_STORAGE_CAPACITY, STORAGE_CLASS, VolumeClient
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 

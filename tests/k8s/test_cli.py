@@ -11,7 +11,8 @@ from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make
 from prometheus_client import REGISTRY
 
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
-from csi_kit.k8s.runtime.api import LEASE, ApiError, Obj, Resource
+from csi_kit.k8s.objects.resources import LEASE
+from csi_kit.k8s.runtime.api import ApiError, Obj, Resource
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 

@@ -18,18 +18,19 @@ import pytest
 from volume_peer import ClusterSim, bound, claim, eventually, run_tasks, stop_tasks
 
 from csi_kit.k8s.objects.quantity import parse_quantity
-from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
+    STORAGE_CLASS,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
-    Obj,
 )
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
-from csi_kit.k8s.volume.protocol import STORAGE_CLASS, VolumeClient
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver
@@ -237,7 +238,7 @@ async def test_one_process_all_controllers_per_node(
     from csi_kit._pb import pluginregistration_pb2 as rpb
     from csi_kit._pb import pluginregistration_pb2_grpc as rpbg
     from csi_kit.k8s.cli import add_controller_options, run_controllers
-    from csi_kit.k8s.volume.protocol import CSI_STORAGE_CAPACITY
+    from csi_kit.k8s.objects.resources import CSI_STORAGE_CAPACITY
 
     state = str(tmp_path / "driver")
     os.makedirs(state)

@@ -6,17 +6,8 @@ import asyncio
 
 import pytest
 
-from csi_kit.k8s.runtime.api import (
-    LEASE,
-    PV,
-    PVC,
-    VOLUME_SNAPSHOT,
-    ApiError,
-    Obj,
-    is_already_exists,
-    is_conflict,
-)
-from csi_kit.k8s.volume.protocol import STORAGE_CLASS
+from csi_kit.k8s.objects.resources import LEASE, PV, PVC, STORAGE_CLASS, VOLUME_SNAPSHOT
+from csi_kit.k8s.runtime.api import ApiError, Obj, is_already_exists, is_conflict
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 #: A kind with a status subresource and no validation rules of its own in the fake.

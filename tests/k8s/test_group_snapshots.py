@@ -32,18 +32,18 @@ from k8s_helpers import eventually, make_volume, settle
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     LEASE,
     PV,
     PVC,
     SECRET,
+    VOLUME_GROUP_SNAPSHOT,
+    VOLUME_GROUP_SNAPSHOT_CLASS,
+    VOLUME_GROUP_SNAPSHOT_CONTENT,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    Obj,
-    Resource,
-    conflict,
 )
+from csi_kit.k8s.runtime.api import ApiError, Obj, Resource, conflict
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIClient, CSIError, SnapshotInfo
 from csi_kit.k8s.snapshot import group as g
@@ -133,7 +133,7 @@ async def labelled_volume(
 async def group_class(api: FakeKubeAPI, driver: str, policy: str = "Delete", **params: str) -> None:
     await as_user(
         api.create,
-        g.VOLUME_GROUP_SNAPSHOT_CLASS,
+        VOLUME_GROUP_SNAPSHOT_CLASS,
         {
             "metadata": {"name": "groups", "annotations": {g.ANN_GROUP_IS_DEFAULT_CLASS: "true"}},
             "driver": driver,
@@ -146,7 +146,7 @@ async def group_class(api: FakeKubeAPI, driver: str, policy: str = "Delete", **p
 async def group_snapshot(api: FakeKubeAPI, name: str = "grp", app: str = "db") -> Obj:
     obj: Obj = await as_user(
         api.create,
-        g.VOLUME_GROUP_SNAPSHOT,
+        VOLUME_GROUP_SNAPSHOT,
         {
             "metadata": {"name": name, "namespace": NS},
             "spec": {"source": {"selector": {"matchLabels": {"app": app}}}},
@@ -156,7 +156,7 @@ async def group_snapshot(api: FakeKubeAPI, name: str = "grp", app: str = "db") -
 
 
 def peek_group(api: FakeKubeAPI, name: str = "grp") -> Obj | None:
-    return api.peek(g.VOLUME_GROUP_SNAPSHOT, name, NS)
+    return api.peek(VOLUME_GROUP_SNAPSHOT, name, NS)
 
 
 def group_ready(api: FakeKubeAPI, name: str = "grp") -> bool:
@@ -171,7 +171,7 @@ def members(api: FakeKubeAPI) -> list[Obj]:
 def everything_gone(api: FakeKubeAPI) -> bool:
     return (
         peek_group(api) is None
-        and not api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        and not api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
         and not api.objects(VOLUME_SNAPSHOT)
         and not api.objects(VOLUME_SNAPSHOT_CONTENT)
     )
@@ -286,7 +286,7 @@ async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.Pa
         assert final["spec"]["volumeGroupSnapshotClassName"] == "groups", "the default class is recorded"
         assert g.GROUP_BOUND_FINALIZER in final["metadata"]["finalizers"]
 
-        content = api.peek(g.VOLUME_GROUP_SNAPSHOT_CONTENT, f"groupsnapcontent-{uid}")
+        content = api.peek(VOLUME_GROUP_SNAPSHOT_CONTENT, f"groupsnapcontent-{uid}")
         assert content is not None
         assert content["spec"]["volumeGroupSnapshotRef"]["uid"] == uid
         assert content["metadata"]["finalizers"] == [g.GROUP_CONTENT_BOUND_FINALIZER]
@@ -328,10 +328,10 @@ async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.Pa
 async def _cut_then_delete(api: FakeKubeAPI, endpoint: str) -> tuple[str, list[str]]:
     await group_snapshot(api)
     await eventually(lambda: group_ready(api), "group ready", limit=60)
-    [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+    [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
     handle = content["status"]["volumeGroupSnapshotHandle"]
     ids = [i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]]
-    await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+    await as_user(api.delete, VOLUME_GROUP_SNAPSHOT, "grp", NS)
     await eventually(lambda: peek_group(api) is None, "group gone", limit=60)
     return handle, ids
 
@@ -359,7 +359,7 @@ async def test_distributed_group_members_are_labelled_and_deleted_with_the_group
         assert len(member_contents) == 2
         for vsc in member_contents:
             assert vsc["metadata"]["labels"] == {LABEL_MANAGED_BY: "node-a"}
-        await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await as_user(api.delete, VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await eventually(lambda: peek_group(api) is None, "group gone", limit=60)
         await eventually(lambda: not api.objects(VOLUME_SNAPSHOT_CONTENT), "member contents gone", limit=60)
         await eventually(lambda: not members(api), "member snapshots gone", limit=60)
@@ -371,7 +371,7 @@ async def test_retain_policy_keeps_the_group(tmp_path: os.PathLike[str]) -> None
         await group_class(api, DRIVER, "Retain")
         handle, ids = await _cut_then_delete(api, endpoint)
         await eventually(lambda: not members(api), "member snapshots gone", limit=60)
-        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
         assert g.ANN_GROUP_BEING_DELETED in content["metadata"]["annotations"]
         assert not content["metadata"].get("deletionTimestamp")
         assert len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2, "member contents kept with the group"
@@ -404,7 +404,7 @@ async def test_driver_without_group_controller_reports_it(
         assert not members(api)
         assert csi.calls["CreateSnapshot"] == 0, "no member is cut one by one instead"
         # Deleting it needs nothing from the driver.
-        await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await eventually(lambda: everything_gone(api), "gone")
     finally:
         await loops.stop()
@@ -459,7 +459,7 @@ async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
     }
     await as_user(
         api.create,
-        g.VOLUME_GROUP_SNAPSHOT_CONTENT,
+        VOLUME_GROUP_SNAPSHOT_CONTENT,
         {
             "metadata": {"name": "imported"},
             "spec": {
@@ -472,7 +472,7 @@ async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
     )
     await as_user(
         api.create,
-        g.VOLUME_GROUP_SNAPSHOT,
+        VOLUME_GROUP_SNAPSHOT,
         {
             "metadata": {"name": "grp", "namespace": NS},
             "spec": {"source": {"volumeGroupSnapshotContentName": "imported"}},
@@ -507,14 +507,14 @@ async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash, flow: str =
         await until(lambda: group_ready(api), "ready")
         assert len(members(api)) == 2 and len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2
         assert await backend_snapshot_count(endpoint) == 2, "one group of two was cut, never a second"
-        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
         handle = content["status"]["volumeGroupSnapshotHandle"]
         ids = [i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]]
-        await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await as_user(api.delete, VOLUME_GROUP_SNAPSHOT, "grp", NS)
         if flow == "retain":
             await until(lambda: peek_group(api) is None and not members(api), "group and members gone")
             await settle(api)
-            [kept] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+            [kept] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
             assert not kept["metadata"].get("deletionTimestamp")
             assert len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2
             assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.OK
@@ -596,9 +596,9 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
         try:
             await group_snapshot(api)
             await eventually(lambda: group_ready(api), "group ready", limit=60)
-            [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+            [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
             assert content["metadata"]["annotations"][g.ANN_GROUP_DELETION_SECRET_NAME] == "creds"
-            await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+            await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
             await eventually(lambda: everything_gone(api), "all gone", limit=60)
         finally:
             for t in tasks:
@@ -629,7 +629,7 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
         unused = {x for x in allowed - used if (who, *x) not in rare}
         assert unused == set(), f"{who}'s role grants verbs it never uses"
     cls = d[("VolumeGroupSnapshotClass", "csi-kit-hostpath-group")]
-    assert cls["apiVersion"] == g.VOLUME_GROUP_SNAPSHOT_CLASS.api_version and cls["driver"] == DRIVER
+    assert cls["apiVersion"] == VOLUME_GROUP_SNAPSHOT_CLASS.api_version and cls["driver"] == DRIVER
     assert cls["metadata"]["annotations"][g.ANN_GROUP_IS_DEFAULT_CLASS] == "true"
 
 
@@ -740,9 +740,9 @@ async def test_deletion_while_create_group_in_flight_leaks_nothing(
         groups.gate = asyncio.Event()
         await group_snapshot(api)
         await eventually(lambda: groups.started.is_set(), "CreateVolumeGroupSnapshot sent")
-        await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await settle(api)
-        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
         assert g.ANN_GROUP_BEING_CREATED in content["metadata"]["annotations"], "the deletion waits"
         groups.gate.set()
         await eventually(lambda: everything_gone(api), "all gone")
@@ -803,7 +803,7 @@ async def test_member_deleted_alone_waits_for_its_group(
         kept = api.peek(VOLUME_SNAPSHOT, one["metadata"]["name"], NS)
         assert kept is not None and kept["metadata"]["finalizers"] == [g.SNAPSHOT_IN_GROUP_FINALIZER]
         assert len(groups.groups) == 1 and groups.calls["delete"] == 0, "a member's storage is the group's"
-        await api.delete(g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await eventually(lambda: everything_gone(api), "all gone")
         assert groups.groups == {}
 
@@ -820,7 +820,7 @@ async def test_pre_provisioned_group_binds_and_makes_members(tmp_path: os.PathLi
         ids = [s.snapshot_id for s in r.group_snapshot.snapshots]
         await as_user(
             api.create,
-            g.VOLUME_GROUP_SNAPSHOT_CONTENT,
+            VOLUME_GROUP_SNAPSHOT_CONTENT,
             {
                 "metadata": {"name": "imported"},
                 "spec": {
@@ -838,14 +838,14 @@ async def test_pre_provisioned_group_binds_and_makes_members(tmp_path: os.PathLi
         )
         grp = await as_user(
             api.create,
-            g.VOLUME_GROUP_SNAPSHOT,
+            VOLUME_GROUP_SNAPSHOT,
             {
                 "metadata": {"name": "grp", "namespace": NS},
                 "spec": {"source": {"volumeGroupSnapshotContentName": "imported"}},
             },
         )
         await eventually(lambda: group_ready(api), "pre-provisioned group ready", limit=60)
-        content = api.peek(g.VOLUME_GROUP_SNAPSHOT_CONTENT, "imported")
+        content = api.peek(VOLUME_GROUP_SNAPSHOT_CONTENT, "imported")
         assert (
             content is not None and content["spec"]["volumeGroupSnapshotRef"]["uid"] == grp["metadata"]["uid"]
         )
@@ -854,7 +854,7 @@ async def test_pre_provisioned_group_binds_and_makes_members(tmp_path: os.PathLi
         assert sorted(i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]) == sorted(ids)
         vss = members(api)
         assert len(vss) == 2 and all(v["status"]["readyToUse"] for v in vss)
-        await as_user(api.delete, g.VOLUME_GROUP_SNAPSHOT, "grp", NS)
+        await as_user(api.delete, VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await eventually(lambda: everything_gone(api), "all gone", limit=60)
         assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.NOT_FOUND
 
@@ -872,7 +872,7 @@ async def test_pre_provisioned_content_mismatches_are_reported(tmp_path: os.Path
         ):
             await as_user(
                 api.create,
-                g.VOLUME_GROUP_SNAPSHOT,
+                VOLUME_GROUP_SNAPSHOT,
                 {
                     "metadata": {"name": name, "namespace": NS},
                     "spec": {"source": {"volumeGroupSnapshotContentName": content}},
@@ -891,8 +891,8 @@ async def test_pre_provisioned_content_mismatches_are_reported(tmp_path: os.Path
 async def test_watch_expiry_and_conflicts_converge(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
     async with scripted(api, peer) as (groups, _):
         api.expire_watches()
-        api.fail("patch", g.VOLUME_GROUP_SNAPSHOT, conflict("the object has been modified"), times=3)
-        api.fail("patch", g.VOLUME_GROUP_SNAPSHOT_CONTENT, conflict("the object has been modified"), times=2)
+        api.fail("patch", VOLUME_GROUP_SNAPSHOT, conflict("the object has been modified"), times=3)
+        api.fail("patch", VOLUME_GROUP_SNAPSHOT_CONTENT, conflict("the object has been modified"), times=2)
         await group_snapshot(api)
         await eventually(lambda: group_ready(api), "ready despite 410 and 409s")
         assert len(groups.names) == 1 and len(members(api)) == 2
@@ -932,12 +932,12 @@ async def test_lost_content_is_reported_never_cut_again(
     async with scripted(api, peer) as (groups, _):
         await group_snapshot(api)
         await eventually(lambda: group_ready(api), "ready")
-        [content] = api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
         name = content["metadata"]["name"]
-        await api.patch(g.VOLUME_GROUP_SNAPSHOT_CONTENT, name, {"metadata": {"finalizers": None}})
-        await api.delete(g.VOLUME_GROUP_SNAPSHOT_CONTENT, name)
+        await api.patch(VOLUME_GROUP_SNAPSHOT_CONTENT, name, {"metadata": {"finalizers": None}})
+        await api.delete(VOLUME_GROUP_SNAPSHOT_CONTENT, name)
         await eventually(
             lambda: f"VolumeGroupSnapshotContent {name} is missing" in group_error(api), "reported"
         )
         await settle(api)
-        assert groups.calls["create"] == 1 and not api.objects(g.VOLUME_GROUP_SNAPSHOT_CONTENT)
+        assert groups.calls["create"] == 1 and not api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)

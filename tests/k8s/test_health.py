@@ -25,8 +25,9 @@ from volume_peer import VolumeCSI, eventually, make_bound, served, stop_tasks
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.cli import CONTROLLERS, add_controller_options, run_controllers, selected
+from csi_kit.k8s.objects.resources import EVENT, LEASE, PV
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import EVENT, LEASE, PV, Obj
+from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.runtime.csi import DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.volume import health

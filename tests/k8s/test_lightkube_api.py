@@ -20,13 +20,14 @@ import yaml
 from k8s_helpers import eventually
 from lightkube import AsyncClient, KubeConfig
 
+from csi_kit.k8s.objects.resources import LEASE, PV, PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import LEASE, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, ApiError
+from csi_kit.k8s.runtime.api import ApiError
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.runtime.lightkube import LightkubeAPI
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
-KINDS = {r.plural: r for r in (PVC, LEASE, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, k.PV, k.SECRET)}
+KINDS = {r.plural: r for r in (PVC, LEASE, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, PV, SECRET)}
 
 
 def status_body(e: ApiError) -> dict[str, Any]:

@@ -29,8 +29,16 @@ from k8s_helpers import (
     snapshot,
 )
 
+from csi_kit.k8s.objects.resources import (
+    EVENT,
+    LEASE,
+    PV,
+    PVC,
+    SECRET,
+    VOLUME_SNAPSHOT,
+    VOLUME_SNAPSHOT_CONTENT,
+)
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
 from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.leader import LeaderElector
@@ -129,7 +137,7 @@ async def test_rbac_is_exactly_what_the_loops_use(peer: tuple[ScriptedCSI, str])
         assert used - allowed == set(), f"{who} uses verbs its role does not grant"
         unused = {g for g in allowed - used if (who, *g) not in RARE}
         assert unused == set(), f"{who}'s role grants verbs it never uses"
-    assert k.LEASE.group == "coordination.k8s.io"
+    assert LEASE.group == "coordination.k8s.io"
 
 
 class _SickDriver:

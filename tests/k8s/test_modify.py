@@ -26,16 +26,10 @@ from volume_peer import (
     stop_tasks,
 )
 
+from csi_kit.k8s.objects.resources import EVENT, PV, PVC, VOLUME_ATTRIBUTES_CLASS
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import EVENT, PV, PVC, Obj
-from csi_kit.k8s.volume.modifier import (
-    COND_MODIFY_ERROR,
-    COND_MODIFYING,
-    IN_PROGRESS,
-    INFEASIBLE,
-    PENDING,
-    VOLUME_ATTRIBUTES_CLASS,
-)
+from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.volume.modifier import COND_MODIFY_ERROR, COND_MODIFYING, IN_PROGRESS, INFEASIBLE, PENDING
 from csi_kit.k8s.volume.protocol import Capability, VolumeClient
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver

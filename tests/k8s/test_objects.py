@@ -8,7 +8,7 @@ import pytest
 
 from csi_kit.k8s.objects import selectors
 from csi_kit.k8s.objects.meta import set_finalizers_patch
-from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
+from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain, sanitize_lease_name
 from csi_kit.k8s.objects.quantity import format_quantity, parse_quantity
 from csi_kit.k8s.objects.templates import TemplateError, expand
 from csi_kit.k8s.objects.times import micro_time, rfc3339, rfc3339_from_ns
@@ -86,6 +86,8 @@ def test_dns1123_names() -> None:
     assert is_dns1123_label("kube-system") and not is_dns1123_label("a.b") and not is_dns1123_label("x" * 64)
     assert is_dns1123_subdomain("a.b-c") and not is_dns1123_subdomain("A") and not is_dns1123_subdomain("")
     assert not is_dns1123_subdomain("a" * 254)
+    assert sanitize_lease_name("hostpath.csi-kit.io") == "hostpath-csi-kit-io"
+    assert sanitize_lease_name("a.b.") == "a-b-X"
 
 
 def test_templates_expand_known_tokens_and_name_the_unknown() -> None:

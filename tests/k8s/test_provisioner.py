@@ -28,9 +28,10 @@ from volume_peer import (
 )
 
 from csi_kit.k8s.objects.quantity import format_quantity, parse_quantity
+from csi_kit.k8s.objects.resources import EVENT, PV, PVC, REFERENCE_GRANT, SECRET, VOLUME_SNAPSHOT
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import EVENT, PV, PVC, SECRET, VOLUME_SNAPSHOT, Obj
-from csi_kit.k8s.volume.protocol import REFERENCE_GRANT, VolumeClient, capabilities_for
+from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.volume.protocol import VolumeClient, capabilities_for
 from csi_kit.k8s.volume.provisioner import (
     ANN_DELETION_SECRET_NAME,
     ANN_PROVISIONED_BY,

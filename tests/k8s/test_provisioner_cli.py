@@ -23,7 +23,8 @@ from volume_peer import (
 )
 
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
-from csi_kit.k8s.runtime.api import LEASE, PV, PVC, ApiError
+from csi_kit.k8s.objects.resources import LEASE, PV, PVC
+from csi_kit.k8s.runtime.api import ApiError
 from csi_kit.k8s.volume.attacher import Attacher
 from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume_cli import VolumeLoops, lease_names

@@ -32,10 +32,9 @@ from volume_peer import (
     stop_tasks,
 )
 
-from csi_kit.k8s.runtime.api import PVC, SECRET
+from csi_kit.k8s.objects.resources import PVC, SECRET, STORAGE_CLASS, VOLUME_ATTRIBUTES_CLASS
 from csi_kit.k8s.volume.capacity import CapacityTracker
-from csi_kit.k8s.volume.modifier import VOLUME_ATTRIBUTES_CLASS
-from csi_kit.k8s.volume.protocol import STORAGE_CLASS, VolumeClient
+from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI

@@ -22,7 +22,8 @@ from volume_peer import (
 )
 
 from csi_kit.k8s.objects.quantity import parse_quantity
-from csi_kit.k8s.runtime.api import PV, PVC, SECRET, ApiError, Obj
+from csi_kit.k8s.objects.resources import PV, PVC, SECRET
+from csi_kit.k8s.runtime.api import ApiError, Obj
 from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.resizer import (
     COND_ERROR,

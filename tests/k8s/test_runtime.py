@@ -8,7 +8,8 @@ import contextlib
 import pytest
 from k8s_helpers import eventually
 
-from csi_kit.k8s.runtime.api import LEASE, VOLUME_SNAPSHOT, ApiError, Obj, Resource
+from csi_kit.k8s.objects.resources import LEASE, VOLUME_SNAPSHOT
+from csi_kit.k8s.runtime.api import ApiError, Obj, Resource
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.runtime.leader import LeaderElector
 from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket

@@ -19,7 +19,8 @@ from k8s_helpers import (
     snapshot,
 )
 
-from csi_kit.k8s.runtime.api import PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT, Obj
+from csi_kit.k8s.objects.resources import PVC, SECRET, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

@@ -15,7 +15,7 @@ from k8s_helpers import (
     snapshot,
 )
 
-from csi_kit.k8s.runtime.api import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.objects.resources import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -145,7 +145,7 @@ async def test_metrics_record_syncs_and_queue(
 async def test_events_when_enabled_once_per_reason(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
     import grpc
 
-    from csi_kit.k8s.runtime.api import EVENT
+    from csi_kit.k8s.objects.resources import EVENT
     from csi_kit.k8s.runtime.events import EventRecorder
 
     csi, endpoint = peer

@@ -11,7 +11,7 @@ from k8s_helpers import contents, eventually, is_ready, snapshot
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s.runtime.api import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
+from csi_kit.k8s.objects.resources import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter

@@ -39,14 +39,16 @@ from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as kpbg
 from csi_kit.backend import BackendContext
 from csi_kit.k8s import cli as k8s_cli
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     SECRET,
+    SNAPSHOT_METADATA_SERVICE,
+    SUBJECT_ACCESS_REVIEW,
+    TOKEN_REVIEW,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
-    Obj,
-    Resource,
 )
+from csi_kit.k8s.runtime.api import Obj, Resource
 from csi_kit.k8s.runtime.csi import DriverInfo
 from csi_kit.k8s.snapshot import metadata as sm
 from csi_kit.k8s.snapshot import protocol as p
@@ -88,7 +90,7 @@ class ReviewingAPI(FakeKubeAPI):
         self.reviews: list[Obj] = []
 
     async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
-        if res == sm.TOKEN_REVIEW:
+        if res == TOKEN_REVIEW:
             self.reviews.append(obj)
             spec = obj["spec"]
             user, audiences = self.tokens.get(spec["token"], ("", ()))
@@ -99,7 +101,7 @@ class ReviewingAPI(FakeKubeAPI):
             elif user:
                 status["error"] = "token audiences do not match"
             return dict(obj, status=status)
-        if res == sm.SUBJECT_ACCESS_REVIEW:
+        if res == SUBJECT_ACCESS_REVIEW:
             self.reviews.append(obj)
             spec = obj["spec"]
             attrs_ = spec["resourceAttributes"]
@@ -192,10 +194,10 @@ async def _bound_snapshot(
 
 async def _service_object(api: FakeKubeAPI, audience: str = AUDIENCE) -> None:
     await api.create(
-        sm.SNAPSHOT_METADATA_SERVICE,
+        SNAPSHOT_METADATA_SERVICE,
         {
-            "apiVersion": sm.SNAPSHOT_METADATA_SERVICE.api_version,
-            "kind": sm.SNAPSHOT_METADATA_SERVICE.kind,
+            "apiVersion": SNAPSHOT_METADATA_SERVICE.api_version,
+            "kind": SNAPSHOT_METADATA_SERVICE.kind,
             "metadata": {"name": DRIVER},
             "spec": {"address": "csi-kit:50051", "audience": audience, "caCert": ""},
         },
@@ -342,7 +344,7 @@ async def test_the_service_object_is_created_when_asked(driver: str, tmp_path: P
     )
     loop.tls = sm.TLSFiles("", "", str(ca))  # only the CA bundle is read here
     await loop.ensure_service_object()
-    obj = api.peek(sm.SNAPSHOT_METADATA_SERVICE, DRIVER)
+    obj = api.peek(SNAPSHOT_METADATA_SERVICE, DRIVER)
     assert obj is not None
     assert obj["spec"]["address"] == "csi-kit.kube-system:50051" and obj["spec"]["audience"] == "aud"
     assert obj["spec"]["caCert"] == "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="
@@ -642,7 +644,7 @@ async def test_rbac_is_exactly_what_the_loop_uses(tmp_path: Path) -> None:
 
 def test_the_crd_and_the_sample_agree_with_the_loop() -> None:
     (crd,) = yaml.safe_load_all((MANIFESTS / "snapshotmetadataservice-crd.yaml").read_text())
-    res = sm.SNAPSHOT_METADATA_SERVICE
+    res = SNAPSHOT_METADATA_SERVICE
     assert crd["metadata"]["name"] == f"{res.plural}.{res.group}"
     assert crd["spec"]["group"] == res.group and crd["spec"]["scope"] == "Cluster"
     assert crd["spec"]["names"]["kind"] == res.kind and crd["spec"]["names"]["plural"] == res.plural

@@ -9,7 +9,7 @@ from typing import Any
 from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot
 
-from csi_kit.k8s.runtime.api import PV, PVC
+from csi_kit.k8s.objects.resources import PV, PVC
 from csi_kit.k8s.runtime.csi import CSIClient, SnapshotInfo
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController

@@ -13,8 +13,6 @@ def test_names_follow_upstream() -> None:
     content = {"spec": {"volumeSnapshotRef": {"uid": "0b5c-11"}}}
     assert p.csi_snapshot_name(content) == "snapshot-0b5c-11"
     assert p.csi_snapshot_name(content, "snap", 4) == "snap-0b5c"
-    assert p.sanitize_lease_name("hostpath.csi-kit.io") == "hostpath-csi-kit-io"
-    assert p.sanitize_lease_name("a.b.") == "a-b-X"
 
 
 def test_reserved_parameters_are_stripped_and_unknown_ones_refused() -> None:

@@ -26,15 +26,8 @@ from k8s_helpers import (
     snapshot,
 )
 
-from csi_kit.k8s.runtime.api import (
-    PVC,
-    VOLUME_SNAPSHOT,
-    VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    Obj,
-    Resource,
-    conflict,
-)
+from csi_kit.k8s.objects.resources import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.runtime.api import ApiError, Obj, Resource, conflict
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 USER = contextvars.ContextVar("user", default=False)

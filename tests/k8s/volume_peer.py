@@ -28,21 +28,19 @@ from google.protobuf import wrappers_pb2
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.objects.quantity import format_quantity, parse_quantity
-from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
+    CSI_NODE,
     NODE,
     PV,
     PVC,
+    STORAGE_CLASS,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    KubeAPI,
-    Obj,
-    is_conflict,
 )
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, is_conflict
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.informer import Informer
-from csi_kit.k8s.volume.protocol import CSI_NODE, STORAGE_CLASS
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "vol.csi-kit.io"

@@ -14,3 +14,11 @@ def is_dns1123_label(name: str) -> bool:
 
 def is_dns1123_subdomain(name: str) -> bool:
     return len(name) <= 253 and bool(_SUBDOMAIN.match(name))
+
+
+def sanitize_lease_name(name: str) -> str:
+    """What csi-lib-utils does to a driver name before using it in a Lease name."""
+    out = re.sub(r"[^a-zA-Z0-9-]", "-", name)
+    if out.endswith("-"):
+        out += "X"
+    return out

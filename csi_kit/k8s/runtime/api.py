@@ -32,49 +32,7 @@ from csi_kit.k8s.objects.meta import rv_newer as rv_newer
 from csi_kit.k8s.objects.meta import rv_of as rv_of
 from csi_kit.k8s.objects.meta import split_key as split_key
 from csi_kit.k8s.objects.meta import uid_of as uid_of
-
-
-@attrs.frozen
-class Resource:
-    """Where a kind lives in the API (group/version/plural) and whether it is namespaced."""
-
-    group: str
-    version: str
-    kind: str
-    plural: str
-    namespaced: bool
-    has_status: bool = True
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def __str__(self) -> str:
-        return f"{self.plural}.{self.group}" if self.group else self.plural
-
-
-PVC = Resource("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", True)
-PV = Resource("", "v1", "PersistentVolume", "persistentvolumes", False)
-SECRET = Resource("", "v1", "Secret", "secrets", True, has_status=False)
-NODE = Resource("", "v1", "Node", "nodes", False)
-EVENT = Resource("", "v1", "Event", "events", True, has_status=False)
-LEASE = Resource("coordination.k8s.io", "v1", "Lease", "leases", True, has_status=False)
-VOLUME_SNAPSHOT = Resource("snapshot.storage.k8s.io", "v1", "VolumeSnapshot", "volumesnapshots", True)
-VOLUME_SNAPSHOT_CONTENT = Resource(
-    "snapshot.storage.k8s.io",
-    "v1",
-    "VolumeSnapshotContent",
-    "volumesnapshotcontents",
-    False,
-)
-VOLUME_SNAPSHOT_CLASS = Resource(
-    "snapshot.storage.k8s.io",
-    "v1",
-    "VolumeSnapshotClass",
-    "volumesnapshotclasses",
-    False,
-    has_status=False,
-)
+from csi_kit.k8s.objects.resources import Resource as Resource
 
 
 class ApiError(Exception):

@@ -14,8 +14,9 @@ import logging
 import time
 from collections import OrderedDict
 
+from csi_kit.k8s.objects.resources import EVENT
 from csi_kit.k8s.objects.times import rfc3339
-from csi_kit.k8s.runtime.api import EVENT, ApiError, KubeAPI, Obj, name_of, namespace_of, uid_of
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, name_of, namespace_of, uid_of
 
 log = logging.getLogger(__name__)
 

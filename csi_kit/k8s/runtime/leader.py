@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from csi_kit.k8s.objects.resources import LEASE
 from csi_kit.k8s.objects.times import micro_time
-from csi_kit.k8s.runtime.api import LEASE, ApiError, KubeAPI, Obj, is_not_found, rv_of
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, is_not_found, rv_of
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,16 @@ import logging
 from typing import Any
 
 from csi_kit.k8s.objects.quantity import format_quantity
-from csi_kit.k8s.objects.times import rfc3339_from_ns
-from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    KubeAPI,
-    Obj,
 )
+from csi_kit.k8s.objects.times import rfc3339_from_ns
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.events import NORMAL, WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import Informer

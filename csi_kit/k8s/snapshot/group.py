@@ -42,20 +42,20 @@ import grpc.aio
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
-from csi_kit.k8s.objects.selectors import format_label_selector, label_selector_matches
-from csi_kit.k8s.objects.times import rfc3339_from_ns
-from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
     SECRET,
+    VOLUME_GROUP_SNAPSHOT,
+    VOLUME_GROUP_SNAPSHOT_CLASS,
+    VOLUME_GROUP_SNAPSHOT_CONTENT,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    KubeAPI,
-    Obj,
-    Resource,
 )
+from csi_kit.k8s.objects.selectors import format_label_selector, label_selector_matches
+from csi_kit.k8s.objects.times import rfc3339_from_ns
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, Resource
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, grpc_target, is_final_error
 from csi_kit.k8s.runtime.informer import Informer
@@ -69,13 +69,6 @@ pbg: Any = _pbg  # generated, untyped
 GROUP = p.GROUP_GROUP
 VERSION = "v1"
 
-VOLUME_GROUP_SNAPSHOT = Resource(GROUP, VERSION, "VolumeGroupSnapshot", "volumegroupsnapshots", True)
-VOLUME_GROUP_SNAPSHOT_CONTENT = Resource(
-    GROUP, VERSION, "VolumeGroupSnapshotContent", "volumegroupsnapshotcontents", False
-)
-VOLUME_GROUP_SNAPSHOT_CLASS = Resource(
-    GROUP, VERSION, "VolumeGroupSnapshotClass", "volumegroupsnapshotclasses", False, has_status=False
-)
 
 # The protocol names live with the snapshot ones (upstream's, byte for byte).
 GROUP_CONTENT_BOUND_FINALIZER = p.GROUP_CONTENT_BOUND_FINALIZER

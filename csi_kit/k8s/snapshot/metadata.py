@@ -77,20 +77,19 @@ from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as _pbg
 from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as _kpbg
-from csi_kit.k8s.envopts import env as _env
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
     SECRET,
+    SNAPSHOT_METADATA_SERVICE,
+    SUBJECT_ACCESS_REVIEW,
+    TOKEN_REVIEW,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    KubeAPI,
-    Obj,
-    Resource,
-    is_not_found,
 )
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, is_not_found
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import DriverInfo, grpc_target
+from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.snapshot import protocol as p
 
 __all__ = [
@@ -113,18 +112,6 @@ log = logging.getLogger(__name__)
 pbg: Any = _pbg  # generated, untyped
 kpbg: Any = _kpbg
 
-SNAPSHOT_METADATA_SERVICE = Resource(
-    "cbt.storage.k8s.io",
-    "v1beta1",
-    "SnapshotMetadataService",
-    "snapshotmetadataservices",
-    False,
-    has_status=False,
-)
-TOKEN_REVIEW = Resource("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", False)
-SUBJECT_ACCESS_REVIEW = Resource(
-    "authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", False
-)
 
 #: Seconds an audience read from the SnapshotMetadataService object is used.
 AUDIENCE_TTL = 30.0

@@ -7,7 +7,6 @@ over each other's objects on a live cluster.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
@@ -151,14 +150,6 @@ def secret_ref(
 
 def is_default_class(cls: Obj) -> bool:
     return annotations_of(cls).get(ANN_IS_DEFAULT_CLASS) == "true"
-
-
-def sanitize_lease_name(name: str) -> str:
-    """What csi-lib-utils does to a driver name before using it in a Lease name."""
-    out = re.sub(r"[^a-zA-Z0-9-]", "-", name)
-    if out.endswith("-"):
-        out += "X"
-    return out
 
 
 def spec(obj: Obj) -> dict[str, Any]:

@@ -22,15 +22,9 @@ import logging
 import time
 from typing import Any, Protocol
 
+from csi_kit.k8s.objects.resources import SECRET, VOLUME_SNAPSHOT_CLASS, VOLUME_SNAPSHOT_CONTENT
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import (
-    SECRET,
-    VOLUME_SNAPSHOT_CLASS,
-    VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    KubeAPI,
-    Obj,
-)
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, is_final_error
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder

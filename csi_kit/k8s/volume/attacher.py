@@ -27,13 +27,14 @@ import re
 from typing import Any, Protocol
 
 from csi_kit.k8s.objects.meta import set_finalizers_patch
+from csi_kit.k8s.objects.resources import CSI_NODE, PV, SECRET, VOLUME_ATTACHMENT
 from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import PV, SECRET, ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer
-from csi_kit.k8s.volume.protocol import CSI_NODE, VOLUME_ATTACHMENT, Capability, capabilities_for
+from csi_kit.k8s.volume.protocol import Capability, capabilities_for
 
 log = logging.getLogger(__name__)
 

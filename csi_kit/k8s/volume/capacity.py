@@ -23,12 +23,13 @@ import logging
 from typing import Any, Protocol
 
 from csi_kit.k8s.objects.quantity import format_quantity
+from csi_kit.k8s.objects.resources import CSI_NODE, CSI_STORAGE_CAPACITY, NODE, STORAGE_CLASS
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import NODE, ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer
-from csi_kit.k8s.volume.protocol import CSI_NODE, CSI_STORAGE_CAPACITY, STORAGE_CLASS, Capability
+from csi_kit.k8s.volume.protocol import Capability
 from csi_kit.k8s.volume.provisioner import ProvisioningError, driver_parameters
 
 log = logging.getLogger(__name__)

@@ -58,14 +58,15 @@ import attrs
 import grpc
 
 from csi_kit._pb import csi_pb2 as pb
-from csi_kit.k8s.envopts import env as _env
+from csi_kit.k8s.objects.names import sanitize_lease_name
+from csi_kit.k8s.objects.resources import PV
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import PV, KubeAPI, Obj
+from csi_kit.k8s.runtime.api import KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import Informer
-from csi_kit.k8s.snapshot.protocol import sanitize_lease_name
+from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, affinity_matches
 

@@ -54,8 +54,9 @@ from typing import Any, Protocol
 
 import grpc
 
+from csi_kit.k8s.objects.resources import PV, VOLUME_ATTRIBUTES_CLASS
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import PV, ApiError, KubeAPI, Obj, Resource
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.runtime.workqueue import WorkQueue
@@ -63,9 +64,6 @@ from csi_kit.k8s.volume.protocol import EventRecorder, claim_condition, merge_cl
 
 log = logging.getLogger(__name__)
 
-VOLUME_ATTRIBUTES_CLASS = Resource(
-    "storage.k8s.io", "v1", "VolumeAttributesClass", "volumeattributesclasses", False, has_status=False
-)
 IN_PROGRESS = "InProgress"
 INFEASIBLE = "Infeasible"
 PENDING = "Pending"

@@ -17,23 +17,14 @@ from typing import Any
 import attrs
 
 from csi_kit._pb import csi_pb2 as pb
+from csi_kit.k8s.objects.resources import EVENT
 from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import EVENT, ApiError, KubeAPI, Obj, Resource
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.csi import CSIClient
 
 log = logging.getLogger(__name__)
 
-STORAGE_CLASS = Resource("storage.k8s.io", "v1", "StorageClass", "storageclasses", False, has_status=False)
-VOLUME_ATTACHMENT = Resource("storage.k8s.io", "v1", "VolumeAttachment", "volumeattachments", False)
-CSI_NODE = Resource("storage.k8s.io", "v1", "CSINode", "csinodes", False, has_status=False)
-CSI_DRIVER = Resource("storage.k8s.io", "v1", "CSIDriver", "csidrivers", False, has_status=False)
-CSI_STORAGE_CAPACITY = Resource(
-    "storage.k8s.io", "v1", "CSIStorageCapacity", "csistoragecapacities", True, has_status=False
-)
-REFERENCE_GRANT = Resource(
-    "gateway.networking.k8s.io", "v1beta1", "ReferenceGrant", "referencegrants", True, has_status=False
-)
 
 # --------------------------------------------------------------- access modes
 

@@ -56,26 +56,24 @@ import attrs
 from csi_kit.k8s.objects.meta import set_finalizers_patch
 from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
 from csi_kit.k8s.objects.quantity import format_quantity, parse_quantity, storage_of
-from csi_kit.k8s.objects.templates import TemplateError, expand
-from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import (
+from csi_kit.k8s.objects.resources import (
+    CSI_NODE,
     NODE,
     PV,
     PVC,
+    REFERENCE_GRANT,
     SECRET,
+    STORAGE_CLASS,
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CONTENT,
-    ApiError,
-    KubeAPI,
-    Obj,
 )
+from csi_kit.k8s.objects.templates import TemplateError, expand
+from csi_kit.k8s.runtime import api as k
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.volume.protocol import (
-    CSI_NODE,
-    REFERENCE_GRANT,
-    STORAGE_CLASS,
     Capability,
     CreatedVolume,
     EventRecorder,

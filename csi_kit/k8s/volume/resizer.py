@@ -64,8 +64,9 @@ from typing import Any, Protocol
 import grpc
 
 from csi_kit.k8s.objects.quantity import format_quantity, storage_of
+from csi_kit.k8s.objects.resources import PV, PVC, SECRET
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import PV, PVC, SECRET, ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from loopfile_helpers import DRIVER, Csi, MiB
 
+from csi_kit.k8s.objects.resources import EVENT, PV, PVC
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import EVENT, PV, PVC, Obj
+from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.volume.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthClient, HealthMonitor
 from csi_kit.linux import loop
