@@ -13,8 +13,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from csi_kit.k8s.objects.resources import Resource
 from csi_kit.k8s.runtime import metrics
-from csi_kit.k8s.runtime.informer import Informer, wait_synced
+from csi_kit.k8s.runtime.api import KubeAPI
+from csi_kit.k8s.runtime.informer import Informer, InformerFactory, wait_synced
 from csi_kit.k8s.runtime.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,37 @@ class Retry(Exception):
 class Loop:
     name = "loop"
 
-    def __init__(self, *, workers: int = 10, base_delay: float = 1.0, max_delay: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        informers: InformerFactory | None = None,
+        workers: int = 10,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+    ) -> None:
+        self.factory = informers or InformerFactory()
         self.workers = workers
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.informers: list[Informer] = []
         self.queues: list[tuple[WorkQueue, Callable[[str], Awaitable[None]]]] = []
         self.started = asyncio.Event()
+
+    def informer(
+        self,
+        api: KubeAPI,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        resync_period: float = 0.0,
+    ) -> Informer:
+        """An informer for this loop, from the process's factory (`self.informers` lists it)."""
+        inf = self.factory.informer(
+            api, res, namespace=namespace, label_selector=label_selector, resync_period=resync_period
+        )
+        self.informers.append(inf)
+        return inf
 
     def queue(self, name: str, sync: Callable[[str], Awaitable[None]]) -> WorkQueue:
         q = WorkQueue(f"{self.name}/{name}", base_delay=self.base_delay, max_delay=self.max_delay)

@@ -183,5 +183,26 @@ class Informer:
                 resync.cancel()
 
 
+class InformerFactory:
+    """Hands out the informers of one process's loops.
+
+    Today every call makes its own informer; the runtime makes them shared
+    (one list+watch per resource and selector for the whole process).
+    """
+
+    def informer(
+        self,
+        api: KubeAPI,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        resync_period: float = 0.0,
+    ) -> Informer:
+        return Informer(
+            api, res, namespace=namespace, label_selector=label_selector, resync_period=resync_period
+        )
+
+
 async def wait_synced(informers: list[Informer]) -> None:
     await asyncio.gather(*(i.synced.wait() for i in informers))

@@ -37,7 +37,7 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.events import NORMAL, WARNING, EventRecorder
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class SnapshotController(Loop):
         self,
         api: KubeAPI,
         *,
+        informers: InformerFactory | None = None,
         workers: int = 10,
         resync_period: float = 900.0,
         distributed: bool = False,
@@ -61,18 +62,17 @@ class SnapshotController(Loop):
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.events = events
         self.api = api
         self.distributed = distributed
         self._deleted_contents: set[str] = set()
         self._pvc_locks: dict[str, asyncio.Lock] = {}
-        self.snapshots = Informer(api, VOLUME_SNAPSHOT, resync_period=resync_period)
-        self.contents = Informer(api, VOLUME_SNAPSHOT_CONTENT, resync_period=resync_period)
-        self.classes = Informer(api, VOLUME_SNAPSHOT_CLASS)
-        self.pvcs = Informer(api, PVC)
-        self.pvs = Informer(api, PV)
-        self.informers = [self.snapshots, self.contents, self.classes, self.pvcs, self.pvs]
+        self.snapshots = self.informer(api, VOLUME_SNAPSHOT, resync_period=resync_period)
+        self.contents = self.informer(api, VOLUME_SNAPSHOT_CONTENT, resync_period=resync_period)
+        self.classes = self.informer(api, VOLUME_SNAPSHOT_CLASS)
+        self.pvcs = self.informer(api, PVC)
+        self.pvs = self.informer(api, PV)
         self.snapshot_queue = self.queue("snapshot", self.sync_snapshot)
         self.content_queue = self.queue("content", self.sync_content)
         self.snapshots.add_handler(self._on_snapshot)

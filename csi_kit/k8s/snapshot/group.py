@@ -58,7 +58,7 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, Resource
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, grpc_target, is_final_error
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.runtime.metrics import csi_call_interceptors
 from csi_kit.k8s.snapshot import protocol as p
 
@@ -289,34 +289,26 @@ class GroupSnapshotController(Loop):
         self,
         api: KubeAPI,
         *,
+        informers: InformerFactory | None = None,
         workers: int = 10,
         resync_period: float = 900.0,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
         distributed: bool = False,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         # Distributed (per-node) snapshotting: member contents carry their volume's node in
         # LABEL_MANAGED_BY, as single contents do, or no per-node snapshotter ever sees them
         # (their finalizers then outlive the group).
         self.distributed = distributed
-        self.groups = Informer(api, VOLUME_GROUP_SNAPSHOT, resync_period=resync_period)
-        self.contents = Informer(api, VOLUME_GROUP_SNAPSHOT_CONTENT, resync_period=resync_period)
-        self.classes = Informer(api, VOLUME_GROUP_SNAPSHOT_CLASS)
-        self.snapshots = Informer(api, VOLUME_SNAPSHOT)
-        self.snapshot_contents = Informer(api, VOLUME_SNAPSHOT_CONTENT)
-        self.pvcs = Informer(api, PVC)
-        self.pvs = Informer(api, PV)
-        self.informers = [
-            self.groups,
-            self.contents,
-            self.classes,
-            self.snapshots,
-            self.snapshot_contents,
-            self.pvcs,
-            self.pvs,
-        ]
+        self.groups = self.informer(api, VOLUME_GROUP_SNAPSHOT, resync_period=resync_period)
+        self.contents = self.informer(api, VOLUME_GROUP_SNAPSHOT_CONTENT, resync_period=resync_period)
+        self.classes = self.informer(api, VOLUME_GROUP_SNAPSHOT_CLASS)
+        self.snapshots = self.informer(api, VOLUME_SNAPSHOT)
+        self.snapshot_contents = self.informer(api, VOLUME_SNAPSHOT_CONTENT)
+        self.pvcs = self.informer(api, PVC)
+        self.pvs = self.informer(api, PV)
         self.group_queue = self.queue("group", self.sync_group)
         self._deleted: set[str] = set()  # uids this process deleted, until the watch says so
         self.groups.add_handler(self._on_group)
@@ -818,6 +810,7 @@ class GroupSnapshotter(Loop):
         driver: GroupSnapshotDriver,
         driver_name: str,
         *,
+        informers: InformerFactory | None = None,
         supported: bool = True,
         workers: int = 10,
         resync_period: float = 900.0,
@@ -826,16 +819,15 @@ class GroupSnapshotter(Loop):
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         self.driver = driver
         self.driver_name = driver_name
         self.supported = supported
         self.extra_create_metadata = extra_create_metadata
         self.group_name_prefix = group_name_prefix
-        self.contents = Informer(api, VOLUME_GROUP_SNAPSHOT_CONTENT, resync_period=resync_period)
-        self.classes = Informer(api, VOLUME_GROUP_SNAPSHOT_CLASS)
-        self.informers = [self.contents, self.classes]
+        self.contents = self.informer(api, VOLUME_GROUP_SNAPSHOT_CONTENT, resync_period=resync_period)
+        self.classes = self.informer(api, VOLUME_GROUP_SNAPSHOT_CLASS)
         self.content_queue = self.queue("content", self.sync_content)
         self.contents.add_handler(self._on_content)
 

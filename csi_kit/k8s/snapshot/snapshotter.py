@@ -28,7 +28,7 @@ from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, is_final_error
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Snapshotter(Loop):
         driver: SnapshotDriver,
         driver_name: str,
         *,
+        informers: InformerFactory | None = None,
         workers: int = 10,
         resync_period: float = 900.0,
         extra_create_metadata: bool = False,
@@ -68,7 +69,7 @@ class Snapshotter(Loop):
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         self.driver = driver
         self.driver_name = driver_name
@@ -78,11 +79,10 @@ class Snapshotter(Loop):
         self.list_snapshots = list_snapshots
         self.events = events
         selector = f"{p.LABEL_MANAGED_BY}={node_name}" if node_name else None
-        self.contents = Informer(
+        self.contents = self.informer(
             api, VOLUME_SNAPSHOT_CONTENT, label_selector=selector, resync_period=resync_period
         )
-        self.classes = Informer(api, VOLUME_SNAPSHOT_CLASS)
-        self.informers = [self.contents, self.classes]
+        self.classes = self.informer(api, VOLUME_SNAPSHOT_CLASS)
         self.content_queue = self.queue("content", self.sync_content)
         self.contents.add_handler(self._on_content)
 

@@ -33,7 +33,7 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.volume.protocol import Capability, capabilities_for
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,22 @@ class Attacher(Loop):
         driver: AttachDriver,
         info: DriverInfo,
         *,
+        informers: InformerFactory | None = None,
         workers: int = 10,
         resync_period: float = 600.0,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         self.driver = driver
         self.driver_name = info.name
         self.finalizer = finalizer_for(info.name)
         self.trivial = "PUBLISH_UNPUBLISH_VOLUME" not in info.controller_capabilities
         self.multi_writer = "SINGLE_NODE_MULTI_WRITER" in info.controller_capabilities
-        self.attachments = Informer(api, VOLUME_ATTACHMENT, resync_period=resync_period)
-        self.pvs = Informer(api, PV)
-        self.csinodes = Informer(api, CSI_NODE)
-        self.informers = [self.attachments, self.pvs, self.csinodes]
+        self.attachments = self.informer(api, VOLUME_ATTACHMENT, resync_period=resync_period)
+        self.pvs = self.informer(api, PV)
+        self.csinodes = self.informer(api, CSI_NODE)
         self.va_queue = self.queue("va", self.sync_attachment)
         self.pv_queue = self.queue("pv", self.sync_pv)
         self.attachments.add_handler(self._on_attachment)

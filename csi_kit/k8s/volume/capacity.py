@@ -28,7 +28,7 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.volume.protocol import Capability
 from csi_kit.k8s.volume.provisioner import ProvisioningError, driver_parameters
 
@@ -60,13 +60,14 @@ class CapacityTracker(Loop):
         info: DriverInfo,
         namespace: str,
         *,
+        informers: InformerFactory | None = None,
         node_name: str | None = None,
         node_topology: dict[str, str] | None = None,
         poll_interval: float = 60.0,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=1, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=1, base_delay=base_delay, max_delay=max_delay)
         if node_name is not None and node_topology is None:
             raise ValueError("per-node capacity tracking needs the node's topology")
         self.api = api
@@ -79,13 +80,11 @@ class CapacityTracker(Loop):
         self.topology_aware = "VOLUME_ACCESSIBILITY_CONSTRAINTS" in info.plugin_capabilities
         self.managed_by = MANAGED_BY if node_name is None else f"{MANAGED_BY}-{node_name}"
         selector = f"{LABEL_DRIVER}={self.driver_name},{LABEL_MANAGED_BY}={self.managed_by}"
-        self.classes = Informer(api, STORAGE_CLASS)
-        self.objects = Informer(api, CSI_STORAGE_CAPACITY, namespace=namespace, label_selector=selector)
-        self.informers = [self.classes, self.objects]
+        self.classes = self.informer(api, STORAGE_CLASS)
+        self.objects = self.informer(api, CSI_STORAGE_CAPACITY, namespace=namespace, label_selector=selector)
         if node_name is None and self.topology_aware:
-            self.csinodes = Informer(api, CSI_NODE)
-            self.nodes = Informer(api, NODE)
-            self.informers += [self.csinodes, self.nodes]
+            self.csinodes = self.informer(api, CSI_NODE)
+            self.nodes = self.informer(api, NODE)
             self.csinodes.add_handler(self._poke)
             self.nodes.add_handler(self._poke)
         self.work = self.queue("sync", self.sync)

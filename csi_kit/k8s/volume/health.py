@@ -65,7 +65,7 @@ from csi_kit.k8s.runtime.api import KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, affinity_matches
@@ -175,6 +175,7 @@ class HealthMonitor(Loop):
         driver: HealthDriver,
         info: DriverInfo,
         *,
+        informers: InformerFactory | None = None,
         interval: float = DEFAULT_INTERVAL,
         events: EventRecorder | None = None,
         node_topology: dict[str, str] | None = None,
@@ -183,7 +184,7 @@ class HealthMonitor(Loop):
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"the monitor interval must be a positive number of seconds, not {interval}")
         self.api = api
@@ -195,8 +196,7 @@ class HealthMonitor(Loop):
         self.events = events
         self.node_topology = node_topology
         self.repeat_after = repeat_after
-        self.pvs = Informer(api, PV)
-        self.informers = [self.pvs]
+        self.pvs = self.informer(api, PV)
         self.ticks = self.queue("interval", self.sync_interval)
         self.volumes = self.queue("volume", self.sync_volume)
         self.pvs.add_handler(self._on_pv)

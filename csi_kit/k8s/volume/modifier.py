@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from csi_kit.k8s.objects.resources import PV, VOLUME_ATTRIBUTES_CLASS
+from csi_kit.k8s.objects.resources import PV, VOLUME_ATTRIBUTES_CLASS, Resource
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError
@@ -90,6 +90,8 @@ class ClaimLoop(Protocol):
     events: EventRecorder
 
     def queue(self, name: str, sync: Any) -> WorkQueue: ...
+
+    def informer(self, api: KubeAPI, res: Resource) -> Informer: ...
 
     def volume_of(self, pvc: Obj) -> Obj | None: ...
 
@@ -132,8 +134,7 @@ class VolumeModifier:
         self.loop = loop
         self.driver = driver
         self.driver_name = driver_name
-        self.classes = Informer(loop.api, VOLUME_ATTRIBUTES_CLASS)
-        loop.informers.append(self.classes)
+        self.classes = loop.informer(loop.api, VOLUME_ATTRIBUTES_CLASS)
         # Claims whose last ControllerModifyVolume may still be running on the storage.
         self.uncertain: set[str] = set()
         # Claims this process has asked the driver about: a status found InProgress or

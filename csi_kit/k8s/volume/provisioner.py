@@ -72,7 +72,7 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.volume.protocol import (
     Capability,
     CreatedVolume,
@@ -281,6 +281,7 @@ class Provisioner(Loop):
         driver: VolumeDriver,
         info: DriverInfo,
         *,
+        informers: InformerFactory | None = None,
         node_name: str | None = None,
         node_topology: dict[str, str] | None = None,
         immediate_binding: bool = True,
@@ -295,7 +296,7 @@ class Provisioner(Loop):
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         self.driver = driver
         self.driver_name = info.name
@@ -312,10 +313,9 @@ class Provisioner(Loop):
         self.cross_namespace = cross_namespace
         self.identity = f"{int(time.time() * 1000)}-{uuid.uuid4().int % 10000}-{self.driver_name}"
         self.events = EventRecorder(api, f"{self.driver_name}_csi-kit-provisioner", enabled=events)
-        self.pvcs = Informer(api, PVC, resync_period=resync_period)
-        self.pvs = Informer(api, PV, resync_period=resync_period)
-        self.classes = Informer(api, STORAGE_CLASS)
-        self.informers = [self.pvcs, self.pvs, self.classes]
+        self.pvcs = self.informer(api, PVC, resync_period=resync_period)
+        self.pvs = self.informer(api, PV, resync_period=resync_period)
+        self.classes = self.informer(api, STORAGE_CLASS)
         self.claim_queue = self.queue("claim", self.sync_claim)
         self.volume_queue = self.queue("volume", self.sync_volume)
         self.source_queue = self.queue("source", self.sync_source)

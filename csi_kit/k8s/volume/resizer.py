@@ -69,7 +69,7 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
-from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
 from csi_kit.k8s.volume.protocol import Capability, EventRecorder, capabilities_for, merge_claim_conditions
 from csi_kit.k8s.volume.protocol import claim_condition as _condition
@@ -134,6 +134,7 @@ class Resizer(Loop):
         driver: ResizerDriver,
         info: DriverInfo,
         *,
+        informers: InformerFactory | None = None,
         node_topology: dict[str, str] | None = None,
         events: bool = True,
         workers: int = 10,
@@ -141,7 +142,7 @@ class Resizer(Loop):
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(workers=workers, base_delay=base_delay, max_delay=max_delay)
+        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         self.api = api
         self.driver = driver
         self.driver_name = info.name
@@ -152,9 +153,8 @@ class Resizer(Loop):
         # Claims whose last ControllerExpandVolume ended with a final error: their
         # ControllerResizeInProgress is then no expansion under way (upstream's finalErrorPVCs).
         self.final_errors: set[str] = set()
-        self.pvcs = Informer(api, PVC, resync_period=resync_period)
-        self.pvs = Informer(api, PV)
-        self.informers = [self.pvcs, self.pvs]
+        self.pvcs = self.informer(api, PVC, resync_period=resync_period)
+        self.pvs = self.informer(api, PV)
         self.claim_queue = self.queue("claim", self.sync_claim)
         self.pvcs.add_handler(self._on_claim)
         self.pvs.add_handler(self._on_volume)
