@@ -55,6 +55,18 @@ def labels_of(obj: Obj) -> dict[str, str]:
     return dict(obj.get("metadata", {}).get("labels") or {})
 
 
+def spec_of(obj: Obj) -> dict[str, Any]:
+    """The object's `spec` ({} when absent or null)."""
+    s: dict[str, Any] = obj.get("spec") or {}
+    return s
+
+
+def status_of(obj: Obj) -> dict[str, Any]:
+    """The object's `status` ({} when absent or null)."""
+    s: dict[str, Any] = obj.get("status") or {}
+    return s
+
+
 def is_deleting(obj: Obj) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
 
