@@ -43,12 +43,22 @@ class Cluster:
 
     Use it as a context manager.  ``api`` is an admin client; `spawn` runs any
     process on the node (inside both namespaces); `kubeconfig` makes a
-    ServiceAccount's kubeconfig for a driver.
+    ServiceAccount's kubeconfig for a driver.  ``audit=True`` makes the API
+    server keep an audit log (`audit_log`): what the benchmarks count
+    requests per user agent from; off by default.
     """
 
-    def __init__(self, binaries: Path, *, workdir: str | None = None, keep_logs: str | None = None) -> None:
+    def __init__(
+        self,
+        binaries: Path,
+        *,
+        workdir: str | None = None,
+        keep_logs: str | None = None,
+        audit: bool = False,
+    ) -> None:
         self.binaries = binaries
         self.keep_logs = keep_logs
+        self.audit = audit
         self.work = Path(workdir or tempfile.mkdtemp(prefix="csi-kit-e2e-"))
         self.cgroup_root = f"/{self.work.name}"
         self.kubelet_root = self.work / "kubelet"
@@ -78,6 +88,11 @@ class Cluster:
         return f"/proc/{self.holder.pid}/ns/net"
 
     @property
+    def audit_log(self) -> Path | None:
+        """The API server's audit log (JSON lines, one per request; see `components.audit_policy`), if on."""
+        return self.logs / "audit.log" if self.audit else None
+
+    @property
     def api(self) -> ApiClient:
         assert self._api is not None, "the cluster is not started"
         return self._api
@@ -101,7 +116,9 @@ class Cluster:
         unpack.join()
         if not (self.work / "bin" / "kubelet").exists():
             raise RuntimeError(f"could not decompress the Kubernetes binaries from {self.binaries}")
-        self.spawn("kube-apiserver", components.apiserver_argv(self.work, self.pki))
+        if self.audit:
+            (self.work / "audit-policy.yaml").write_text(yaml.safe_dump(components.audit_policy()))
+        self.spawn("kube-apiserver", components.apiserver_argv(self.work, self.pki, audit=self.audit))
         self._api = self._admin_client(API_PORT)
         self._spawn_containerd()
         self._wait(lambda: self.api.raw("GET", "/readyz") == b"ok", "kube-apiserver /readyz", 90)

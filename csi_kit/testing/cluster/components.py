@@ -19,6 +19,7 @@ from csi_kit.testing.cluster.node import API_PORT, KUBELET_PORT, NODE_IP, NODE_N
 __all__ = [
     "etcd_argv",
     "apiserver_argv",
+    "audit_policy",
     "controller_manager_argv",
     "scheduler_argv",
     "containerd_config",
@@ -42,8 +43,13 @@ def etcd_argv(work: Path) -> list[str]:
     ]
 
 
-def apiserver_argv(work: Path, p: Path) -> list[str]:
-    """The API server, its certificates in `p`."""
+def apiserver_argv(work: Path, p: Path, *, audit: bool = False) -> list[str]:
+    """The API server, its certificates in `p`; with `audit`, an audit log (`audit_policy`) in ``logs/``."""
+    audit_flags = (
+        [f"--audit-policy-file={work}/audit-policy.yaml", f"--audit-log-path={work}/logs/audit.log"]
+        if audit
+        else []
+    )
     return [
         str(work / "bin/kube-apiserver"),
         "--etcd-servers=http://127.0.0.1:2379",
@@ -68,7 +74,22 @@ def apiserver_argv(work: Path, p: Path) -> list[str]:
         "--profiling=false",
         "--enable-priority-and-fairness=false",
         "--endpoint-reconciler-type=none",
+        *audit_flags,
     ]
+
+
+def audit_policy() -> dict[str, Any]:
+    """Every request at Metadata level (who, which agent, verb, object; no bodies), once it is answered.
+
+    RequestReceived is left out so each request is one line (a watch gets a
+    ResponseStarted line when it opens and a ResponseComplete one when it ends).
+    """
+    return {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [{"level": "Metadata"}],
+    }
 
 
 def controller_manager_argv(work: Path, p: Path) -> list[str]:
