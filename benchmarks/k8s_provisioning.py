@@ -34,7 +34,7 @@ from _bench import header, process_cpu_seconds
 from volume_peer import ClusterSim
 
 from csi_kit.k8s.objects.resources import PV, PVC, STORAGE_CLASS
-from csi_kit.k8s.volume.protocol import VolumeClient
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import driver_process
@@ -115,7 +115,7 @@ def show(title: str, delta: Counter[tuple[str, str]], sim: int, user: int) -> in
 
 async def per_claim(endpoint: str, events: bool) -> int:
     api = FakeKubeAPI()
-    client = VolumeClient(endpoint, timeout=60)
+    client = CSIClient(endpoint, timeout=60)
     info = await client.driver_info()
     _, topo = await client.node_info()
     await api.create(
@@ -167,7 +167,7 @@ async def per_claim(endpoint: str, events: bool) -> int:
 
 async def many(endpoint: str, pid: int, n: int, per_claim_requests: int) -> None:
     api = FakeKubeAPI()
-    client = VolumeClient(endpoint, timeout=120)
+    client = CSIClient(endpoint, timeout=120)
     info = await client.driver_info()
     _, topo = await client.node_info()
     await api.create(

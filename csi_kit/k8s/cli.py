@@ -22,7 +22,7 @@ from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.runtime import metrics
 from csi_kit.k8s.runtime.api import KubeAPI
 from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import CSIClient, CSIError, DriverInfo
+from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.leader import LeaderElector
 from csi_kit.k8s.runtime.options import env as _env
@@ -212,7 +212,7 @@ async def _discover(client: CSIClient, stop: asyncio.Event) -> DriverInfo | None
     while not stop.is_set():
         try:
             return await client.driver_info()
-        except CSIError as e:
+        except CSICallError as e:
             log.info("waiting for the CSI driver at %s: %s", client.endpoint, e)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -314,11 +314,9 @@ async def run_controllers(
             loops.append((gctrl, "snapshot-controller-group-leader"))
         if "group-snapshotter" in wanted:
             # Run even without the capability: its contents then say why nothing happens.
-            gclient = group.GroupCSIClient(csi_endpoint, timeout=args.csi_timeout)
-            clients.append(gclient)
             gsnapper = group.GroupSnapshotter(
                 api,
-                gclient,
+                client,
                 info.name,
                 supported=group.GROUP_CAPABILITY in info.group_capabilities,
                 workers=args.k8s_workers,
@@ -336,12 +334,10 @@ async def run_controllers(
                 loops.append((sm_loop, None))
 
         if "health-monitor" in wanted:
-            hclient = health.HealthClient(csi_endpoint, timeout=args.csi_timeout)
-            clients.append(hclient)
-            loops.extend(await health.loops(args, api, hclient, info))
+            loops.extend(await health.loops(args, api, client, info))
 
         namespace = args.leader_election_namespace or _default_namespace()
-        volume = VolumeLoops(args, csi_endpoint, info, wanted)
+        volume = VolumeLoops(args, csi_endpoint, client, info, wanted)
         clients.append(volume)
         loops.extend(await volume.loops(api, namespace))
         await volume.start_services()

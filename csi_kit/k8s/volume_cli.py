@@ -20,14 +20,13 @@ from typing import Any
 from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.runtime.api import KubeAPI
 from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import DriverInfo
+from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
 from csi_kit.k8s.runtime.options import deprecated_alias
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.runtime.options import env_bool as _env_bool
 from csi_kit.k8s.volume.attacher import Attacher
 from csi_kit.k8s.volume.capacity import CapacityTracker
 from csi_kit.k8s.volume.liveness import LivenessServer
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, Provisioner
 from csi_kit.k8s.volume.registration import KUBELET_REGISTRY, RegistrationServer
 from csi_kit.k8s.volume.resizer import Resizer
@@ -89,13 +88,18 @@ class VolumeLoops:
     """The loops and services of part 2 selected in `wanted`, for one driver."""
 
     def __init__(
-        self, args: argparse.Namespace, csi_endpoint: str, info: DriverInfo, wanted: set[str]
+        self,
+        args: argparse.Namespace,
+        csi_endpoint: str,
+        client: CSIClient,
+        info: DriverInfo,
+        wanted: set[str],
     ) -> None:
         self.args = args
         self.endpoint = csi_endpoint
         self.info = info
         self.wanted = wanted & set(VOLUME_LOOPS)
-        self.client = VolumeClient(csi_endpoint, timeout=args.csi_timeout)
+        self.client = client
         self.registration: RegistrationServer | None = None
         self.liveness: LivenessServer | None = None
 
@@ -196,4 +200,3 @@ class VolumeLoops:
             await self.liveness.stop()
         if self.registration is not None:
             await self.registration.stop()
-        await self.client.close()

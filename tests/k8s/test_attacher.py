@@ -12,15 +12,15 @@ from volume_peer import VolumeCSI, eventually, make_bound, make_node, run_tasks,
 from csi_kit.k8s.objects.resources import CSI_NODE, PV, VOLUME_ATTACHMENT
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.attacher import ANN_NODE_ID, Attacher, finalizer_for
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 FIN = "external-attacher/vol-csi-kit-io"
 
 
 class Env:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: VolumeClient) -> None:
+    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient) -> None:
         self.api = api
         self.peer = peer
         self.client = client
@@ -41,7 +41,7 @@ class Env:
 async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
     peer = VolumeCSI()
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = VolumeClient(endpoint, timeout=5)
+        client = CSIClient(endpoint, timeout=5)
         e = Env(api, peer, client)
         try:
             yield e

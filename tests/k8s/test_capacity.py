@@ -21,16 +21,16 @@ from volume_peer import (
 from csi_kit.k8s.objects.quantity import parse_quantity
 from csi_kit.k8s.objects.resources import CSI_STORAGE_CAPACITY, STORAGE_CLASS
 from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.capacity import LABEL_DRIVER, LABEL_MANAGED_BY, CapacityTracker
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
 @pytest.fixture
-async def peer_client(tmp_path: Any) -> AsyncIterator[tuple[VolumeCSI, VolumeClient]]:
+async def peer_client(tmp_path: Any) -> AsyncIterator[tuple[VolumeCSI, CSIClient]]:
     peer = VolumeCSI()
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = VolumeClient(endpoint, timeout=5)
+        client = CSIClient(endpoint, timeout=5)
         try:
             yield peer, client
         finally:
@@ -50,7 +50,7 @@ def capacity_of(api: FakeKubeAPI, cls: str, node: str) -> int | None:
 
 
 async def test_per_node_tracking_publishes_updates_and_removes(
-    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, VolumeClient]
+    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, CSIClient]
 ) -> None:
     peer, client = peer_client
     peer.capacity = {"node-a": 10 * GiB}
@@ -88,7 +88,7 @@ async def test_per_node_tracking_publishes_updates_and_removes(
 
 
 async def test_central_tracking_covers_every_registered_node(
-    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, VolumeClient]
+    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, CSIClient]
 ) -> None:
     peer, client = peer_client
     peer.capacity = {"node-a": 1 * GiB, "node-b": 2 * GiB}

@@ -28,9 +28,9 @@ from csi_kit.k8s.objects.resources import (
 )
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver
@@ -78,7 +78,7 @@ async def story(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Story]:
     state = str(tmp_path / "driver")
     os.makedirs(state)
     with running_driver(state, backend="hostpath", node_id=NODE, driver_name=DRIVER) as endpoint:
-        client = VolumeClient(endpoint, timeout=30)
+        client = CSIClient(endpoint, timeout=30)
         info = await client.driver_info()
         node_id, topology = await client.node_info()
         assert node_id == NODE

@@ -45,7 +45,7 @@ from csi_kit.k8s.objects.resources import (
 )
 from csi_kit.k8s.runtime.api import ApiError, Obj, Resource, conflict
 from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import CSIClient, CSIError, SnapshotInfo
+from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, GroupSnapshotInfo, SnapshotInfo
 from csi_kit.k8s.snapshot import group as g
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import LABEL_MANAGED_BY
@@ -188,8 +188,7 @@ class AllLoops:
 
     async def start(self) -> None:
         client = CSIClient(self.endpoint, timeout=10)
-        group_client = g.GroupCSIClient(self.endpoint, timeout=10)
-        self.clients = [client, group_client]
+        self.clients = [client]
         info = await client.driver_info()
         distributed = self.node is not None
         loops: list[Loop] = [
@@ -198,7 +197,7 @@ class AllLoops:
             g.GroupSnapshotController(self.api, distributed=distributed, **FAST),
             g.GroupSnapshotter(
                 self.api,
-                group_client,
+                client,
                 self.driver,
                 supported=g.GROUP_CAPABILITY in info.group_capabilities,
                 **FAST,
@@ -585,12 +584,12 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
             {"metadata": {"name": "creds", "namespace": NS}, "data": {"k": base64.b64encode(b"v").decode()}},
         )
         await group_class(api, DRIVER, **{g.GROUP_SECRET_NAME_KEY: "creds", g.GROUP_SECRET_NAMESPACE_KEY: NS})
-        client, gclient = CSIClient(endpoint), g.GroupCSIClient(endpoint)
+        client = CSIClient(endpoint)
         loops: list[Loop] = [
             SnapshotController(api, **FAST),
             Snapshotter(api, client, DRIVER, **FAST),
             g.GroupSnapshotController(ctrl_api, **FAST),  # type: ignore[arg-type]
-            g.GroupSnapshotter(snap_api, gclient, DRIVER, **FAST),  # type: ignore[arg-type]
+            g.GroupSnapshotter(snap_api, client, DRIVER, **FAST),  # type: ignore[arg-type]
         ]
         tasks = [asyncio.create_task(loop.run()) for loop in loops]
         try:
@@ -607,7 +606,6 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await client.close()
-            await gclient.close()
     # Granted but only reached after a crash between creating an object and caching it.
     rare = {
         ("group-snapshot-controller", g.GROUP, "volumegroupsnapshotcontents", "get"),
@@ -645,16 +643,16 @@ class ScriptedGroups:
 
     def __init__(self, csi: ScriptedCSI) -> None:
         self.csi = csi
-        self.groups: dict[str, g.GroupSnapshotInfo] = {}  # by name
+        self.groups: dict[str, GroupSnapshotInfo] = {}  # by name
         self.names: set[str] = set()
         self.calls: Counter[str] = Counter()
-        self.create_errors: list[CSIError] = []
+        self.create_errors: list[CSICallError] = []
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
 
     async def create_group_snapshot(
         self, name: str, volume_ids: list[str], parameters: dict[str, str], secrets: dict[str, str]
-    ) -> g.GroupSnapshotInfo:
+    ) -> GroupSnapshotInfo:
         self.calls["create"] += 1
         self.names.add(name)
         if self.create_errors:
@@ -664,7 +662,7 @@ class ScriptedGroups:
             snaps = tuple(
                 SnapshotInfo(f"{name}/{v}", v, 1 << 20, now, True, f"gid-{name}") for v in volume_ids
             )
-            self.groups[name] = g.GroupSnapshotInfo(f"gid-{name}", snaps, now, True)
+            self.groups[name] = GroupSnapshotInfo(f"gid-{name}", snaps, now, True)
             for s in snaps:
                 self.csi.add_existing(s.snapshot_id)
         self.started.set()
@@ -683,12 +681,12 @@ class ScriptedGroups:
 
     async def get_group_snapshot(
         self, group_id: str, snapshot_ids: list[str], secrets: dict[str, str]
-    ) -> g.GroupSnapshotInfo:
+    ) -> GroupSnapshotInfo:
         self.calls["get"] += 1
         for info in self.groups.values():
             if info.group_snapshot_id == group_id:
                 return info
-        raise CSIError("GetVolumeGroupSnapshot", grpc.StatusCode.NOT_FOUND, group_id)
+        raise CSICallError("GetVolumeGroupSnapshot", grpc.StatusCode.NOT_FOUND, group_id)
 
 
 class ScriptedLoops(AllLoops):
@@ -770,14 +768,14 @@ async def test_driver_errors_non_final_retried_final_reported(
 ) -> None:
     async with scripted(api, peer) as (groups, _):
         groups.create_errors = [
-            CSIError("CreateVolumeGroupSnapshot", grpc.StatusCode.UNAVAILABLE, "busy")
+            CSICallError("CreateVolumeGroupSnapshot", grpc.StatusCode.UNAVAILABLE, "busy")
         ] * 2
         await group_snapshot(api)
         await eventually(lambda: group_ready(api), "ready after transient errors")
         assert groups.calls["create"] == 3 and len(groups.names) == 1
         assert not group_error(api)
 
-        final = CSIError(
+        final = CSICallError(
             "CreateVolumeGroupSnapshot", grpc.StatusCode.INVALID_ARGUMENT, "volumes on two pools"
         )
         groups.create_errors = [final] * 1000

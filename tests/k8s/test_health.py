@@ -28,17 +28,10 @@ from csi_kit.k8s.cli import CONTROLLERS, add_controller_options, run_controllers
 from csi_kit.k8s.objects.resources import EVENT, LEASE, PV
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
-from csi_kit.k8s.runtime.csi import DriverInfo
+from csi_kit.k8s.runtime.csi import Capability, CSIClient, DriverInfo, VolumeCondition
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.volume import health
-from csi_kit.k8s.volume.health import (
-    COMPONENT_PREFIX,
-    REASON_ABNORMAL,
-    Condition,
-    HealthClient,
-    HealthMonitor,
-)
-from csi_kit.k8s.volume.protocol import Capability
+from csi_kit.k8s.volume.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthMonitor
 from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
@@ -94,18 +87,18 @@ async def start(monitor: HealthMonitor) -> list[asyncio.Task[None]]:
 
 
 @pytest.fixture
-async def hostpath(tmp_path: Any) -> AsyncIterator[tuple[str, HealthClient]]:
+async def hostpath(tmp_path: Any) -> AsyncIterator[tuple[str, CSIClient]]:
     state = str(tmp_path / "driver")
     os.makedirs(state)
     with running_driver(state, backend="hostpath", driver_name=HOSTPATH) as endpoint:
-        client = HealthClient(endpoint, timeout=30)
+        client = CSIClient(endpoint, timeout=30)
         try:
             yield state, client
         finally:
             await client.close()
 
 
-async def create(client: HealthClient, name: str) -> str:
+async def create(client: CSIClient, name: str) -> str:
     made = await client.create_volume(
         name,
         required_bytes=1 << 20,
@@ -118,7 +111,7 @@ async def create(client: HealthClient, name: str) -> str:
 
 
 async def test_a_removed_volume_directory_becomes_one_event_on_its_claim(
-    api: FakeKubeAPI, hostpath: tuple[str, HealthClient]
+    api: FakeKubeAPI, hostpath: tuple[str, CSIClient]
 ) -> None:
     state, client = hostpath
     info = await client.driver_info()
@@ -161,7 +154,7 @@ async def test_a_removed_volume_directory_becomes_one_event_on_its_claim(
 
 
 async def test_serve_runs_it_under_the_upstream_lease_and_only_when_named(
-    api: FakeKubeAPI, hostpath: tuple[str, HealthClient]
+    api: FakeKubeAPI, hostpath: tuple[str, CSIClient]
 ) -> None:
     state, client = hostpath
     assert "health-monitor" not in CONTROLLERS["all"], "opt-in, as upstream"
@@ -218,7 +211,7 @@ class HealthCSI(pbg.IdentityServicer, pbg.ControllerServicer):
 
     def __init__(self, *caps: str) -> None:
         self.caps = set(caps)
-        self.conditions: dict[str, Condition] = {}
+        self.conditions: dict[str, VolumeCondition] = {}
         self.calls: Counter[str] = Counter()
         self.asked: Counter[str] = Counter()  # ControllerGetVolume, by volume id
         self.tokens: list[str] = []  # ListVolumes' starting tokens, in order
@@ -237,7 +230,7 @@ class HealthCSI(pbg.IdentityServicer, pbg.ControllerServicer):
         return pb.ControllerGetCapabilitiesResponse(capabilities=caps)
 
     @staticmethod
-    def _status(c: Condition) -> Any:
+    def _status(c: VolumeCondition) -> Any:
         return pb.ControllerGetVolumeResponse.VolumeStatus(
             volume_condition=pb.VolumeCondition(abnormal=c.abnormal, message=c.message)
         )
@@ -274,7 +267,7 @@ class HealthCSI(pbg.IdentityServicer, pbg.ControllerServicer):
 
 
 @pytest.fixture
-async def scripted(tmp_path: Any) -> AsyncIterator[tuple[HealthCSI, HealthClient]]:
+async def scripted(tmp_path: Any) -> AsyncIterator[tuple[HealthCSI, CSIClient]]:
     peer = HealthCSI()
     server = grpc.aio.server()
     pbg.add_IdentityServicer_to_server(peer, server)
@@ -282,7 +275,7 @@ async def scripted(tmp_path: Any) -> AsyncIterator[tuple[HealthCSI, HealthClient
     sock = str(tmp_path / "health.sock")
     server.add_insecure_port("unix://" + sock)
     await server.start()
-    client = HealthClient("unix://" + sock, timeout=5)
+    client = CSIClient("unix://" + sock, timeout=5)
     try:
         yield peer, client
     finally:
@@ -294,11 +287,11 @@ async def claims(api: FakeKubeAPI, peer: HealthCSI) -> dict[str, Obj]:
     """On node-1: a (abnormal), b (healthy), gone (unknown to the driver).  Elsewhere or not
     ours: far (another node), alien (another driver), loose (not Bound) -- all abnormal."""
     peer.conditions = {
-        "vol-a": Condition(True, "disk on fire"),
-        "vol-b": Condition(False, ""),
-        "vol-far": Condition(True, "far away"),
-        "vol-alien": Condition(True, "not ours"),
-        "vol-loose": Condition(True, "not bound"),
+        "vol-a": VolumeCondition(True, "disk on fire"),
+        "vol-b": VolumeCondition(False, ""),
+        "vol-far": VolumeCondition(True, "far away"),
+        "vol-alien": VolumeCondition(True, "not ours"),
+        "vol-loose": VolumeCondition(True, "not bound"),
     }
     out = {n: await bind(api, n, f"vol-{n}", driver=SCRIPTED, node="node-1") for n in ("a", "b", "gone")}
     out["far"] = await bind(api, "far", "vol-far", driver=SCRIPTED, node="node-2")
@@ -310,7 +303,7 @@ async def claims(api: FakeKubeAPI, peer: HealthCSI) -> dict[str, Obj]:
 @pytest.mark.parametrize("mode", ["list", "get"])
 async def test_each_interval_asks_the_driver_the_way_its_capabilities_allow(
     api: FakeKubeAPI,
-    scripted: tuple[HealthCSI, HealthClient],
+    scripted: tuple[HealthCSI, CSIClient],
     mode: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -335,7 +328,7 @@ async def test_each_interval_asks_the_driver_the_way_its_capabilities_allow(
             )
 
             # A new message is a new Event; the same one is not repeated.
-            peer.conditions["vol-a"] = Condition(True, "disk on fire, smoke everywhere")
+            peer.conditions["vol-a"] = VolumeCondition(True, "disk on fire, smoke everywhere")
             await eventually(lambda: len(events_on(api, made["a"])) == 2, "the changed condition's Event")
             await checked(monitor, "pv-a", "pv-gone")
         finally:
@@ -363,11 +356,11 @@ async def test_each_interval_asks_the_driver_the_way_its_capabilities_allow(
 
 
 async def test_a_persistent_condition_is_recorded_again_before_its_event_expires(
-    api: FakeKubeAPI, scripted: tuple[HealthCSI, HealthClient]
+    api: FakeKubeAPI, scripted: tuple[HealthCSI, CSIClient]
 ) -> None:
     peer, client = scripted
     peer.caps = {"VOLUME_CONDITION", "LIST_VOLUMES"}
-    peer.conditions = {"vol-a": Condition(True, "")}  # no message: a default one
+    peer.conditions = {"vol-a": VolumeCondition(True, "")}  # no message: a default one
     claim = await bind(api, "a", "vol-a", driver=SCRIPTED)
     events = EventRecorder(api, COMPONENT_PREFIX + SCRIPTED)
     info = await client.driver_info()
@@ -389,7 +382,7 @@ def test_the_interval_must_be_a_positive_number() -> None:
 
 
 async def test_per_node_it_needs_the_node_name_and_takes_no_lease(
-    api: FakeKubeAPI, hostpath: tuple[str, HealthClient]
+    api: FakeKubeAPI, hostpath: tuple[str, CSIClient]
 ) -> None:
     _, client = hostpath
     info = await client.driver_info()

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from volume_peer import VolumeCSI, served
 
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.liveness import LivenessServer
-from csi_kit.k8s.volume.protocol import VolumeClient
 
 
 async def http_get(port: int, path: str = "/healthz", method: str = "GET") -> tuple[int, str]:
@@ -36,7 +36,7 @@ class Env:
 async def env(tmp_path: Any) -> AsyncIterator[Env]:
     peer = VolumeCSI()
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = VolumeClient(endpoint, timeout=5)
+        client = CSIClient(endpoint, timeout=5)
         holder: list[Env] = []
 
         def extra() -> tuple[bool, str]:

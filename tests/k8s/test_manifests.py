@@ -39,13 +39,13 @@ from csi_kit.k8s.objects.resources import (
     VOLUME_SNAPSHOT_CONTENT,
 )
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
+from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo, VolumeCondition
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.leader import LeaderElector
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
-from csi_kit.k8s.volume.health import Condition, HealthMonitor
+from csi_kit.k8s.volume.health import HealthMonitor
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy" / "snapshot"
@@ -143,11 +143,11 @@ async def test_rbac_is_exactly_what_the_loops_use(peer: tuple[ScriptedCSI, str])
 class _SickDriver:
     """Every volume abnormal (the health monitor's driver, without gRPC)."""
 
-    async def list_volume_conditions(self) -> dict[str, Condition]:
-        return {"vol-data": Condition(True, "broken")}
+    async def list_volume_conditions(self) -> dict[str, VolumeCondition]:
+        return {"vol-data": VolumeCondition(True, "broken")}
 
-    async def get_volume_condition(self, volume_id: str) -> Condition:
-        return Condition(True, "broken")
+    async def get_volume_condition(self, volume_id: str) -> VolumeCondition:
+        return VolumeCondition(True, "broken")
 
 
 @pytest.mark.parametrize("driver", ["hostpath", "loopfile", "lvm"])

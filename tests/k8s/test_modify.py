@@ -29,8 +29,8 @@ from volume_peer import (
 from csi_kit.k8s.objects.resources import EVENT, PV, PVC, VOLUME_ATTRIBUTES_CLASS
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.runtime.csi import Capability, CSIClient
 from csi_kit.k8s.volume.modifier import COND_MODIFY_ERROR, COND_MODIFYING, IN_PROGRESS, INFEASIBLE, PENDING
-from csi_kit.k8s.volume.protocol import Capability, VolumeClient
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
@@ -86,7 +86,7 @@ def reasons(api: FakeKubeAPI, pvc: Obj) -> list[str]:
 
 
 class Loopfile:
-    def __init__(self, api: FakeKubeAPI, client: VolumeClient, state: str) -> None:
+    def __init__(self, api: FakeKubeAPI, client: CSIClient, state: str) -> None:
         self.api = api
         self.client = client
         self.state = state
@@ -118,7 +118,7 @@ async def loopfile(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Loopfile]:
     state = str(tmp_path / "driver")
     os.makedirs(state)
     with running_driver(state, backend="loopfile", driver_name=LOOPFILE) as endpoint:
-        client = VolumeClient(endpoint, timeout=30)
+        client = CSIClient(endpoint, timeout=30)
         env = Loopfile(api, client, state)
         try:
             yield env
@@ -183,7 +183,7 @@ async def test_a_missing_class_is_pending_until_it_is_created(loopfile: Loopfile
 
 
 class Scripted:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: VolumeClient) -> None:
+    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient) -> None:
         self.api = api
         self.peer = peer
         self.client = client
@@ -200,7 +200,7 @@ async def scripted(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Scripted]:
     peer = VolumeCSI()
     peer.controller_caps.add("MODIFY_VOLUME")
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = VolumeClient(endpoint, timeout=5)
+        client = CSIClient(endpoint, timeout=5)
         env = Scripted(api, peer, client)
         try:
             yield env

@@ -31,7 +31,8 @@ from csi_kit.k8s.objects.quantity import format_quantity, parse_quantity
 from csi_kit.k8s.objects.resources import EVENT, PV, PVC, REFERENCE_GRANT, SECRET, VOLUME_SNAPSHOT
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
-from csi_kit.k8s.volume.protocol import VolumeClient, capabilities_for
+from csi_kit.k8s.runtime.csi import CSIClient
+from csi_kit.k8s.volume.protocol import capabilities_for
 from csi_kit.k8s.volume.provisioner import (
     ANN_DELETION_SECRET_NAME,
     ANN_PROVISIONED_BY,
@@ -52,7 +53,7 @@ class Env:
         self.api = api
         self.peer = peer
         self.endpoint = endpoint
-        self.client = VolumeClient(endpoint, timeout=5)
+        self.client = CSIClient(endpoint, timeout=5)
         self.sim = ClusterSim(api)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.provisioners: dict[str, Provisioner] = {}

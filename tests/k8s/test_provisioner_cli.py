@@ -25,8 +25,8 @@ from volume_peer import (
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
 from csi_kit.k8s.objects.resources import LEASE, PV, PVC
 from csi_kit.k8s.runtime.api import ApiError
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.attacher import Attacher
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume_cli import VolumeLoops, lease_names
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -225,12 +225,12 @@ async def test_all_runs_the_attacher_only_for_drivers_that_publish(api: FakeKube
         ):
             peer.controller_caps = {"CREATE_DELETE_VOLUME", *caps}
             args = parse("--controllers", controllers)
-            client = VolumeClient(endpoint)
+            client = CSIClient(endpoint)
             info = await client.driver_info()
-            await client.close()
-            vl = VolumeLoops(args, endpoint, info, selected(args))
+            vl = VolumeLoops(args, endpoint, client, info, selected(args))
             try:
                 loops = await vl.loops(api, "csi")
             finally:
                 await vl.close()
+                await client.close()
             assert any(isinstance(lp, Attacher) for lp, _ in loops) is expected, (caps, controllers)

@@ -33,8 +33,8 @@ from volume_peer import (
 )
 
 from csi_kit.k8s.objects.resources import PVC, SECRET, STORAGE_CLASS, VOLUME_ATTRIBUTES_CLASS
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.capacity import CapacityTracker
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI
@@ -71,7 +71,7 @@ async def recorded(api: FakeKubeAPI, tmp_path: Any) -> dict[str, Used]:
     rec = {name: Recording(api) for name in ("provisioner", "resizer", "capacity")}
     fast: dict[str, Any] = {"base_delay": 0.01, "max_delay": 0.05}
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = VolumeClient(endpoint, timeout=5)
+        client = CSIClient(endpoint, timeout=5)
         info = await client.driver_info()
         secret = {"data": {"k": base64.b64encode(b"v").decode()}}
         await api.create(SECRET, {"metadata": {"name": "creds", "namespace": "default"}, **secret})

@@ -24,7 +24,7 @@ from volume_peer import (
 from csi_kit.k8s.objects.quantity import parse_quantity
 from csi_kit.k8s.objects.resources import PV, PVC, SECRET
 from csi_kit.k8s.runtime.api import ApiError, Obj
-from csi_kit.k8s.volume.protocol import VolumeClient
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.resizer import (
     COND_ERROR,
     COND_FS_PENDING,
@@ -37,7 +37,7 @@ from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
 class Env:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: VolumeClient, endpoint: str) -> None:
+    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient, endpoint: str) -> None:
         self.api = api
         self.peer = peer
         self.client = client
@@ -70,7 +70,7 @@ class Env:
 async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
     peer = VolumeCSI()
     async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = VolumeClient(endpoint, timeout=5)
+        client = CSIClient(endpoint, timeout=5)
         e = Env(api, peer, client, endpoint)
         try:
             yield e

@@ -1,6 +1,6 @@
 """Test kit for the volume loops: a scriptable CSI driver, the cluster's own controllers, and helpers.
 
-`VolumeCSI` serves real gRPC (the loops reach it through `VolumeClient`
+`VolumeCSI` serves real gRPC (the loops reach it through `CSIClient`
 exactly as they reach a real driver) and lets a test script errors, hold a
 call in flight, or change capabilities.  `ClusterSim` plays the parts of a
 cluster that are not ours but that the story needs: the PV controller of

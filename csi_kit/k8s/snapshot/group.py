@@ -37,11 +37,6 @@ import logging
 import time
 from typing import Any, Protocol
 
-import attrs
-import grpc.aio
-
-from csi_kit._pb import csi_pb2 as pb
-from csi_kit._pb import csi_pb2_grpc as _pbg
 from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
@@ -57,14 +52,11 @@ from csi_kit.k8s.objects.times import rfc3339_from_ns
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, Resource
 from csi_kit.k8s.runtime.controller import Loop, Retry
-from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, grpc_target, is_final_error
+from csi_kit.k8s.runtime.csi import CSICallError, GroupSnapshotInfo, is_final_error
 from csi_kit.k8s.runtime.informer import InformerFactory
-from csi_kit.k8s.runtime.metrics import csi_call_interceptors
 from csi_kit.k8s.snapshot import protocol as p
 
 log = logging.getLogger(__name__)
-
-pbg: Any = _pbg  # generated, untyped
 
 GROUP = p.GROUP_GROUP
 VERSION = "v1"
@@ -160,43 +152,11 @@ def group_owner(obj: Obj) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- CSI client
-
-
-@attrs.frozen
-class GroupSnapshotInfo:
-    group_snapshot_id: str
-    snapshots: tuple[SnapshotInfo, ...]
-    creation_time_ns: int
-    ready_to_use: bool
-
-
-def _ns(ts: Any) -> int:
-    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)
-
-
-def _group_info(g: Any) -> GroupSnapshotInfo:
-    snaps = tuple(
-        SnapshotInfo(
-            snapshot_id=s.snapshot_id,
-            source_volume_id=s.source_volume_id,
-            size_bytes=int(s.size_bytes),
-            creation_time_ns=_ns(s.creation_time) if s.HasField("creation_time") else 0,
-            ready_to_use=bool(s.ready_to_use),
-            group_snapshot_id=s.group_snapshot_id,
-        )
-        for s in g.snapshots
-    )
-    return GroupSnapshotInfo(
-        group_snapshot_id=g.group_snapshot_id,
-        snapshots=snaps,
-        creation_time_ns=_ns(g.creation_time) if g.HasField("creation_time") else 0,
-        ready_to_use=bool(g.ready_to_use),
-    )
+# ---------------------------------------------------------------- CSI calls
 
 
 class GroupSnapshotDriver(Protocol):
-    """The GroupController calls the group snapshotter makes (`GroupCSIClient` implements it)."""
+    """The GroupController calls the group snapshotter makes (`runtime.csi.CSIClient` implements it)."""
 
     async def create_group_snapshot(
         self, name: str, volume_ids: list[str], parameters: dict[str, str], secrets: dict[str, str]
@@ -209,57 +169,6 @@ class GroupSnapshotDriver(Protocol):
     async def get_group_snapshot(
         self, group_id: str, snapshot_ids: list[str], secrets: dict[str, str]
     ) -> GroupSnapshotInfo: ...
-
-
-class GroupCSIClient:
-    """CSI GroupController over gRPC, with the same per-call deadline and errors as `CSIClient`."""
-
-    def __init__(self, endpoint: str, *, timeout: float = 60.0) -> None:
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(grpc_target(endpoint), interceptors=csi_call_interceptors())
-        self._stub = pbg.GroupControllerStub(self._channel)
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def _call(self, method: str, request: Any) -> Any:
-        try:
-            return await getattr(self._stub, method)(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as e:
-            raise CSIError(method, e.code(), e.details() or "") from None
-
-    async def create_group_snapshot(
-        self, name: str, volume_ids: list[str], parameters: dict[str, str], secrets: dict[str, str]
-    ) -> GroupSnapshotInfo:
-        r = await self._call(
-            "CreateVolumeGroupSnapshot",
-            pb.CreateVolumeGroupSnapshotRequest(
-                name=name, source_volume_ids=volume_ids, parameters=parameters, secrets=secrets
-            ),
-        )
-        return _group_info(r.group_snapshot)
-
-    async def delete_group_snapshot(
-        self, group_id: str, snapshot_ids: list[str], secrets: dict[str, str]
-    ) -> None:
-        await self._call(
-            "DeleteVolumeGroupSnapshot",
-            pb.DeleteVolumeGroupSnapshotRequest(
-                group_snapshot_id=group_id, snapshot_ids=snapshot_ids, secrets=secrets
-            ),
-        )
-
-    async def get_group_snapshot(
-        self, group_id: str, snapshot_ids: list[str], secrets: dict[str, str]
-    ) -> GroupSnapshotInfo:
-        r = await self._call(
-            "GetVolumeGroupSnapshot",
-            pb.GetVolumeGroupSnapshotRequest(
-                group_snapshot_id=group_id, snapshot_ids=snapshot_ids, secrets=secrets
-            ),
-        )
-        return _group_info(r.group_snapshot)
 
 
 # --------------------------------------------------------------- controller
@@ -975,7 +884,7 @@ class GroupSnapshotter(Loop):
             info = await self.driver.create_group_snapshot(
                 csi_group_name(content, self.group_name_prefix), volumes, params, secrets
             )
-        except CSIError as e:
+        except CSICallError as e:
             if is_final_error(e):
                 content = await self._set_annotation(content, ANN_GROUP_BEING_CREATED, None)
             await self._report(
@@ -999,7 +908,7 @@ class GroupSnapshotter(Loop):
         try:
             secrets = await self._secrets(self._deletion_secret(content))
             info = await self.driver.get_group_snapshot(handle, self._snapshot_ids(content), secrets)
-        except (CSIError, ApiError) as e:
+        except (CSICallError, ApiError) as e:
             await self._report(content, f"Failed to check and update group snapshot content: {e}")
             raise
         await self._patch(content, {"status": self._status(info)}, status=True)
@@ -1012,7 +921,7 @@ class GroupSnapshotter(Loop):
             try:
                 secrets = await self._secrets(self._deletion_secret(content))
                 await self.driver.delete_group_snapshot(str(handle), self._snapshot_ids(content), secrets)
-            except (CSIError, ApiError) as e:
+            except (CSICallError, ApiError) as e:
                 await self._report(content, f"Failed to delete group snapshot: {e}")
                 raise
         if GROUP_CONTENT_BOUND_FINALIZER in k.finalizers_of(content):

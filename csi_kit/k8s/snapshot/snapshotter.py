@@ -26,7 +26,7 @@ from csi_kit.k8s.objects.resources import SECRET, VOLUME_SNAPSHOT_CLASS, VOLUME_
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
-from csi_kit.k8s.runtime.csi import CSIError, SnapshotInfo, is_final_error
+from csi_kit.k8s.runtime.csi import CSICallError, SnapshotInfo, is_final_error
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.snapshot import protocol as p
@@ -196,7 +196,7 @@ class Snapshotter(Loop):
         name = p.csi_snapshot_name(content, self.snapshot_name_prefix, self.snapshot_name_uuid_length)
         try:
             info = await self.driver.create_snapshot(volume, name, params, secrets)
-        except CSIError as e:
+        except CSICallError as e:
             if is_final_error(e):
                 content = await self._set_annotation(content, p.ANN_BEING_CREATED, None)
             await self._report(
@@ -243,7 +243,7 @@ class Snapshotter(Loop):
             found = await self.driver.list_snapshots(
                 snapshot_id=handle, secrets=await self._secrets(list_ref)
             )
-        except (CSIError, ValueError, ApiError) as e:
+        except (CSICallError, ValueError, ApiError) as e:
             await self._report(content, f"Failed to check and update snapshot content: {e}")
             raise
         if not found:
@@ -270,7 +270,7 @@ class Snapshotter(Loop):
                     ref = (ann[p.ANN_DELETION_SECRET_NAME], ann[p.ANN_DELETION_SECRET_NAMESPACE])
                 try:
                     await self.driver.delete_snapshot(str(handle), await self._secrets(ref))
-                except (CSIError, ApiError) as e:
+                except (CSICallError, ApiError) as e:
                     await self._report(content, f"Failed to delete snapshot: {e}", "SnapshotDeleteError")
                     raise
         if p.CONTENT_BOUND_FINALIZER in k.finalizers_of(content):

@@ -32,9 +32,9 @@ from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop, Retry
-from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
+from csi_kit.k8s.runtime.csi import Capability, CSICallError, DriverInfo
 from csi_kit.k8s.runtime.informer import InformerFactory
-from csi_kit.k8s.volume.protocol import Capability, capabilities_for
+from csi_kit.k8s.volume.protocol import capabilities_for
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class Attacher(Loop):
                 secrets=await self._secrets(spec),
                 volume_context={str(a): str(b) for a, b in (csi.get("volumeAttributes") or {}).items()},
             )
-        except (CSIError, ApiError) as e:
+        except (CSICallError, ApiError) as e:
             await self._error(va, "attachError", f"rpc error: {e}")
             raise
         await self._patch(
@@ -240,7 +240,7 @@ class Attacher(Loop):
                 await self.driver.unpublish_volume(
                     str(csi.get("volumeHandle") or ""), node_id, await self._secrets(spec)
                 )
-            except (CSIError, ApiError) as e:
+            except (CSICallError, ApiError) as e:
                 await self._error(va, "detachError", f"rpc error: {e}")
                 raise
         patch = set_finalizers_patch(va, remove={self.finalizer})

@@ -27,9 +27,8 @@ from csi_kit.k8s.objects.resources import CSI_NODE, CSI_STORAGE_CAPACITY, NODE, 
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
+from csi_kit.k8s.runtime.csi import Capability, CSICallError, DriverInfo
 from csi_kit.k8s.runtime.informer import InformerFactory
-from csi_kit.k8s.volume.protocol import Capability
 from csi_kit.k8s.volume.provisioner import ProvisioningError, driver_parameters
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ class CapacityTracker(Loop):
             try:
                 params = driver_parameters({str(a): str(b) for a, b in (cls.get("parameters") or {}).items()})
                 available, maximum = await self.driver.get_capacity(params, seg, [])
-            except (CSIError, ProvisioningError) as e:
+            except (CSICallError, ProvisioningError) as e:
                 log.warning("GetCapacity for class %s segment %s: %s", ident[0], seg, e)
                 failed = True
                 continue

@@ -57,17 +57,15 @@ from typing import Any, Protocol
 import attrs
 import grpc
 
-from csi_kit._pb import csi_pb2 as pb
 from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.objects.resources import PV
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import CSIError, DriverInfo
+from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, DriverInfo, VolumeCondition
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.runtime.options import env as _env
-from csi_kit.k8s.volume.protocol import VolumeClient
 from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, affinity_matches
 
 log = logging.getLogger(__name__)
@@ -84,55 +82,10 @@ DEFAULT_INTERVAL = 60.0
 _TICK = "interval"
 
 
-@attrs.frozen
-class Condition:
-    """A volume's condition as the driver reports it (CSI VolumeCondition)."""
-
-    abnormal: bool
-    message: str
-
-
 class HealthDriver(Protocol):
-    async def list_volume_conditions(self) -> dict[str, Condition]: ...
+    async def list_volume_conditions(self) -> dict[str, VolumeCondition]: ...
 
-    async def get_volume_condition(self, volume_id: str) -> Condition: ...
-
-
-def _condition(status: Any) -> Condition:
-    """A ListVolumes entry's or ControllerGetVolume's status → Condition (unset: normal, as upstream)."""
-    if status is None or not status.HasField("volume_condition"):
-        return Condition(False, "")
-    return Condition(bool(status.volume_condition.abnormal), str(status.volume_condition.message))
-
-
-class HealthClient(VolumeClient):
-    """`VolumeClient` plus the two calls that report volume conditions."""
-
-    async def list_volume_conditions(self) -> dict[str, Condition]:
-        """ListVolumes, every page → {volume_id: condition}."""
-        out: dict[str, Condition] = {}
-        token = ""
-        seen: set[str] = set()
-        while True:
-            r = await self._call(
-                "ListVolumes", self._controller.ListVolumes, pb.ListVolumesRequest(starting_token=token)
-            )
-            for e in r.entries:
-                out[e.volume.volume_id] = _condition(e.status if e.HasField("status") else None)
-            token = r.next_token
-            if not token:
-                return out
-            if token in seen:  # a driver that pages in a circle would keep us here forever
-                raise CSIError("ListVolumes", grpc.StatusCode.INTERNAL, f"next_token {token!r} repeats")
-            seen.add(token)
-
-    async def get_volume_condition(self, volume_id: str) -> Condition:
-        r = await self._call(
-            "ControllerGetVolume",
-            self._controller.ControllerGetVolume,
-            pb.ControllerGetVolumeRequest(volume_id=volume_id),
-        )
-        return _condition(r.status if r.HasField("status") else None)
+    async def get_volume_condition(self, volume_id: str) -> VolumeCondition: ...
 
 
 def check_mode(info: DriverInfo) -> str | None:
@@ -264,7 +217,7 @@ class HealthMonitor(Loop):
             return
         try:
             conditions = await self.driver.list_volume_conditions()
-        except CSIError as e:
+        except CSICallError as e:
             # Not retried with backoff: the next interval asks again, as upstream.
             log.warning("ListVolumes for volume health: %s", e)
             return
@@ -279,7 +232,7 @@ class HealthMonitor(Loop):
             return
         try:
             condition = await self.driver.get_volume_condition(handle)
-        except CSIError as e:
+        except CSICallError as e:
             if e.code == grpc.StatusCode.NOT_FOUND:
                 self._observe(pv, handle, None)
             else:
@@ -287,7 +240,7 @@ class HealthMonitor(Loop):
             return
         self._observe(pv, handle, condition)
 
-    def _observe(self, pv: Obj, handle: str, condition: Condition | None) -> None:
+    def _observe(self, pv: Obj, handle: str, condition: VolumeCondition | None) -> None:
         """Record what changed about one volume; the decisions the module docstring lists."""
         name = k.name_of(pv)
         self.checks[name] += 1
@@ -353,7 +306,7 @@ def add_options(g: Any) -> None:
 
 
 async def loops(
-    args: argparse.Namespace, api: KubeAPI, client: HealthClient, info: DriverInfo
+    args: argparse.Namespace, api: KubeAPI, client: CSIClient, info: DriverInfo
 ) -> list[tuple[Loop, str | None]]:
     """The health monitor and its Lease for `--controllers health-monitor`; none if unsupported."""
     if check_mode(info) is None:

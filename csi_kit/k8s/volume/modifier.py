@@ -57,7 +57,7 @@ import grpc
 from csi_kit.k8s.objects.resources import PV, VOLUME_ATTRIBUTES_CLASS, Resource
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
-from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError
+from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSICallError
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.runtime.workqueue import WorkQueue
 from csi_kit.k8s.volume.protocol import EventRecorder, claim_condition, merge_claim_conditions
@@ -231,7 +231,7 @@ class VolumeModifier:
         self.known.add(key)
         try:
             await self.driver.modify_volume(handle, params)
-        except CSIError as e:
+        except CSICallError as e:
             await self._record_failure(key, pvc, target, e)
             raise
         self.uncertain.discard(key)
@@ -294,7 +294,7 @@ class VolumeModifier:
             checked=False,
         )
 
-    async def _record_failure(self, key: str, pvc: Obj, target: str, e: CSIError) -> None:
+    async def _record_failure(self, key: str, pvc: Obj, target: str, e: CSICallError) -> None:
         """Record a ControllerModifyVolume error the way upstream does (no resourceVersion check)."""
         if e.code == grpc.StatusCode.INVALID_ARGUMENT:
             self.uncertain.discard(key)

@@ -68,10 +68,10 @@ from csi_kit.k8s.objects.resources import PV, PVC, SECRET
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSIError, DriverInfo
+from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, Capability, CSICallError, DriverInfo
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
-from csi_kit.k8s.volume.protocol import Capability, EventRecorder, capabilities_for, merge_claim_conditions
+from csi_kit.k8s.volume.protocol import EventRecorder, capabilities_for, merge_claim_conditions
 from csi_kit.k8s.volume.protocol import claim_condition as _condition
 from csi_kit.k8s.volume.protocol import has_claim_condition as _has_condition
 from csi_kit.k8s.volume.provisioner import affinity_matches
@@ -311,7 +311,7 @@ class Resizer(Loop):
                 new_size, node_needed = await self.driver.expand_volume(
                     handle, target, self._capability(pv), await self._secrets(pv)
                 )
-            except CSIError as e:
+            except CSICallError as e:
                 await self._record_failure(key, pvc, pv, e)
                 raise
             new_size = new_size or target
@@ -356,7 +356,7 @@ class Resizer(Loop):
             return {ANN_NODE_EXPANSION_NOT_REQUIRED: None}
         return None
 
-    async def _record_failure(self, key: str, pvc: Obj, pv: Obj, e: CSIError) -> None:
+    async def _record_failure(self, key: str, pvc: Obj, pv: Obj, e: CSICallError) -> None:
         """Record a ControllerExpandVolume error the way upstream does (no resourceVersion check)."""
         msg = f"resize volume {k.name_of(pv)} failed: {e}"
         await self.events.event(pvc, "Warning", "VolumeResizeFailed", msg)
