@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from csi_peer import ScriptedCSI
 from k8s_helpers import (
     Loops,
@@ -16,6 +19,7 @@ from k8s_helpers import (
 )
 
 from csi_kit.k8s.objects.resources import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
+from csi_kit.k8s.snapshot import controller as controller_module
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -55,6 +59,41 @@ async def test_dynamic_snapshot_binds_and_becomes_ready(
     pvc = api.peek(PVC, "data", "default")
     assert pvc is not None and p.PVC_AS_SOURCE_FINALIZER not in (pvc["metadata"].get("finalizers") or [])
     assert csi.calls["CreateSnapshot"] == 1
+
+
+async def test_status_is_written_once_when_the_snapshotter_answers_at_once(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    """Bound, creationTime, restoreSize and readyToUse reach the snapshot in one status write."""
+    await make_volume(api)
+    await make_class(api)
+    await make_snapshot(api)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    await settle(api)
+    assert api.requests[("patch_status", VOLUME_SNAPSHOT.plural)] == 1
+    s = snapshot(api)
+    assert s is not None and s["status"]["boundVolumeSnapshotContentName"].startswith("snapcontent-")
+
+
+async def test_bound_status_appears_when_the_snapshotter_is_slow(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held-back status write is bounded: a snapshot whose cut takes long is shown bound, not ready."""
+    monkeypatch.setattr(controller_module, "BOUND_STATUS_GRACE", 0.2)
+    csi, _ = peer
+    csi.create_gate = asyncio.Event()
+    await make_volume(api)
+    await make_class(api)
+    snap = await make_snapshot(api)
+    await eventually(lambda: csi.create_started.is_set(), "CreateSnapshot sent")
+    name = "snapcontent-" + snap["metadata"]["uid"]
+    await eventually(
+        lambda: (snapshot(api) or {}).get("status", {}).get("boundVolumeSnapshotContentName") == name,
+        "bound while the driver is still cutting",
+    )
+    assert not is_ready(api)
+    csi.create_gate.set()
+    await eventually(lambda: is_ready(api), "ready once the driver answered")
 
 
 async def test_delete_policy_deletes_backend_snapshot_and_objects(

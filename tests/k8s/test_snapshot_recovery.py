@@ -121,7 +121,7 @@ async def run_flow(
         await lp.stop()
 
 
-WRITES_PER_FLOW = {"delete": 12, "retain": 11, "pre-provisioned": 9}
+WRITES_PER_FLOW = {"delete": 11, "retain": 10, "pre-provisioned": 9}
 
 
 @pytest.mark.parametrize("flow", sorted(WRITES_PER_FLOW))

@@ -4,24 +4,35 @@ What the upstream snapshot-controller does, driver-independent: for a
 VolumeSnapshot of a PVC it resolves the class (or the single default class of
 the PV's driver), protects the PVC with a finalizer, creates the content
 `snapcontent-<snapshot uid>` pointing back at the snapshot, and mirrors the
-content's status (set by the snapshotter, `sidecar.py`) into the snapshot's.
-For a pre-provisioned content it completes the binding.  On deletion it marks
-the content `volumesnapshot-being-deleted`, deletes it when its policy is
-Delete, and lets the snapshot go once the content is gone.
+content's status (set by the snapshotter, `snapshotter.py`) into the
+snapshot's.  For a pre-provisioned content it completes the binding.  On
+deletion it marks the content `volumesnapshot-being-deleted`, deletes it when
+its policy is Delete, and lets the snapshot go once the content is gone.
 
 All state lives in the API objects; the deterministic content name is what
 lets a restarted controller find what it created before it crashed.
 
-Request economy (each request costs QPS): the snapshot's two finalizers are
-added in one write, the content is created already carrying its finalizer
-(upstream adds it with a second write), and both snapshot finalizers are
-removed in one write once the content is gone.
+Request economy (each request costs QPS), the object protocol unchanged at
+every stable state:
+
+- the snapshot's two finalizers (and the default class it picked) go in one
+  write, the content is created already carrying its finalizer and its
+  being-created annotation (upstream adds each with a write of its own), and
+  both snapshot finalizers are removed in one write once the content is gone;
+- the snapshot's status is written once when the snapshotter answers quickly:
+  right after creating a content the controller holds back the "bound, not
+  ready" status for up to `BOUND_STATUS_GRACE` seconds, and the snapshotter's
+  answer (usually within milliseconds) goes out in the same write as the
+  binding.  Upstream finds a content by its deterministic name whether or not
+  the snapshot's status names it yet, and so does a restarted controller,
+  which holds nothing back (the grace is in memory only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from csi_kit.k8s.objects.quantity import format_quantity
@@ -39,8 +50,12 @@ from csi_kit.k8s.runtime.controller import Loop, Retry
 from csi_kit.k8s.runtime.events import NORMAL, WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.snapshot import protocol as p
+from csi_kit.k8s.snapshot.writes import Writer
 
 log = logging.getLogger(__name__)
+
+#: Seconds the first status write of a just-created dynamic snapshot waits for the snapshotter.
+BOUND_STATUS_GRACE = 2.0
 
 
 class SnapshotError(Exception):
@@ -66,13 +81,17 @@ class SnapshotController(Loop):
         self.events = events
         self.api = api
         self.distributed = distributed
-        self._deleted_contents: set[str] = set()
         self._pvc_locks: dict[str, asyncio.Lock] = {}
+        #: content name -> when this process created it (monotonic), until the snapshot's first status write.
+        self._created_at: dict[str, float] = {}
         self.snapshots = self.informer(api, VOLUME_SNAPSHOT, resync_period=resync_period)
         self.contents = self.informer(api, VOLUME_SNAPSHOT_CONTENT, resync_period=resync_period)
         self.classes = self.informer(api, VOLUME_SNAPSHOT_CLASS)
         self.pvcs = self.informer(api, PVC)
         self.pvs = self.informer(api, PV)
+        self.snapshot_writes = Writer(api, VOLUME_SNAPSHOT, self.snapshots)
+        self.content_writes = Writer(api, VOLUME_SNAPSHOT_CONTENT, self.contents)
+        self.pvc_writes = Writer(api, PVC, self.pvcs)
         self.snapshot_queue = self.queue("snapshot", self.sync_snapshot)
         self.content_queue = self.queue("content", self.sync_content)
         self.snapshots.add_handler(self._on_snapshot)
@@ -86,13 +105,18 @@ class SnapshotController(Loop):
         assert obj is not None
         self.snapshot_queue.add(k.key_of(obj))
         if event == "DELETED":
-            name = p.status(obj).get("boundVolumeSnapshotContentName")
+            name = p.status(obj).get("boundVolumeSnapshotContentName") or p.source_content_name(obj)
+            if not name and p.source_pvc_name(obj):
+                name = p.content_name_for(obj)
             if name:
                 self.content_queue.add(str(name))
 
     def _on_content(self, event: str, old: Obj | None, new: Obj | None) -> None:
         obj = new or old
         assert obj is not None
+        self.content_writes.forget(event, old, new)
+        if event == "DELETED":
+            self._created_at.pop(k.name_of(obj), None)
         self.content_queue.add(k.name_of(obj))
         ref = p.spec(obj).get("volumeSnapshotRef") or {}
         if ref.get("name") and ref.get("namespace"):
@@ -138,24 +162,15 @@ class SnapshotController(Loop):
         if not name:
             name = p.content_name_for(snap)
         content = self.contents.get(str(name))
-        if content is None:
-            return None
-        ref = p.spec(content).get("volumeSnapshotRef") or {}
-        if ref.get("name") != k.name_of(snap) or ref.get("namespace") != k.namespace_of(snap):
-            return None
-        if ref.get("uid") and ref.get("uid") != k.uid_of(snap):
+        if content is None or not p.refers_to(content, "volumeSnapshotRef", snap):
             return None
         return content
 
-    async def _patch_snapshot_status(self, snap: Obj, new_status: dict[str, Any]) -> Obj:
+    async def _set_snapshot_status(self, snap: Obj, new_status: dict[str, Any]) -> Obj:
+        """Write status fields (unless already so), with the Events the transitions deserve."""
         current = p.status(snap)
-        if all(current.get(f) == v for f, v in new_status.items()):
-            return snap
-        updated = await self.api.patch(
-            VOLUME_SNAPSHOT, k.name_of(snap), {"status": new_status}, k.namespace_of(snap), status=True
-        )
-        self.snapshots.store_update(updated)
-        if self.events is not None:
+        updated = await self.snapshot_writes.set_status(snap, new_status)
+        if self.events is not None and updated is not snap:
             key = k.key_of(snap)
             if new_status.get("creationTime") and not current.get("creationTime"):
                 self.events.event(
@@ -168,31 +183,14 @@ class SnapshotController(Loop):
                 self.events.event(updated, NORMAL, "SnapshotReady", f"Snapshot {key} is ready to use.")
         return updated
 
-    async def _report(self, snap: Obj, message: str, *, ready_false: bool = True) -> None:
+    async def _report(self, snap: Obj, message: str) -> None:
         """Put an error in status.error (what `kubectl describe` shows), keeping other fields."""
         if self.events is not None:
             self.events.event(snap, WARNING, "SnapshotFailed", message)
-        if (p.status(snap).get("error") or {}).get("message") == message:
-            return
-        st: dict[str, Any] = {"error": p.error_status(message)}
-        if ready_false:
-            st["readyToUse"] = False
-        try:
-            await self._patch_snapshot_status(snap, st)
-        except ApiError as e:
-            log.info("cannot report error on snapshot %s: %s", k.key_of(snap), e)
+        await self.snapshot_writes.report(snap, message, {"readyToUse": False})
 
-    async def _set_finalizers(self, res: k.Resource, obj: Obj, add: set[str], remove: set[str]) -> Obj:
-        """One write for any finalizer changes, guarded by resourceVersion (lists are replaced whole)."""
-        current = k.finalizers_of(obj)
-        wanted = [f for f in current if f not in remove] + sorted(add - set(current))
-        if wanted == current:
-            return obj
-        patch = {"metadata": {"finalizers": wanted or None, "resourceVersion": k.rv_of(obj)}}
-        updated = await self.api.patch(res, k.name_of(obj), patch, k.namespace_of(obj))
-        return updated
-
-    def _status_from_content(self, content: Obj) -> dict[str, Any]:
+    @staticmethod
+    def _status_from_content(content: Obj) -> dict[str, Any]:
         cs = p.status(content)
         st: dict[str, Any] = {"boundVolumeSnapshotContentName": k.name_of(content), "readyToUse": False}
         if cs.get("creationTime") is not None:
@@ -270,25 +268,15 @@ class SnapshotController(Loop):
             raise
 
     async def _ensure_snapshot_finalizers(
-        self, snap: Obj, delete_policy: bool, default_class: str | None = None
+        self, snap: Obj, content_policy: str | None, default_class: str | None = None
     ) -> Obj:
+        """The snapshot's finalizers (bound-protection only under a Delete policy), and the default
+        class it picked (upstream records it in the spec), in one write."""
         want = {p.SNAPSHOT_AS_SOURCE_FINALIZER}
-        if delete_policy:
+        if content_policy == p.DELETE:
             want.add(p.SNAPSHOT_BOUND_FINALIZER)
-        current = k.finalizers_of(snap)
-        if want <= set(current) and default_class is None:
-            return snap
-        patch: Obj = {
-            "metadata": {
-                "finalizers": current + sorted(want - set(current)),
-                "resourceVersion": k.rv_of(snap),
-            }
-        }
-        if default_class is not None:
-            patch["spec"] = {"volumeSnapshotClassName": default_class}
-        updated = await self.api.patch(VOLUME_SNAPSHOT, k.name_of(snap), patch, k.namespace_of(snap))
-        self.snapshots.store_update(updated)
-        return updated
+        spec = {"volumeSnapshotClassName": default_class} if default_class is not None else None
+        return await self.snapshot_writes.set_finalizers(snap, want, spec=spec)
 
     async def _sync_dynamic(self, snap: Obj) -> None:
         content = self._content_for(snap)
@@ -303,85 +291,39 @@ class SnapshotController(Loop):
             raise SnapshotError(
                 f"Snapshot handle should not be set in content {k.name_of(content)} for dynamic provisioning"
             )
-        snap = await self._ensure_snapshot_finalizers(snap, p.spec(content).get("deletionPolicy") == p.DELETE)
-        snap = await self._patch_snapshot_status(snap, self._status_from_content(content))
+        snap = await self._ensure_snapshot_finalizers(snap, p.spec(content).get("deletionPolicy"))
+        if self._waiting_for_snapshotter(snap, content):
+            return
+        snap = await self._set_snapshot_status(snap, self._status_from_content(content))
         if p.is_ready(snap):
             await self._release_pvc(snap)
+
+    def _waiting_for_snapshotter(self, snap: Obj, content: Obj) -> bool:
+        """Whether to hold back the first status write of a snapshot whose content this process
+        has just created and the snapshotter has not answered yet (see the module docstring)."""
+        name = k.name_of(content)
+        created = self._created_at.get(name)
+        if created is None:
+            return False
+        left = created + BOUND_STATUS_GRACE - time.monotonic()
+        if p.status(content) or p.status(snap).get("boundVolumeSnapshotContentName") or left <= 0:
+            del self._created_at[name]
+            return False
+        self.snapshot_queue.add_after(k.key_of(snap), left)
+        return True
 
     async def _create_content(self, snap: Obj) -> None:
         pvc, pv = self._volume_for(snap)
         cls = self._class_for_pvc(snap, pv)
-        if cls.get("driver") != (p.spec(pv).get("csi") or {}).get("driver"):
-            raise SnapshotError(
-                f"snapshot class {k.name_of(cls)} is for driver {cls.get('driver')}, "
-                f"the volume belongs to {(p.spec(pv).get('csi') or {}).get('driver')}"
-            )
-        policy = cls.get("deletionPolicy") or p.DELETE
-        name = p.content_name_for(snap)
-        try:
-            ref = p.secret_ref(cls.get("parameters") or {}, name, k.name_of(snap), k.namespace_of(snap))
-        except ValueError as e:
-            raise SnapshotError(
-                f"failed to get secret reference for snapshot {k.key_of(snap)}: {e}"
-            ) from None
-
-        # Upstream records the default class it picked in the snapshot's spec; we
-        # do it in the same write that adds the finalizers.
+        content = self._content_body(snap, pv, cls)
         default_class = None if p.spec(snap).get("volumeSnapshotClassName") else k.name_of(cls)
-        snap = await self._ensure_snapshot_finalizers(snap, policy == p.DELETE, default_class)
-        async with self._pvc_lock(k.key_of(pvc)):
-            pvc = self.pvcs.get(k.key_of(pvc)) or pvc
-            if k.is_deleting(pvc):
-                raise SnapshotError(
-                    f"cannot add finalizer on claim [{k.key_of(pvc)}] for snapshot [{k.key_of(snap)}]: "
-                    "claim is being deleted"
-                )
-            if p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
-                updated = await self._set_finalizers(PVC, pvc, {p.PVC_AS_SOURCE_FINALIZER}, set())
-                self.pvcs.store_update(updated)
-
-        metadata: dict[str, Any] = {
-            "name": name,
-            "finalizers": [p.CONTENT_BOUND_FINALIZER],
-            # Set at birth so a deletion racing the first CreateSnapshot waits for it
-            # (the snapshotter would set it anyway before calling the driver).
-            "annotations": {p.ANN_BEING_CREATED: "yes"},
-        }
-        if ref is not None:
-            metadata["annotations"][p.ANN_DELETION_SECRET_NAME] = ref[0]
-            metadata["annotations"][p.ANN_DELETION_SECRET_NAMESPACE] = ref[1]
-        if self.distributed:
-            node = p.managed_by_node(pv)
-            if node:
-                metadata["labels"] = {p.LABEL_MANAGED_BY: node}
-        content: Obj = {
-            "apiVersion": VOLUME_SNAPSHOT_CONTENT.api_version,
-            "kind": VOLUME_SNAPSHOT_CONTENT.kind,
-            "metadata": metadata,
-            "spec": {
-                "volumeSnapshotRef": {
-                    "apiVersion": VOLUME_SNAPSHOT.api_version,
-                    "kind": VOLUME_SNAPSHOT.kind,
-                    "name": k.name_of(snap),
-                    "namespace": k.namespace_of(snap),
-                    "uid": k.uid_of(snap),
-                    "resourceVersion": k.rv_of(snap),
-                },
-                "source": {"volumeHandle": p.spec(pv)["csi"]["volumeHandle"]},
-                "volumeSnapshotClassName": k.name_of(cls),
-                "deletionPolicy": policy,
-                "driver": cls.get("driver"),
-            },
-        }
-        if p.spec(pv).get("volumeMode"):
-            content["spec"]["sourceVolumeMode"] = p.spec(pv)["volumeMode"]
+        snap = await self._ensure_snapshot_finalizers(snap, content["spec"]["deletionPolicy"], default_class)
+        await self._protect_pvc(snap, pvc)
         try:
-            created = await self.api.create(VOLUME_SNAPSHOT_CONTENT, content)
+            created = await self.content_writes.create(content)
         except ApiError as e:
-            if not k.is_already_exists(e):
-                raise SnapshotError(f"Failed to create snapshot content with error {e}") from None
-            created = await self.api.get(VOLUME_SNAPSHOT_CONTENT, name)
-        self.contents.store_update(created)
+            raise SnapshotError(f"Failed to create snapshot content with error {e}") from None
+        self._created_at[k.name_of(created)] = time.monotonic()
         if self.events is not None:
             self.events.event(
                 snap,
@@ -389,62 +331,113 @@ class SnapshotController(Loop):
                 "CreatingSnapshot",
                 f"Waiting for a snapshot {k.key_of(snap)} to be created by the CSI driver.",
             )
-        await self._patch_snapshot_status(snap, self._status_from_content(created))
+        # The content's watch event brings the snapshot back to `_sync_dynamic`, which writes its status.
+
+    def _content_body(self, snap: Obj, pv: Obj, cls: Obj) -> Obj:
+        """The dynamic content for `snap` of volume `pv` under class `cls`, as upstream makes it."""
+        driver = (p.spec(pv).get("csi") or {}).get("driver")
+        if cls.get("driver") != driver:
+            raise SnapshotError(
+                f"snapshot class {k.name_of(cls)} is for driver {cls.get('driver')}, "
+                f"the volume belongs to {driver}"
+            )
+        name = p.content_name_for(snap)
+        try:
+            ref = p.secret_ref(cls.get("parameters") or {}, name, k.name_of(snap), k.namespace_of(snap))
+        except ValueError as e:
+            raise SnapshotError(
+                f"failed to get secret reference for snapshot {k.key_of(snap)}: {e}"
+            ) from None
+        # Being-created is set at birth so a deletion racing the first CreateSnapshot waits
+        # for it (the snapshotter would set it anyway before calling the driver).
+        annotations = {p.ANN_BEING_CREATED: "yes"}
+        if ref is not None:
+            annotations[p.ANN_DELETION_SECRET_NAME] = ref[0]
+            annotations[p.ANN_DELETION_SECRET_NAMESPACE] = ref[1]
+        metadata: dict[str, Any] = {
+            "name": name,
+            "finalizers": [p.CONTENT_BOUND_FINALIZER],
+            "annotations": annotations,
+        }
+        node = p.managed_by_node(pv) if self.distributed else None
+        if node:
+            metadata["labels"] = {p.LABEL_MANAGED_BY: node}
+        spec: dict[str, Any] = {
+            "volumeSnapshotRef": p.object_ref(VOLUME_SNAPSHOT, snap, with_version=True),
+            "source": {"volumeHandle": p.spec(pv)["csi"]["volumeHandle"]},
+            "volumeSnapshotClassName": k.name_of(cls),
+            "deletionPolicy": cls.get("deletionPolicy") or p.DELETE,
+            "driver": cls.get("driver"),
+        }
+        if p.spec(pv).get("volumeMode"):
+            spec["sourceVolumeMode"] = p.spec(pv)["volumeMode"]
+        return {
+            "apiVersion": VOLUME_SNAPSHOT_CONTENT.api_version,
+            "kind": VOLUME_SNAPSHOT_CONTENT.kind,
+            "metadata": metadata,
+            "spec": spec,
+        }
 
     async def _sync_preprovisioned(self, snap: Obj) -> None:
         name = str(p.source_content_name(snap))
         content = self.contents.get(name)
         if content is None:
             raise SnapshotError(f"VolumeSnapshotContent {name} is missing")
-        ref = p.spec(content).get("volumeSnapshotRef") or {}
-        if ref.get("name") != k.name_of(snap) or ref.get("namespace") != k.namespace_of(snap):
-            raise SnapshotError(f"VolumeSnapshotContent [{name}] is bound to a different snapshot")
-        if ref.get("uid") and ref["uid"] != k.uid_of(snap):
+        if not p.refers_to(content, "volumeSnapshotRef", snap):
             raise SnapshotError(f"VolumeSnapshotContent [{name}] is bound to a different snapshot")
         if not p.spec(content).get("source", {}).get("snapshotHandle"):
             raise SnapshotError(
                 f"VolumeSnapshotContent [{name}] has no snapshotHandle for a pre-provisioned snapshot"
             )
-        if not ref.get("uid") or (
-            p.CONTENT_BOUND_FINALIZER not in k.finalizers_of(content) and not k.is_deleting(content)
-        ):
-            # Bind and protect in one write: the uid completes the two-way binding.
-            patch: Obj = {"spec": {"volumeSnapshotRef": {"uid": k.uid_of(snap)}}}
-            if p.CONTENT_BOUND_FINALIZER not in k.finalizers_of(content) and not k.is_deleting(content):
-                patch["metadata"] = {
-                    "finalizers": [*k.finalizers_of(content), p.CONTENT_BOUND_FINALIZER],
-                    "resourceVersion": k.rv_of(content),
-                }
-            content = await self.api.patch(VOLUME_SNAPSHOT_CONTENT, name, patch)
-            self.contents.store_update(content)
-        snap = await self._ensure_snapshot_finalizers(snap, p.spec(content).get("deletionPolicy") == p.DELETE)
-        await self._patch_snapshot_status(snap, self._status_from_content(content))
+        content = await self.content_writes.bind(
+            content, "volumeSnapshotRef", snap, p.CONTENT_BOUND_FINALIZER
+        )
+        snap = await self._ensure_snapshot_finalizers(snap, p.spec(content).get("deletionPolicy"))
+        await self._set_snapshot_status(snap, self._status_from_content(content))
 
     # ----------------------------------------------------------- PVC finalizer
+
+    async def _protect_pvc(self, snap: Obj, pvc: Obj) -> None:
+        """The PVC's source-protection finalizer, before the content (and so the cut) exists."""
+        async with self._pvc_lock(k.key_of(pvc)):
+            pvc = self.pvcs.get(k.key_of(pvc)) or pvc
+            if k.is_deleting(pvc):
+                raise SnapshotError(
+                    f"cannot add finalizer on claim [{k.key_of(pvc)}] for snapshot [{k.key_of(snap)}]: "
+                    "claim is being deleted"
+                )
+            await self.pvc_writes.set_finalizers(pvc, add={p.PVC_AS_SOURCE_FINALIZER})
+
+    def _pvc_in_use(self, snap: Obj, pvc_name: str, *, skip_self: bool) -> bool:
+        """Whether a snapshot of that PVC (other than `snap` with `skip_self`) is still being cut."""
+        ns = k.namespace_of(snap)
+        for other in self.snapshots.items():
+            if k.namespace_of(other) != ns or p.source_pvc_name(other) != pvc_name:
+                continue
+            if skip_self and k.uid_of(other) == k.uid_of(snap):
+                continue
+            if not p.is_ready(other) and not k.is_deleting(other):
+                return True
+        return False
 
     async def _release_pvc(self, snap: Obj, *, skip_self: bool = False) -> None:
         """Drop the PVC finalizer once no snapshot of that PVC is still being cut."""
         pvc_name = p.source_pvc_name(snap)
         if not pvc_name:
             return
-        ns = k.namespace_of(snap)
-        key = f"{ns}/{pvc_name}"
-        pvc = self.pvcs.get(key)
-        if pvc is None or p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
+        key = f"{k.namespace_of(snap)}/{pvc_name}"
+
+        def protected() -> Obj | None:
+            pvc = self.pvcs.get(key)
+            return pvc if pvc is not None and p.PVC_AS_SOURCE_FINALIZER in k.finalizers_of(pvc) else None
+
+        if protected() is None:
             return
         async with self._pvc_lock(key):
-            pvc = self.pvcs.get(key)
-            if pvc is None or p.PVC_AS_SOURCE_FINALIZER not in k.finalizers_of(pvc):
+            pvc = protected()
+            if pvc is None or self._pvc_in_use(snap, pvc_name, skip_self=skip_self):
                 return
-            for other in self.snapshots.items():
-                if k.namespace_of(other) != ns or p.source_pvc_name(other) != pvc_name:
-                    continue
-                if skip_self and k.uid_of(other) == k.uid_of(snap):
-                    continue
-                if not p.is_ready(other) and not k.is_deleting(other):
-                    return
-            updated = await self._set_finalizers(PVC, pvc, set(), {p.PVC_AS_SOURCE_FINALIZER})
-            self.pvcs.store_update(updated)
+            await self.pvc_writes.set_finalizers(pvc, remove={p.PVC_AS_SOURCE_FINALIZER})
 
     # ------------------------------------------------------------- deletion
 
@@ -476,32 +469,20 @@ class SnapshotController(Loop):
         if self._pvc_restoring_from(snap):
             raise Retry(f"snapshot {k.key_of(snap)} is being used to restore a PVC")
         await self._release_pvc(snap, skip_self=True)
-        if content is not None:
-            delete_content = p.spec(content).get("deletionPolicy") == p.DELETE
-            if p.ANN_BEING_DELETED not in k.annotations_of(content):
-                content = await self.api.patch(
-                    VOLUME_SNAPSHOT_CONTENT,
-                    k.name_of(content),
-                    {"metadata": {"annotations": {p.ANN_BEING_DELETED: "yes"}}},
-                )
-                self.contents.store_update(content)
-            if delete_content:
-                if not k.is_deleting(content) and k.uid_of(content) not in self._deleted_contents:
-                    try:
-                        await self.api.delete(
-                            VOLUME_SNAPSHOT_CONTENT, k.name_of(content), uid=k.uid_of(content)
-                        )
-                    except ApiError as e:
-                        if not k.is_not_found(e):
-                            raise
-                    # The delete answer carries no version to put in the cache; remember
-                    # it so a sync running before the watch event does not delete twice.
-                    self._deleted_contents.add(k.uid_of(content))
-                # The bound finalizer stays until the snapshotter has deleted the
-                # backend snapshot and the content is gone; its event wakes us.
-                return
-        updated = await self._set_finalizers(VOLUME_SNAPSHOT, snap, set(), ours)
-        self.snapshots.store_update(updated)
+        if content is not None and not await self._let_content_go(content):
+            return
+        await self.snapshot_writes.set_finalizers(snap, remove=ours)
+
+    async def _let_content_go(self, content: Obj) -> bool:
+        """Mark the content being-deleted (the snapshotter's go-ahead) and delete it under a
+        Delete policy.  True when the snapshot may lose its finalizers now (Retain); under
+        Delete the bound finalizer stays until the snapshotter has deleted the backend
+        snapshot and the content is gone (its event wakes us)."""
+        content = await self.content_writes.set_annotation(content, p.ANN_BEING_DELETED, "yes")
+        if p.spec(content).get("deletionPolicy") != p.DELETE:
+            return True
+        await self.content_writes.delete(content, uid=True)
+        return False
 
     # ------------------------------------------------------------ content sync
 
@@ -509,33 +490,21 @@ class SnapshotController(Loop):
         content = self.contents.get(name)
         if content is None:
             return
-        if k.is_deleting(content):
-            self._deleted_contents.discard(k.uid_of(content))
         ref = p.spec(content).get("volumeSnapshotRef") or {}
         if not ref.get("uid"):
             return  # pre-bound to a snapshot that has not claimed it yet
         if not k.is_deleting(content) and p.CONTENT_BOUND_FINALIZER not in k.finalizers_of(content):
-            updated = await self._set_finalizers(
-                VOLUME_SNAPSHOT_CONTENT, content, {p.CONTENT_BOUND_FINALIZER}, set()
-            )
-            self.contents.store_update(updated)
+            await self.content_writes.set_finalizers(content, add={p.CONTENT_BOUND_FINALIZER})
             return
         snap = self.snapshots.get(f"{ref.get('namespace')}/{ref.get('name')}")
-        if snap is not None and k.uid_of(snap) != ref.get("uid"):
-            snap = None  # deleted and re-created with the same name: treat as missing
-        if snap is None:
-            # Never let storage go because a snapshot is missing -- not even when the
-            # content itself is deleted: it may have been copied from another cluster
-            # that still uses the snapshot (upstream's rule; such a content stays
-            # Terminating until an administrator removes its finalizer).
+        if snap is None or k.uid_of(snap) != ref.get("uid"):
+            # Missing (or deleted and re-created with the same name): never let storage go
+            # because a snapshot is missing -- not even when the content itself is deleted:
+            # it may have been copied from another cluster that still uses the snapshot
+            # (upstream's rule; such a content stays Terminating until an administrator
+            # removes its finalizer).
             return
-        candidate = k.is_deleting(snap) and bool(
-            {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER} & set(k.finalizers_of(snap))
-        )
-        if not candidate:
-            return
-        if p.ANN_BEING_DELETED not in k.annotations_of(content):
-            updated = await self.api.patch(
-                VOLUME_SNAPSHOT_CONTENT, name, {"metadata": {"annotations": {p.ANN_BEING_DELETED: "yes"}}}
-            )
-            self.contents.store_update(updated)
+        if k.is_deleting(snap) and {p.SNAPSHOT_AS_SOURCE_FINALIZER, p.SNAPSHOT_BOUND_FINALIZER} & set(
+            k.finalizers_of(snap)
+        ):
+            await self.content_writes.set_annotation(content, p.ANN_BEING_DELETED, "yes")

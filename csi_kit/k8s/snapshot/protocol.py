@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from csi_kit.k8s.objects.meta import Obj, annotations_of, name_of, namespace_of, rv_of, uid_of
 from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
+from csi_kit.k8s.objects.resources import Resource
 from csi_kit.k8s.objects.templates import TemplateError, expand
 from csi_kit.k8s.objects.times import rfc3339
-from csi_kit.k8s.runtime.api import Obj, annotations_of
 
 GROUP = "snapshot.storage.k8s.io"
 
@@ -189,3 +190,25 @@ def managed_by_node(pv: Obj) -> str | None:
             ):
                 return str(expr["values"][0])
     return None
+
+
+def object_ref(res: Resource, obj: Obj, *, with_version: bool = False) -> dict[str, str]:
+    """The reference a content keeps to its snapshot (or group): kind, name, namespace, uid."""
+    ref = {
+        "apiVersion": res.api_version,
+        "kind": res.kind,
+        "name": name_of(obj),
+        "namespace": str(namespace_of(obj)),
+        "uid": uid_of(obj),
+    }
+    if with_version:
+        ref["resourceVersion"] = rv_of(obj)
+    return ref
+
+
+def refers_to(content: Obj, ref_field: str, obj: Obj) -> bool:
+    """Whether `content`'s `spec.<ref_field>` names `obj` (and its uid, once the binding has one)."""
+    ref = spec(content).get(ref_field) or {}
+    if ref.get("name") != name_of(obj) or ref.get("namespace") != namespace_of(obj):
+        return False
+    return not ref.get("uid") or ref.get("uid") == uid_of(obj)

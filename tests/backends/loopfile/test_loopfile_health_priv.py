@@ -19,8 +19,9 @@ from loopfile_helpers import DRIVER, Csi, MiB
 from csi_kit.k8s.objects.resources import EVENT, PV, PVC
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
+from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.runtime.events import EventRecorder
-from csi_kit.k8s.volume.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthClient, HealthMonitor
+from csi_kit.k8s.volume.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthMonitor
 from csi_kit.linux import loop
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -78,7 +79,7 @@ async def test_a_deleted_image_becomes_an_event_on_the_claim(csi: Csi, driver_ro
         csi.mount(vol.volume_id)
     sick_claim = await _bound_claim(api, "sick", sick.volume_id)
     well_claim = await _bound_claim(api, "well", well.volume_id)
-    client = HealthClient(f"unix://{csi.work / 'csi.sock'}", timeout=30)
+    client = CSIClient(f"unix://{csi.work / 'csi.sock'}", timeout=30)
     events = EventRecorder(api, COMPONENT_PREFIX + DRIVER)
     monitor = HealthMonitor(api, client, await client.driver_info(), interval=0.02, events=events)
     assert monitor.mode == "list"
