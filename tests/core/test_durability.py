@@ -2,7 +2,7 @@
 
 ``power`` (the default): a change is on the disk before the call returns,
 and concurrent changes share one ``fdatasync`` of the WAL.  ``process``: no
-flush at all, which still survives kill -9 (tests/unit/test_crash.py runs in
+flush at all, which still survives kill -9 (tests/core/test_crash.py runs in
 both modes).  A failed flush poisons the store until the driver restarts.
 """
 

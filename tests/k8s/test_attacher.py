@@ -13,7 +13,8 @@ from csi_kit.k8s.objects.resources import CSI_NODE, PV, VOLUME_ATTACHMENT
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.runtime.csi import CSIClient
-from csi_kit.k8s.volume.attacher import ANN_NODE_ID, Attacher, finalizer_for
+from csi_kit.k8s.volume.attacher import Attacher
+from csi_kit.k8s.volume.protocol import ANN_NODE_ID, attacher_finalizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 FIN = "external-attacher/vol-csi-kit-io"
@@ -75,8 +76,8 @@ def attached(api: FakeKubeAPI, name: str = "va-1") -> bool:
 
 
 def test_finalizer_name_matches_upstream_sanitising() -> None:
-    assert finalizer_for("vol.csi-kit.io") == FIN
-    assert finalizer_for("example.com/csi-") == "external-attacher/example-com-csi-X"
+    assert attacher_finalizer("vol.csi-kit.io") == FIN
+    assert attacher_finalizer("example.com/csi-") == "external-attacher/example-com-csi-X"
 
 
 async def test_attach_and_detach(env: Env) -> None:

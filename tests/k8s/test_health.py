@@ -32,7 +32,7 @@ from csi_kit.k8s.runtime.csi import Capability, CSIClient, DriverInfo, VolumeCon
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.volume import health
 from csi_kit.k8s.volume.health import COMPONENT_PREFIX, REASON_ABNORMAL, HealthMonitor
-from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL
+from csi_kit.k8s.volume.protocol import HOSTNAME_LABEL
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 

@@ -32,8 +32,7 @@ from csi_kit.k8s.objects.resources import EVENT, PV, PVC, REFERENCE_GRANT, SECRE
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.runtime.csi import CSIClient
-from csi_kit.k8s.volume.protocol import capabilities_for
-from csi_kit.k8s.volume.provisioner import (
+from csi_kit.k8s.volume.protocol import (
     ANN_DELETION_SECRET_NAME,
     ANN_PROVISIONED_BY,
     ANN_SELECTED_NODE,
@@ -41,8 +40,9 @@ from csi_kit.k8s.volume.provisioner import (
     PROVISIONER_IDENTITY_KEY,
     PV_FINALIZER,
     SNAPSHOT_SOURCE_FINALIZER,
-    Provisioner,
+    capabilities_for,
 )
+from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 GiB = 1 << 30

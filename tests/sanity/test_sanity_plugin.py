@@ -12,7 +12,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "contract"))
+sys.path.insert(0, os.path.dirname(__file__))
 import fakedriver  # noqa: E402
 
 

@@ -12,7 +12,7 @@ directory).  It must exit 2 naming the live driver's pid, and the live
 driver must still answer, list the same volumes and keep `.incoming` as it
 was.
 
-This sits in tests/contract rather than in the generic suite: only here is
+This sits in tests/sanity rather than in the generic suite: only here is
 it known how the driver was started.
 """
 

@@ -15,7 +15,7 @@ from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pb_grpc
 from csi_kit.testing.driver import DriverProcess
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 EXAMPLE = os.path.join(REPO, "examples", "scratch-backend")
 
 

@@ -22,7 +22,7 @@ from csi_kit.linux import mounts
 from csi_kit.testing.driver import running_driver
 
 README = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "README.md"
 )
 HOSTILE = ["..", ".", "/", "/etc", "../../etc", "a/b", "x\nb", "x" * 129]
 

@@ -23,7 +23,7 @@ import pytest
 
 from csi_kit.testing.driver import DriverProcess
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 PAGE = ROOT / "docs" / "tutorial.md"
 EXAMPLE = ROOT / "examples" / "tutorial-backend"
 STATE = "/tmp/dirs-driver"  # the page's state directory, replaced by a test's own

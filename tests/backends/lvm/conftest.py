@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vm"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "vm"))
 from scratch import block_device, cmd, remove_vg, unique_vg_name
 
 from csi_kit.linux import lvm

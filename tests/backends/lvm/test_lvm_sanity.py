@@ -10,7 +10,7 @@ thousand tests over three configurations) would take hours there.  By
 default only `FOCUS` runs: the tests that exercise what this backend does
 itself (create, delete, restore, clone, snapshot, expand, capacity,
 topology, publish with data, stats, idempotency of a restore); the rest are
-deselected at collection (tests/lvm/conftest.py), so they cost nothing in the
+deselected at collection (tests/backends/lvm/conftest.py), so they cost nothing in the
 guest.  The node side is the shared BlockDeviceBackend, which
 the loopfile backend's full run covers.  ``CSI_KIT_LVM_SANITY=full`` runs them
 all (natively on a device-mapper kernel, or with patience).

@@ -1,5 +1,5 @@
 """Parsing thin-provisioning-tools' XML (thin_delta, thin_dump) and turning
-pool blocks into byte ranges, without LVM: the real tools run in tests/lvm."""
+pool blocks into byte ranges, without LVM: the real tools run in tests/backends/lvm."""
 
 from __future__ import annotations
 
