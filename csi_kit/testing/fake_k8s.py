@@ -5,8 +5,11 @@ resourceVersion, answers 409 Conflict to a stale update and 410 Gone to a watch
 from a version older than its (bounded) history, honours finalizers and
 deletionTimestamp (a delete with finalizers only marks the object; it goes when
 the last finalizer is removed), generateName, and status as a subresource.
-Every request is counted (`requests`) so benchmarks can report API cost, and
-`reactors` let a test fail or delay a chosen request deterministically.
+Every request is counted (`requests`, and `requests_by_agent` by the
+User-Agent of the handle that sent it: `with_agent` gives a handle on the same
+store, as the lightkube adapter opens a client per agent) so benchmarks can
+report API cost, and `reactors` let a test fail or delay a chosen request
+deterministically.
 
 Where kube-apiserver (v1.36, checked against a real one) behaves in a way a
 loop can notice, the fake does the same:
@@ -40,6 +43,7 @@ loop can notice, the fake does the same:
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import random
 import uuid
@@ -166,6 +170,16 @@ class _Watcher:
         return None
 
 
+class _Versions:
+    """The store's resourceVersion clock, one object shared by every agent's handle."""
+
+    def __init__(self) -> None:
+        # Versions start above 0, as an etcd revision does: "0" asks a watch for "any version".
+        self.counter = itertools.count(2)
+        self.last = 1
+        self.compacted = 0
+
+
 class FakeKubeAPI:
     """Implements `csi_kit.k8s.runtime.api.KubeAPI` in memory.
 
@@ -174,22 +188,31 @@ class FakeKubeAPI:
     server whose etcd was compacted; `compact()` drops all of it at once.
     """
 
-    def __init__(self, *, history: int = 10_000) -> None:
+    def __init__(self, *, history: int = 10_000, agent: str = "") -> None:
         self._objects: dict[tuple[Resource, str, str], Obj] = {}
-        # Versions start above 0, as an etcd revision does: "0" asks a watch for "any version".
-        self._rv = itertools.count(2)
-        self._last_rv = 1
+        self._versions = _Versions()
         self._history: deque[tuple[int, Resource, str, Obj, Obj | None]] = deque(maxlen=history)
-        self._compacted_rv = 0
         self._watchers: list[_Watcher] = []
+        self.agent = agent
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.requests_by_agent: Counter[tuple[str, str, str]] = Counter()
         self.reactors: list[Reactor] = []
+
+    def with_agent(self, agent: str) -> FakeKubeAPI:
+        """A handle on the same objects, watches, counters and reactors whose requests count as `agent`."""
+        handle = copy.copy(self)  # shares every container; the clock is one shared object too
+        handle.agent = agent
+        return handle
 
     # ----------------------------------------------------------- test helpers
 
     @property
     def total_requests(self) -> int:
         return sum(self.requests.values())
+
+    def requests_of(self, agent: str) -> Counter[tuple[str, str]]:
+        """(verb, plural) counts of the requests one User-Agent sent."""
+        return Counter({(v, p): n for (a, v, p), n in self.requests_by_agent.items() if a == agent})
 
     def objects(self, res: Resource) -> list[Obj]:
         """Every stored object of a kind (copies; no request is counted)."""
@@ -207,7 +230,7 @@ class FakeKubeAPI:
     def compact(self) -> None:
         """Forget every event so far: any watch resumed from an older version gets 410."""
         self._history.clear()
-        self._compacted_rv = self._last_rv
+        self._versions.compacted = self._versions.last
 
     def expire_watches(self) -> None:
         """End every open watch with 410 Gone, as an API server does after compaction."""
@@ -244,6 +267,7 @@ class FakeKubeAPI:
 
     async def _request(self, verb: str, res: Resource, name: str, body: Obj | None = None) -> None:
         self.requests[(verb, res.plural)] += 1
+        self.requests_by_agent[(self.agent, verb, res.plural)] += 1
         for reactor in list(self.reactors):
             r = reactor(verb, res, name, body)
             if r is not None:
@@ -251,8 +275,8 @@ class FakeKubeAPI:
         await asyncio.sleep(0)
 
     def _next_rv(self) -> str:
-        self._last_rv = next(self._rv)
-        return str(self._last_rv)
+        self._versions.last = next(self._versions.counter)
+        return str(self._versions.last)
 
     def _emit(self, res: Resource, type_: str, obj: Obj, prev: Obj | None = None) -> None:
         obj, prev = _copy(obj), _copy(prev) if prev is not None else None
@@ -420,7 +444,7 @@ class FakeKubeAPI:
             for (r, ns, _), o in sorted(self._objects.items(), key=lambda kv: (kv[0][1], kv[0][2]))
             if r == res and (not namespace or ns == namespace) and match_labels(o, label_selector)
         ]
-        return ObjectList(items, str(self._last_rv))
+        return ObjectList(items, str(self._versions.last))
 
     async def watch(
         self,
@@ -439,8 +463,9 @@ class FakeKubeAPI:
                     w.queue.put_nowait(WatchEvent("ADDED", _copy(o)))
         else:
             start = int(resource_version)
-            if start < self._compacted_rv or (self._history and start < self._history[0][0] - 1):
-                raise gone(f"too old resource version: {start} ({self._compacted_rv})")
+            compacted = self._versions.compacted
+            if start < compacted or (self._history and start < self._history[0][0] - 1):
+                raise gone(f"too old resource version: {start} ({compacted})")
             for rv, r, type_, obj, prev in self._history:
                 if rv > start:
                     ev = w.event_for(r, type_, obj, prev)

@@ -142,8 +142,9 @@ class EventSink:
                 bump = {"count": count, "lastTimestamp": item.last}
                 await self.api.patch(EVENT, done.name, bump, done.namespace)
             except ApiError as e:
-                if not is_not_found(e):  # else the Event expired (events have a TTL): write a new one
+                if not is_not_found(e):
                     raise
+                item.count = count  # the Event expired (events have a TTL): a new one, as client-go does
             else:
                 done.count = count
                 self._written.move_to_end(key)

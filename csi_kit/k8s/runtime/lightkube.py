@@ -9,6 +9,13 @@ cannot collide with typed models another library in the process registered.
 
 lightkube's watch re-opens itself from the last version when the server ends
 a stream; a 410 surfaces as `ApiError(410)` for the informer to re-list.
+
+Every request carries a User-Agent naming its sender (`csi-kit-<loop>/<v>`),
+as upstream's sidecars send theirs, so the audit log and API Priority and
+Fairness can tell the loops apart.  lightkube has no per-request headers, so
+`with_agent` opens a sibling client on the same kubeconfig (and transport)
+whose connection pool sends that agent -- one pool per agent, as each
+upstream sidecar has its own.
 """
 
 from __future__ import annotations
@@ -29,10 +36,14 @@ from lightkube.generic_resource import (
 )
 from lightkube.types import PatchType
 
+from csi_kit._version import __version__
 from csi_kit.k8s.objects import selectors
 from csi_kit.k8s.runtime.api import ApiError, Obj, ObjectList, Resource, WatchEvent
 
 _classes: dict[Resource, Any] = {}
+
+#: The agent of a connection opened without one (what `connect` gives the CLI's raw client).
+DEFAULT_AGENT = f"csi-kit/{__version__}"
 
 
 def _cls(res: Resource) -> Any:
@@ -97,17 +108,67 @@ def _convert(e: BaseException) -> BaseException:
     return e
 
 
+def _set_user_agent(client: AsyncClient, agent: str) -> None:
+    """Make every request of `client` carry `agent` (lightkube keeps its httpx client one level down)."""
+    http = getattr(getattr(client, "_client", None), "_client", None)
+    if not isinstance(http, httpx2.AsyncClient):  # a lightkube release that moved it: fail loudly, in tests
+        raise RuntimeError(
+            "cannot set the User-Agent: lightkube's AsyncClient has no httpx2 client at _client._client"
+        )
+    http.headers["User-Agent"] = agent
+
+
 class LightkubeAPI:
-    def __init__(self, client: AsyncClient) -> None:
+    """The `KubeAPI` over one lightkube client; `open` remembers how, so `with_agent` can open siblings."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        config: KubeConfig | None = None,
+        timeout: float = 30.0,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
         # Typed as Any: lightkube's overloads are keyed on its resource base
         # classes, which our runtime-built classes satisfy but mypy cannot see.
         self.client: Any = client
+        self._config = config
+        self._timeout = timeout
+        self._transport = transport
 
     @classmethod
-    def connect(cls, kubeconfig: str | None = None, *, timeout: float = 30.0) -> LightkubeAPI:
+    def open(
+        cls,
+        config: KubeConfig,
+        *,
+        timeout: float = 30.0,
+        agent: str = DEFAULT_AGENT,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> LightkubeAPI:
+        """A client on `config` whose requests carry `agent` (`transport` replaces the network: tests)."""
+        client = AsyncClient(
+            config, timeout=httpx2.Timeout(timeout), field_manager="csi-kit", transport=transport
+        )
+        _set_user_agent(client, agent)
+        return cls(client, config=config, timeout=timeout, transport=transport)
+
+    @classmethod
+    def connect(
+        cls, kubeconfig: str | None = None, *, timeout: float = 30.0, agent: str = DEFAULT_AGENT
+    ) -> LightkubeAPI:
         """In-cluster service account when no kubeconfig is given (then $KUBECONFIG, ~/.kube/config)."""
         config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
-        return cls(AsyncClient(config, timeout=httpx2.Timeout(timeout), field_manager="csi-kit"))
+        return cls.open(config, timeout=timeout, agent=agent)
+
+    def with_agent(self, agent: str) -> LightkubeAPI:
+        """A sibling on the same kubeconfig whose requests carry `agent`; close it on its own.
+
+        An adapter wrapped around a client made elsewhere cannot reopen it:
+        it keeps its one client (and that client's User-Agent).
+        """
+        if self._config is None:
+            return self
+        return self.open(self._config, timeout=self._timeout, agent=agent, transport=self._transport)
 
     async def close(self) -> None:
         await self.client.close()
