@@ -58,9 +58,10 @@ from csi_kit.k8s.objects.resources import PV, VOLUME_ATTRIBUTES_CLASS, Resource
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, CSICallError
+from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.informer import Informer
 from csi_kit.k8s.runtime.workqueue import WorkQueue
-from csi_kit.k8s.volume.protocol import EventRecorder, claim_condition, merge_claim_conditions
+from csi_kit.k8s.volume.protocol import claim_condition, merge_claim_conditions
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What the volume loops (provisioner, resizer, attacher, capacity) share.
 
-The PVC access mode → CSI access mode mapping, the claim conditions the
-resizer's loops write, and Events.  The CSI calls themselves are
+The PVC access mode → CSI access mode mapping and the claim conditions the
+resizer's loops write (Events go through `runtime.events`).  The CSI calls themselves are
 `runtime.csi.CSIClient`'s (one client, one channel for every loop of a
 process); the loops take the narrow `*Driver` protocols declared next to
 them, so tests can hand them any CSI peer.
@@ -10,14 +10,11 @@ them, so tests can hand them any CSI peer.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from csi_kit.k8s.objects.resources import EVENT
 from csi_kit.k8s.objects.times import rfc3339
-from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.runtime.csi import Capability
 
 log = logging.getLogger(__name__)
@@ -103,72 +100,3 @@ def merge_claim_conditions(
         elif keep_old:
             out.append(c)
     return out + list(by_type.values())
-
-
-# ----------------------------------------------------------------- events
-
-
-class EventRecorder:
-    """Writes core/v1 Events about the objects a loop works on (best effort: never fails a sync).
-
-    Repeats of the same (object, reason, message) within a process bump
-    `count` on the event already written instead of creating another, the way
-    client-go's recorder aggregates, so a retried failure costs one request per
-    retry at most and no unbounded stream of objects.
-    """
-
-    def __init__(self, api: KubeAPI, component: str, *, enabled: bool = True) -> None:
-        self.api = api
-        self.component = component
-        self.enabled = enabled
-        self._seen: dict[tuple[str, str, str, str], Obj] = {}
-
-    async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
-        if not self.enabled:
-            return
-        m = obj.get("metadata", {})
-        ns = m.get("namespace") or "default"
-        key = (k.uid_of(obj), type_, reason, message)
-        now = rfc3339()
-        try:
-            prev = self._seen.get(key)
-            if prev is not None:
-                patched = await self.api.patch(
-                    EVENT,
-                    k.name_of(prev),
-                    {"count": int(prev.get("count", 1)) + 1, "lastTimestamp": now},
-                    ns,
-                )
-                self._seen[key] = patched
-                return
-            created = await self.api.create(
-                EVENT,
-                {
-                    "metadata": {
-                        "name": f"{m.get('name', 'object')}.{uuid.uuid4().hex[:16]}",
-                        "namespace": ns,
-                    },
-                    "involvedObject": {
-                        "kind": obj.get("kind", ""),
-                        "apiVersion": obj.get("apiVersion", ""),
-                        "name": m.get("name", ""),
-                        "namespace": m.get("namespace", ""),
-                        "uid": m.get("uid", ""),
-                        "resourceVersion": m.get("resourceVersion", ""),
-                    },
-                    "type": type_,
-                    "reason": reason,
-                    "message": message,
-                    "count": 1,
-                    "firstTimestamp": now,
-                    "lastTimestamp": now,
-                    "source": {"component": self.component},
-                    "reportingComponent": self.component,
-                },
-                ns,
-            )
-            if len(self._seen) > 4096:
-                self._seen.clear()
-            self._seen[key] = created
-        except ApiError as e:
-            log.info("cannot record event %s on %s: %s", reason, k.key_of(obj), e)

@@ -79,8 +79,9 @@ from csi_kit.k8s.runtime.csi import (
     DriverInfo,
     TopologyRequirement,
 )
+from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
-from csi_kit.k8s.volume.protocol import EventRecorder, capabilities_for
+from csi_kit.k8s.volume.protocol import capabilities_for
 
 log = logging.getLogger(__name__)
 

@@ -69,9 +69,10 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, Capability, CSICallError, DriverInfo
+from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
-from csi_kit.k8s.volume.protocol import EventRecorder, capabilities_for, merge_claim_conditions
+from csi_kit.k8s.volume.protocol import capabilities_for, merge_claim_conditions
 from csi_kit.k8s.volume.protocol import claim_condition as _condition
 from csi_kit.k8s.volume.protocol import has_claim_condition as _has_condition
 from csi_kit.k8s.volume.provisioner import affinity_matches
