@@ -75,9 +75,9 @@ async def test_lightkube_sends_each_agent_as_user_agent(config: KubeConfig) -> N
         await lease.get(PVC, "p", "ns")
         await raw.get(PVC, "p", "ns")  # the siblings did not change the raw connection's agent
     finally:
-        await clients.close()
-        await lease.close()  # type: ignore[attr-defined]
+        await clients.close()  # closes the lease's sibling client too
         await raw.close()
+    assert lease.client._client._client.is_closed  # type: ignore[attr-defined]
     assert [agent for _, agent in server.agents] == [
         DEFAULT_AGENT,
         PROVISIONER,

@@ -72,6 +72,7 @@ class Clients:
         self.version = version
         self._agents: dict[str, KubeAPI] = {}
         self._apis: dict[str, ThrottledAPI] = {}
+        self._opened: list[KubeAPI] = []  # agents opened on other connections (the Lease's)
         self.informers = InformerFactory(self._agent("informers"))
         self._events = EventSink(self.api_for("events"), enabled=events)
 
@@ -94,8 +95,14 @@ class Clients:
         return got
 
     def lease_api(self, api: KubeAPI) -> KubeAPI:
-        """The Lease traffic's own connection `api`, unthrottled, tagged `csi-kit-leader-election/<v>`."""
-        return with_agent(api, user_agent("leader-election", self.version))
+        """The Lease traffic's own connection `api`, unthrottled, tagged `csi-kit-leader-election/<v>`.
+
+        What this opens on `api` (lightkube: a sibling client) `close()` closes; `api` stays the caller's.
+        """
+        tagged = with_agent(api, user_agent("leader-election", self.version))
+        if tagged is not api:
+            self._opened.append(tagged)
+        return tagged
 
     def recorder(self, component: str) -> EventRecorder:
         """A recorder reporting as `component`, writing through the one Events queue (no-op when off)."""
@@ -109,10 +116,11 @@ class Clients:
     async def close(self) -> None:
         """Flush and stop the Events queue, close the per-agent connections (not the raw one)."""
         await self._events.close()
-        for agent in self._agents.values():
+        for agent in [*self._agents.values(), *self._opened]:
             if agent is not self.raw:
                 close: Any = getattr(agent, "close", None)
                 if close is not None:
                     await close()
         self._agents.clear()
+        self._opened.clear()
         self._apis.clear()
