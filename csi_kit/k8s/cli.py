@@ -28,7 +28,7 @@ from csi_kit.k8s.runtime.leader import LeaderElector
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.runtime.options import env_bool as _env_bool
 from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
-from csi_kit.k8s.snapshot import group
+from csi_kit.k8s.snapshot import group_controller, group_snapshotter
 from csi_kit.k8s.snapshot import metadata as snapshot_metadata
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
@@ -304,7 +304,7 @@ async def run_controllers(
                 loops.append((snapper, lease))
 
         if "group-snapshot-controller" in wanted:
-            gctrl = group.GroupSnapshotController(
+            gctrl = group_controller.GroupSnapshotController(
                 api,
                 workers=args.k8s_workers,
                 resync_period=args.resync_period,
@@ -314,11 +314,11 @@ async def run_controllers(
             loops.append((gctrl, "snapshot-controller-group-leader"))
         if "group-snapshotter" in wanted:
             # Run even without the capability: its contents then say why nothing happens.
-            gsnapper = group.GroupSnapshotter(
+            gsnapper = group_snapshotter.GroupSnapshotter(
                 api,
                 client,
                 info.name,
-                supported=group.GROUP_CAPABILITY in info.group_capabilities,
+                supported=group_snapshotter.GROUP_CAPABILITY in info.group_capabilities,
                 workers=args.k8s_workers,
                 resync_period=args.resync_period,
                 extra_create_metadata=args.extra_create_metadata,

@@ -46,7 +46,9 @@ from csi_kit.k8s.objects.resources import (
 from csi_kit.k8s.runtime.api import ApiError, Obj, Resource, conflict
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, GroupSnapshotInfo, SnapshotInfo
-from csi_kit.k8s.snapshot import group as g
+from csi_kit.k8s.snapshot import group_controller as gc
+from csi_kit.k8s.snapshot import group_snapshotter as gs
+from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.protocol import LABEL_MANAGED_BY
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
@@ -135,7 +137,7 @@ async def group_class(api: FakeKubeAPI, driver: str, policy: str = "Delete", **p
         api.create,
         VOLUME_GROUP_SNAPSHOT_CLASS,
         {
-            "metadata": {"name": "groups", "annotations": {g.ANN_GROUP_IS_DEFAULT_CLASS: "true"}},
+            "metadata": {"name": "groups", "annotations": {p.ANN_GROUP_IS_DEFAULT_CLASS: "true"}},
             "driver": driver,
             "deletionPolicy": policy,
             "parameters": dict(params),
@@ -165,7 +167,7 @@ def group_ready(api: FakeKubeAPI, name: str = "grp") -> bool:
 
 
 def members(api: FakeKubeAPI) -> list[Obj]:
-    return [s for s in api.objects(VOLUME_SNAPSHOT) if g.group_owner(s)]
+    return [s for s in api.objects(VOLUME_SNAPSHOT) if p.group_owner(s)]
 
 
 def everything_gone(api: FakeKubeAPI) -> bool:
@@ -194,12 +196,12 @@ class AllLoops:
         loops: list[Loop] = [
             SnapshotController(self.api, distributed=distributed, **FAST),
             Snapshotter(self.api, client, self.driver, node_name=self.node, **FAST),
-            g.GroupSnapshotController(self.api, distributed=distributed, **FAST),
-            g.GroupSnapshotter(
+            gc.GroupSnapshotController(self.api, distributed=distributed, **FAST),
+            gs.GroupSnapshotter(
                 self.api,
                 client,
                 self.driver,
-                supported=g.GROUP_CAPABILITY in info.group_capabilities,
+                supported=p.GROUP_CAPABILITY in info.group_capabilities,
                 **FAST,
             ),
         ]
@@ -260,14 +262,14 @@ async def backend_snapshot_count(endpoint: str) -> int:
 
 
 def test_names_and_secrets() -> None:
-    assert g.member_snapshot_name("u", "v").startswith("snapshot-")
-    assert g.member_snapshot_name("u", "v")[len("snapshot-") :] == g.member_content_name("u", "v")[12:]
-    assert g.member_snapshot_name("u", "v") != g.member_snapshot_name("u", "w")
-    params = {g.GROUP_SECRET_NAME_KEY: "s-${volumegroupsnapshot.name}", g.GROUP_SECRET_NAMESPACE_KEY: "ns"}
-    assert g.group_secret_ref(params, "c", "grp", NS) == ("s-grp", "ns")
-    assert g.strip_group_params({**params, "k": "v"}) == {"k": "v"}
+    assert p.member_snapshot_name("u", "v").startswith("snapshot-")
+    assert p.member_snapshot_name("u", "v")[len("snapshot-") :] == p.member_content_name("u", "v")[12:]
+    assert p.member_snapshot_name("u", "v") != p.member_snapshot_name("u", "w")
+    params = {p.GROUP_SECRET_NAME_KEY: "s-${volumegroupsnapshot.name}", p.GROUP_SECRET_NAMESPACE_KEY: "ns"}
+    assert p.group_secret_ref(params, "c", "grp", NS) == ("s-grp", "ns")
+    assert p.strip_group_params({**params, "k": "v"}) == {"k": "v"}
     with pytest.raises(ValueError, match="unknown parameter key"):
-        g.strip_group_params({"csi.storage.k8s.io/snapshotter-secret-name": "x"})
+        p.strip_group_params({"csi.storage.k8s.io/snapshotter-secret-name": "x"})
 
 
 async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.PathLike[str]) -> None:
@@ -283,13 +285,13 @@ async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.Pa
         assert st["boundVolumeGroupSnapshotContentName"] == f"groupsnapcontent-{uid}"
         assert st["creationTime"] and not st.get("error")
         assert final["spec"]["volumeGroupSnapshotClassName"] == "groups", "the default class is recorded"
-        assert g.GROUP_BOUND_FINALIZER in final["metadata"]["finalizers"]
+        assert p.GROUP_BOUND_FINALIZER in final["metadata"]["finalizers"]
 
         content = api.peek(VOLUME_GROUP_SNAPSHOT_CONTENT, f"groupsnapcontent-{uid}")
         assert content is not None
         assert content["spec"]["volumeGroupSnapshotRef"]["uid"] == uid
-        assert content["metadata"]["finalizers"] == [g.GROUP_CONTENT_BOUND_FINALIZER]
-        assert g.ANN_GROUP_BEING_CREATED not in (content["metadata"].get("annotations") or {})
+        assert content["metadata"]["finalizers"] == [p.GROUP_CONTENT_BOUND_FINALIZER]
+        assert p.ANN_GROUP_BEING_CREATED not in (content["metadata"].get("annotations") or {})
         handles = {pv["spec"]["csi"]["volumeHandle"]: pv["metadata"]["name"] for pv in api.objects(PV)}
         picked = sorted(h for h, pv in handles.items() if pv != "pv-other")
         assert sorted(content["spec"]["source"]["volumeHandles"]) == picked, (
@@ -305,13 +307,13 @@ async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.Pa
             volume = next(
                 i["volumeHandle"]
                 for i in infos
-                if g.member_snapshot_name(uid, i["volumeHandle"]) == vs["metadata"]["name"]
+                if p.member_snapshot_name(uid, i["volumeHandle"]) == vs["metadata"]["name"]
             )
             assert vs["status"]["readyToUse"] is True and vs["status"]["volumeGroupSnapshotName"] == "grp"
             assert vs["metadata"]["ownerReferences"][0]["uid"] == uid
-            assert g.SNAPSHOT_IN_GROUP_FINALIZER in vs["metadata"]["finalizers"]
+            assert p.SNAPSHOT_IN_GROUP_FINALIZER in vs["metadata"]["finalizers"]
             vsc = api.peek(VOLUME_SNAPSHOT_CONTENT, vs["status"]["boundVolumeSnapshotContentName"])
-            assert vsc is not None and vsc["metadata"]["name"] == g.member_content_name(uid, volume)
+            assert vsc is not None and vsc["metadata"]["name"] == p.member_content_name(uid, volume)
             assert vsc["spec"]["volumeSnapshotRef"]["uid"] == vs["metadata"]["uid"], "bound both ways"
             assert vsc["status"]["volumeGroupSnapshotHandle"] == group_handle
             # Restorable alone: its handle is a snapshot id the driver knows.
@@ -371,7 +373,7 @@ async def test_retain_policy_keeps_the_group(tmp_path: os.PathLike[str]) -> None
         handle, ids = await _cut_then_delete(api, endpoint)
         await eventually(lambda: not members(api), "member snapshots gone", limit=60)
         [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
-        assert g.ANN_GROUP_BEING_DELETED in content["metadata"]["annotations"]
+        assert p.ANN_GROUP_BEING_DELETED in content["metadata"]["annotations"]
         assert not content["metadata"].get("deletionTimestamp")
         assert len(api.objects(VOLUME_SNAPSHOT_CONTENT)) == 2, "member contents kept with the group"
         assert await backend_group(endpoint, handle, ids) == grpc.StatusCode.OK
@@ -583,20 +585,20 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
             SECRET,
             {"metadata": {"name": "creds", "namespace": NS}, "data": {"k": base64.b64encode(b"v").decode()}},
         )
-        await group_class(api, DRIVER, **{g.GROUP_SECRET_NAME_KEY: "creds", g.GROUP_SECRET_NAMESPACE_KEY: NS})
+        await group_class(api, DRIVER, **{p.GROUP_SECRET_NAME_KEY: "creds", p.GROUP_SECRET_NAMESPACE_KEY: NS})
         client = CSIClient(endpoint)
         loops: list[Loop] = [
             SnapshotController(api, **FAST),
             Snapshotter(api, client, DRIVER, **FAST),
-            g.GroupSnapshotController(ctrl_api, **FAST),  # type: ignore[arg-type]
-            g.GroupSnapshotter(snap_api, client, DRIVER, **FAST),  # type: ignore[arg-type]
+            gc.GroupSnapshotController(ctrl_api, **FAST),  # type: ignore[arg-type]
+            gs.GroupSnapshotter(snap_api, client, DRIVER, **FAST),  # type: ignore[arg-type]
         ]
         tasks = [asyncio.create_task(loop.run()) for loop in loops]
         try:
             await group_snapshot(api)
             await eventually(lambda: group_ready(api), "group ready", limit=60)
             [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
-            assert content["metadata"]["annotations"][g.ANN_GROUP_DELETION_SECRET_NAME] == "creds"
+            assert content["metadata"]["annotations"][p.ANN_GROUP_DELETION_SECRET_NAME] == "creds"
             await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
             await eventually(lambda: everything_gone(api), "all gone", limit=60)
         finally:
@@ -608,7 +610,7 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
             await client.close()
     # Granted but only reached after a crash between creating an object and caching it.
     rare = {
-        ("group-snapshot-controller", g.GROUP, "volumegroupsnapshotcontents", "get"),
+        ("group-snapshot-controller", p.GROUP_GROUP, "volumegroupsnapshotcontents", "get"),
         ("group-snapshot-controller", "snapshot.storage.k8s.io", "volumesnapshots", "get"),
         ("group-snapshot-controller", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
     }
@@ -628,7 +630,7 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
         assert unused == set(), f"{who}'s role grants verbs it never uses"
     cls = d[("VolumeGroupSnapshotClass", "csi-kit-hostpath-group")]
     assert cls["apiVersion"] == VOLUME_GROUP_SNAPSHOT_CLASS.api_version and cls["driver"] == DRIVER
-    assert cls["metadata"]["annotations"][g.ANN_GROUP_IS_DEFAULT_CLASS] == "true"
+    assert cls["metadata"]["annotations"][p.ANN_GROUP_IS_DEFAULT_CLASS] == "true"
 
 
 # ---------------------------------------------- scripted GroupController faults
@@ -700,8 +702,8 @@ class ScriptedLoops(AllLoops):
         loops: list[Loop] = [
             SnapshotController(self.api, **FAST),
             Snapshotter(self.api, client, self.driver, **FAST),
-            g.GroupSnapshotController(self.api, **FAST),
-            g.GroupSnapshotter(self.api, self.groups, self.driver, **FAST),
+            gc.GroupSnapshotController(self.api, **FAST),
+            gs.GroupSnapshotter(self.api, self.groups, self.driver, **FAST),
         ]
         for loop in loops:
             self.tasks.append(asyncio.create_task(loop.run()))
@@ -741,7 +743,7 @@ async def test_deletion_while_create_group_in_flight_leaks_nothing(
         await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await settle(api)
         [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
-        assert g.ANN_GROUP_BEING_CREATED in content["metadata"]["annotations"], "the deletion waits"
+        assert p.ANN_GROUP_BEING_CREATED in content["metadata"]["annotations"], "the deletion waits"
         groups.gate.set()
         await eventually(lambda: everything_gone(api), "all gone")
         assert groups.groups == {} and groups.calls["delete"] == 1, "cut, recorded, then deleted"
@@ -799,7 +801,7 @@ async def test_member_deleted_alone_waits_for_its_group(
         await api.delete(VOLUME_SNAPSHOT, one["metadata"]["name"], NS)
         await settle(api)
         kept = api.peek(VOLUME_SNAPSHOT, one["metadata"]["name"], NS)
-        assert kept is not None and kept["metadata"]["finalizers"] == [g.SNAPSHOT_IN_GROUP_FINALIZER]
+        assert kept is not None and kept["metadata"]["finalizers"] == [p.SNAPSHOT_IN_GROUP_FINALIZER]
         assert len(groups.groups) == 1 and groups.calls["delete"] == 0, "a member's storage is the group's"
         await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
         await eventually(lambda: everything_gone(api), "all gone")
@@ -847,7 +849,7 @@ async def test_pre_provisioned_group_binds_and_makes_members(tmp_path: os.PathLi
         assert (
             content is not None and content["spec"]["volumeGroupSnapshotRef"]["uid"] == grp["metadata"]["uid"]
         )
-        assert content["metadata"]["finalizers"] == [g.GROUP_CONTENT_BOUND_FINALIZER]
+        assert content["metadata"]["finalizers"] == [p.GROUP_CONTENT_BOUND_FINALIZER]
         assert content["status"]["volumeGroupSnapshotHandle"] == handle
         assert sorted(i["snapshotHandle"] for i in content["status"]["volumeSnapshotInfoList"]) == sorted(ids)
         vss = members(api)
@@ -895,7 +897,7 @@ async def test_watch_expiry_and_conflicts_converge(api: FakeKubeAPI, peer: tuple
         await eventually(lambda: group_ready(api), "ready despite 410 and 409s")
         assert len(groups.names) == 1 and len(members(api)) == 2
         grp = peek_group(api)
-        assert grp is not None and grp["metadata"]["finalizers"] == [g.GROUP_BOUND_FINALIZER]
+        assert grp is not None and grp["metadata"]["finalizers"] == [p.GROUP_BOUND_FINALIZER]
 
 
 async def test_cli_group_loops_take_their_own_leases(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:

@@ -7,6 +7,7 @@ over each other's objects on a live cluster.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from csi_kit.k8s.objects.meta import Obj, annotations_of, name_of, namespace_of, rv_of, uid_of
@@ -46,8 +47,10 @@ META_CONTENT_NAME = PARAM_PREFIX + "volumesnapshotcontent/name"
 DELETE = "Delete"
 RETAIN = "Retain"
 
-# Volume group snapshots (groupsnapshot.storage.k8s.io; loops in group.py).
+# Volume group snapshots (groupsnapshot.storage.k8s.io; loops in group_controller.py and
+# group_snapshotter.py; names at the end of this module).
 GROUP_GROUP = "groupsnapshot.storage.k8s.io"
+GROUP_CAPABILITY = "CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT"
 GROUP_CONTENT_BOUND_FINALIZER = (
     "groupsnapshot.storage.kubernetes.io/volumegroupsnapshotcontent-bound-protection"
 )
@@ -82,14 +85,18 @@ def error_status(message: str) -> dict[str, str]:
     return {"time": rfc3339(), "message": message}
 
 
-def strip_prefixed(params: dict[str, str]) -> dict[str, str]:
+SNAPSHOTTER_KEYS = frozenset(
+    {SECRET_NAME_KEY, SECRET_NAMESPACE_KEY, LIST_SECRET_NAME_KEY, LIST_SECRET_NAMESPACE_KEY}
+)
+
+
+def strip_prefixed(params: dict[str, str], known: frozenset[str] = SNAPSHOTTER_KEYS) -> dict[str, str]:
     """Class parameters for the driver: `csi.storage.k8s.io/` keys are for the sidecar only.
 
-    Unknown keys under the prefix are rejected as upstream does, so a typo in a
-    secret key is not silently ignored.
+    Unknown keys under the prefix (not in `known`) are rejected as upstream
+    does, so a typo in a secret key is not silently ignored.
     """
     out: dict[str, str] = {}
-    known = {SECRET_NAME_KEY, SECRET_NAMESPACE_KEY, LIST_SECRET_NAME_KEY, LIST_SECRET_NAMESPACE_KEY}
     for k, v in params.items():
         if k.startswith(PARAM_PREFIX):
             if k not in known:
@@ -149,8 +156,9 @@ def secret_ref(
     return name, ns
 
 
-def is_default_class(cls: Obj) -> bool:
-    return annotations_of(cls).get(ANN_IS_DEFAULT_CLASS) == "true"
+def is_default_class(cls: Obj, annotation: str = ANN_IS_DEFAULT_CLASS) -> bool:
+    """Whether a (group) snapshot class is marked default (`annotation` names which kind's mark)."""
+    return annotations_of(cls).get(annotation) == "true"
 
 
 def spec(obj: Obj) -> dict[str, Any]:
@@ -212,3 +220,72 @@ def refers_to(content: Obj, ref_field: str, obj: Obj) -> bool:
     if ref.get("name") != name_of(obj) or ref.get("namespace") != namespace_of(obj):
         return False
     return not ref.get("uid") or ref.get("uid") == uid_of(obj)
+
+
+# ------------------------------------------------------------ volume group snapshots
+
+
+def group_content_name_for(group: Obj) -> str:
+    """Dynamic group contents are named after the group's UID, as single ones after the snapshot's."""
+    return "groupsnapcontent-" + uid_of(group)
+
+
+def csi_group_name(content: Obj, prefix: str = "groupsnapshot") -> str:
+    """The CreateVolumeGroupSnapshot name, `groupsnapshot-<VolumeGroupSnapshot UID>` as upstream."""
+    return f"{prefix}-{(spec(content).get('volumeGroupSnapshotRef') or {}).get('uid', '')}"
+
+
+def _member_hash(group_uid: str, volume_handle: str) -> str:
+    return hashlib.sha256((group_uid + volume_handle).encode()).hexdigest()
+
+
+def member_snapshot_name(group_uid: str, volume_handle: str) -> str:
+    """The member VolumeSnapshot of one volume of a group: `snapshot-<sha256(group UID + handle)>`."""
+    return "snapshot-" + _member_hash(group_uid, volume_handle)
+
+
+def member_content_name(group_uid: str, volume_handle: str) -> str:
+    """The member VolumeSnapshotContent: `snapcontent-<sha256(group UID + handle)>`."""
+    return "snapcontent-" + _member_hash(group_uid, volume_handle)
+
+
+GROUP_SNAPSHOTTER_KEYS = frozenset({GROUP_SECRET_NAME_KEY, GROUP_SECRET_NAMESPACE_KEY})
+
+
+def group_secret_ref(
+    params: dict[str, str], content_name: str, group_name: str | None, group_namespace: str | None
+) -> tuple[str, str] | None:
+    """The class's `group-snapshotter-secret-*` templates resolved to (name, namespace), or None."""
+    return secret_ref(
+        params,
+        content_name,
+        group_name,
+        group_namespace,
+        name_key=GROUP_SECRET_NAME_KEY,
+        namespace_key=GROUP_SECRET_NAMESPACE_KEY,
+        kind="volumegroupsnapshot",
+        sidecar="GroupSnapshotter",
+    )
+
+
+def strip_group_params(params: dict[str, str]) -> dict[str, str]:
+    """Group class parameters for the driver (`strip_prefixed` with the group sidecar's keys)."""
+    return strip_prefixed(params, GROUP_SNAPSHOTTER_KEYS)
+
+
+def group_owner(obj: Obj) -> str | None:
+    """`namespace/name` of the VolumeGroupSnapshot that owns a member VolumeSnapshot, if any."""
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "VolumeGroupSnapshot" and str(ref.get("apiVersion", "")).startswith(
+            GROUP_GROUP
+        ):
+            return f"{namespace_of(obj)}/{ref.get('name')}"
+    return None
+
+
+def deletion_secret(content: Obj, name_key: str, namespace_key: str) -> tuple[str, str] | None:
+    """The (name, namespace) of the secret a content's annotations name for its deletion, if both are set."""
+    ann = annotations_of(content)
+    if ann.get(name_key) and ann.get(namespace_key):
+        return ann[name_key], ann[namespace_key]
+    return None
