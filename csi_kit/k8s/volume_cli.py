@@ -27,7 +27,8 @@ from csi_kit.k8s.runtime.options import env_bool as _env_bool
 from csi_kit.k8s.volume.attacher import Attacher
 from csi_kit.k8s.volume.capacity import CapacityTracker
 from csi_kit.k8s.volume.liveness import LivenessServer
-from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, Provisioner
+from csi_kit.k8s.volume.protocol import HOSTNAME_LABEL
+from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.registration import KUBELET_REGISTRY, RegistrationServer
 from csi_kit.k8s.volume.resizer import Resizer
 

@@ -25,6 +25,8 @@ from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.capacity import LABEL_DRIVER, LABEL_MANAGED_BY, CapacityTracker
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
+LATE = "WaitForFirstConsumer"
+
 
 @pytest.fixture
 async def peer_client(tmp_path: Any) -> AsyncIterator[tuple[VolumeCSI, CSIClient]]:
@@ -54,8 +56,8 @@ async def test_per_node_tracking_publishes_updates_and_removes(
 ) -> None:
     peer, client = peer_client
     peer.capacity = {"node-a": 10 * GiB}
-    await make_class(api, "fast", params={"tier": "1", "csi.storage.k8s.io/fstype": "xfs"})
-    await make_class(api, "theirs", driver="other.example.com")
+    await make_class(api, "fast", binding=LATE, params={"tier": "1", "csi.storage.k8s.io/fstype": "xfs"})
+    await make_class(api, "theirs", binding=LATE, driver="other.example.com")
     tracker = CapacityTracker(
         api,
         client,
@@ -92,8 +94,8 @@ async def test_central_tracking_covers_every_registered_node(
 ) -> None:
     peer, client = peer_client
     peer.capacity = {"node-a": 1 * GiB, "node-b": 2 * GiB}
-    await make_class(api, "fast")
-    await make_class(api, "slow")
+    await make_class(api, "fast", binding=LATE)
+    await make_class(api, "slow", binding=LATE)
     await make_node(api, "node-a")
     await make_node(api, "node-b")
     tracker = CapacityTracker(
@@ -114,5 +116,60 @@ async def test_central_tracking_covers_every_registered_node(
         dup["metadata"] = {"name": "csisc-dup", "namespace": "csi-kit", "labels": dup["metadata"]["labels"]}
         await api.create(CSI_STORAGE_CAPACITY, dup)
         await eventually(lambda: len(api.objects(CSI_STORAGE_CAPACITY)) == 4, "duplicate removed")
+    finally:
+        await stop_tasks(tasks)
+
+
+async def test_immediate_classes_only_when_asked_and_removed_when_no_longer_eligible(
+    api: FakeKubeAPI, peer_client: tuple[VolumeCSI, CSIClient]
+) -> None:
+    """As upstream: WaitForFirstConsumer classes by default, Immediate ones with the option."""
+    peer, client = peer_client
+    peer.capacity = {"node-a": 3 * GiB}
+    await make_class(api, "late", binding=LATE, params={"tier": "late"})
+    await make_class(api, "now", binding="Immediate", params={"tier": "now"})
+    info = await client.driver_info()
+
+    async def tracked(**kw: Any) -> list[Any]:
+        tracker = CapacityTracker(
+            api,
+            client,
+            info,
+            "csi-kit",
+            node_name="node-a",
+            node_topology={TOPO_KEY: "node-a"},
+            poll_interval=0.02,
+            base_delay=0.01,
+            max_delay=0.05,
+            **kw,
+        )
+        return await run_tasks(tracker)
+
+    def asked(tier: str) -> int:
+        return sum(1 for r in peer.requests.get("GetCapacity", []) if dict(r.parameters) == {"tier": tier})
+
+    tasks = await tracked()
+    try:
+        # Several polls, each a full pass over the classes: the Immediate one is never asked about.
+        await eventually(lambda: asked("late") >= 3, "polled")
+        assert asked("now") == 0
+        assert set(objects(api)) == {("late", "node-a")}
+    finally:
+        await stop_tasks(tasks)
+
+    tasks = await tracked(capacity_for_immediate_binding=True)
+    try:
+        await eventually(lambda: set(objects(api)) == {("late", "node-a"), ("now", "node-a")}, "both")
+        assert capacity_of(api, "now", "node-a") == 3 * GiB
+    finally:
+        await stop_tasks(tasks)
+
+    # Without the option again (e.g. a restart with the flag removed), the Immediate class's
+    # object goes, the other stays.
+    late = objects(api)[("late", "node-a")]
+    tasks = await tracked()
+    try:
+        await eventually(lambda: set(objects(api)) == {("late", "node-a")}, "the Immediate class's removed")
+        assert objects(api)[("late", "node-a")]["metadata"]["name"] == late["metadata"]["name"]
     finally:
         await stop_tasks(tasks)

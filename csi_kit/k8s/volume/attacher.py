@@ -21,36 +21,27 @@ What the upstream external-attacher does for one driver, on the same fields:
 
 from __future__ import annotations
 
-import base64
 import logging
-import re
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
-from csi_kit.k8s.objects.meta import set_finalizers_patch
-from csi_kit.k8s.objects.resources import CSI_NODE, PV, SECRET, VOLUME_ATTACHMENT
+from csi_kit.k8s.objects.meta import set_finalizers_patch, spec_of, status_of
+from csi_kit.k8s.objects.resources import CSI_NODE, PV, VOLUME_ATTACHMENT
 from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
-from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.controller import Retry
 from csi_kit.k8s.runtime.csi import Capability, CSICallError, DriverInfo
-from csi_kit.k8s.runtime.informer import InformerFactory
-from csi_kit.k8s.volume.protocol import capabilities_for
+from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
+from csi_kit.k8s.volume.protocol import (
+    ANN_NODE_ID,
+    attacher_finalizer,
+    attachment_pv_name,
+    csi_node_id,
+    pv_capability,
+    volume_handle,
+)
 
 log = logging.getLogger(__name__)
-
-ANN_NODE_ID = "csi.alpha.kubernetes.io/node-id"
-
-
-def sanitize_driver_name(name: str) -> str:
-    """What external-attacher does to a driver name before using it in a finalizer."""
-    out = re.sub(r"[^a-zA-Z0-9-]", "-", name)
-    if out.endswith("-"):
-        out += "X"
-    return out
-
-
-def finalizer_for(driver: str) -> str:
-    return "external-attacher/" + sanitize_driver_name(driver)
 
 
 class AttachDriver(Protocol):
@@ -68,7 +59,12 @@ class AttachDriver(Protocol):
     async def unpublish_volume(self, volume_id: str, node_id: str, secrets: dict[str, str]) -> None: ...
 
 
-class Attacher(Loop):
+def _publish_secret_ref(spec: dict[str, Any]) -> tuple[str, str] | None:
+    ref = (spec.get("csi") or {}).get("controllerPublishSecretRef")
+    return (str(ref.get("name")), str(ref.get("namespace"))) if ref else None
+
+
+class Attacher(VolumeLoop[AttachDriver]):
     name = "attacher"
 
     def __init__(
@@ -77,19 +73,13 @@ class Attacher(Loop):
         driver: AttachDriver,
         info: DriverInfo,
         *,
-        informers: InformerFactory | None = None,
-        workers: int = 10,
         resync_period: float = 600.0,
-        base_delay: float = 1.0,
-        max_delay: float = 300.0,
+        **loop: Unpack[LoopArgs],
     ) -> None:
-        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
-        self.api = api
-        self.driver = driver
-        self.driver_name = info.name
-        self.finalizer = finalizer_for(info.name)
-        self.trivial = "PUBLISH_UNPUBLISH_VOLUME" not in info.controller_capabilities
-        self.multi_writer = "SINGLE_NODE_MULTI_WRITER" in info.controller_capabilities
+        super().__init__(api, driver, info, **loop)
+        self.finalizer = attacher_finalizer(info.name)
+        self.trivial = not self.controller_can("PUBLISH_UNPUBLISH_VOLUME")
+        self.multi_writer = self.controller_can("SINGLE_NODE_MULTI_WRITER")
         self.attachments = self.informer(api, VOLUME_ATTACHMENT, resync_period=resync_period)
         self.pvs = self.informer(api, PV)
         self.csinodes = self.informer(api, CSI_NODE)
@@ -98,15 +88,17 @@ class Attacher(Loop):
         self.attachments.add_handler(self._on_attachment)
         self.pvs.add_handler(self._on_pv)
 
+    def _ours(self, va: Obj) -> bool:
+        return spec_of(va).get("attacher") == self.driver_name
+
     def _on_attachment(self, event: str, old: Obj | None, new: Obj | None) -> None:
         obj = new or old
         assert obj is not None
-        if (obj.get("spec") or {}).get("attacher") != self.driver_name:
+        if not self._ours(obj):
             return
         if event == "DELETED":
-            pv = ((obj.get("spec") or {}).get("source") or {}).get("persistentVolumeName")
-            if pv:
-                self.pv_queue.add(str(pv))
+            if attachment_pv_name(obj):
+                self.pv_queue.add(attachment_pv_name(obj))
             return
         self.va_queue.add(k.name_of(obj))
 
@@ -122,47 +114,27 @@ class Attacher(Loop):
         return updated
 
     def _node_id(self, va: Obj) -> str | None:
+        """The CSI node ID: recorded at attach time, else the node's CSINode's."""
         recorded = k.annotations_of(va).get(ANN_NODE_ID)
         if recorded:
             return recorded
-        node = str((va.get("spec") or {}).get("nodeName") or "")
-        csinode = self.csinodes.get(node)
-        for d in ((csinode or {}).get("spec") or {}).get("drivers") or []:
-            if d.get("name") == self.driver_name and d.get("nodeID"):
-                return str(d["nodeID"])
-        return None
+        return csi_node_id(self.csinodes.get(str(spec_of(va).get("nodeName") or "")), self.driver_name)
 
     def _csi_source(self, va: Obj) -> tuple[Obj | None, dict[str, Any]]:
         """(PV or None for inline, the PV-spec-shaped source) of an attachment."""
-        source = (va.get("spec") or {}).get("source") or {}
-        if source.get("persistentVolumeName"):
-            pv = self.pvs.get(str(source["persistentVolumeName"]))
+        pv_name = attachment_pv_name(va)
+        if pv_name:
+            pv = self.pvs.get(pv_name)
             if pv is None:
-                raise Retry(f"persistentvolume {source['persistentVolumeName']} not found")
-            return pv, dict(pv.get("spec") or {})
-        inline = source.get("inlineVolumeSpec")
+                raise Retry(f"persistentvolume {pv_name} not found")
+            return pv, dict(spec_of(pv))
+        inline = (spec_of(va).get("source") or {}).get("inlineVolumeSpec")
         if inline:
             return None, dict(inline)
         raise ValueError("the attachment names no volume")
 
-    async def _secrets(self, spec: dict[str, Any]) -> dict[str, str]:
-        ref = (spec.get("csi") or {}).get("controllerPublishSecretRef")
-        if not ref:
-            return {}
-        secret = await self.api.get(SECRET, str(ref.get("name")), str(ref.get("namespace")))
-        return {key: base64.b64decode(v).decode() for key, v in (secret.get("data") or {}).items()}
-
-    def _capability(self, spec: dict[str, Any]) -> Capability:
-        return capabilities_for(
-            list(spec.get("accessModes") or ["ReadWriteOnce"]),
-            block=spec.get("volumeMode") == "Block",
-            fs_type=str((spec.get("csi") or {}).get("fsType") or ""),
-            mount_flags=list(spec.get("mountOptions") or []),
-            single_node_multi_writer=self.multi_writer,
-        )[0]
-
     async def _error(self, va: Obj, field: str, message: str) -> None:
-        if ((va.get("status") or {}).get(field) or {}).get("message") == message:
+        if (status_of(va).get(field) or {}).get("message") == message:
             return
         try:
             await self._patch(va, {"status": {field: {"time": rfc3339(), "message": message}}}, status=True)
@@ -173,7 +145,7 @@ class Attacher(Loop):
 
     async def sync_attachment(self, name: str) -> None:
         va = self.attachments.get(name)
-        if va is None or (va.get("spec") or {}).get("attacher") != self.driver_name:
+        if va is None or not self._ours(va):
             return
         if k.is_deleting(va):
             await self._detach(va)
@@ -181,12 +153,12 @@ class Attacher(Loop):
             await self._attach(va)
 
     async def _attach(self, va: Obj) -> None:
-        st = va.get("status") or {}
+        attached = status_of(va).get("attached") is True
         if self.trivial:
-            if st.get("attached") is not True:
+            if not attached:
                 await self._patch(va, {"status": {"attached": True}}, status=True)
             return
-        if st.get("attached") is True and self.finalizer in k.finalizers_of(va):
+        if attached and self.finalizer in k.finalizers_of(va):
             return
         try:
             pv, spec = self._csi_source(va)
@@ -195,54 +167,49 @@ class Attacher(Loop):
             return
         node_id = self._node_id(va)
         if node_id is None:
-            msg = f"CSINode {(va.get('spec') or {}).get('nodeName')} does not list driver {self.driver_name}"
+            msg = f"CSINode {spec_of(va).get('nodeName')} does not list driver {self.driver_name}"
             await self._error(va, "attachError", msg)
             raise Retry(msg)
-        ann = k.annotations_of(va)
-        if self.finalizer not in k.finalizers_of(va) or ann.get(ANN_NODE_ID) != node_id:
-            patch = set_finalizers_patch(va, add={self.finalizer}) or {"metadata": {}}
-            patch["metadata"]["annotations"] = {ANN_NODE_ID: node_id}
-            va = await self._patch(va, patch)
-        if pv is not None and self.finalizer not in k.finalizers_of(pv):
-            fp = set_finalizers_patch(pv, add={self.finalizer})
-            if fp is not None:
-                self.pvs.store_update(await self.api.patch(PV, k.name_of(pv), fp))
-        csi = spec.get("csi") or {}
-        try:
-            context = await self.driver.publish_volume(
-                str(csi.get("volumeHandle") or ""),
-                node_id,
-                self._capability(spec),
-                readonly=bool(csi.get("readOnly")),
-                secrets=await self._secrets(spec),
-                volume_context={str(a): str(b) for a, b in (csi.get("volumeAttributes") or {}).items()},
-            )
-        except (CSICallError, ApiError) as e:
-            await self._error(va, "attachError", f"rpc error: {e}")
-            raise
+        va = await self._protect(va, pv, node_id)
+        context = await self._publish(va, spec, node_id)
         await self._patch(
             va,
             {"status": {"attached": True, "attachmentMetadata": context or None, "attachError": None}},
             status=True,
         )
 
+    async def _protect(self, va: Obj, pv: Obj | None, node_id: str) -> Obj:
+        """Our finalizer and the node ID on the attachment (one write), our finalizer on its PV."""
+        if self.finalizer not in k.finalizers_of(va) or k.annotations_of(va).get(ANN_NODE_ID) != node_id:
+            patch = set_finalizers_patch(va, add={self.finalizer}) or {"metadata": {}}
+            patch["metadata"]["annotations"] = {ANN_NODE_ID: node_id}
+            va = await self._patch(va, patch)
+        fp = None if pv is None else set_finalizers_patch(pv, add={self.finalizer})
+        if pv is not None and fp is not None:
+            self.pvs.store_update(await self.api.patch(PV, k.name_of(pv), fp))
+        return va
+
+    async def _publish(self, va: Obj, spec: dict[str, Any], node_id: str) -> dict[str, str]:
+        csi = spec.get("csi") or {}
+        try:
+            return await self.driver.publish_volume(
+                str(csi.get("volumeHandle") or ""),
+                node_id,
+                pv_capability(spec, multi_writer=self.multi_writer, default_modes=["ReadWriteOnce"]),
+                readonly=bool(csi.get("readOnly")),
+                secrets=await self.read_secret(_publish_secret_ref(spec)),
+                volume_context={str(a): str(b) for a, b in (csi.get("volumeAttributes") or {}).items()},
+            )
+        except (CSICallError, ApiError) as e:
+            await self._error(va, "attachError", f"rpc error: {e}")
+            raise
+
     async def _detach(self, va: Obj) -> None:
         if self.finalizer not in k.finalizers_of(va):
             return
         node_id = self._node_id(va)
         if node_id is not None and not self.trivial:
-            try:
-                _, spec = self._csi_source(va)
-            except ValueError:
-                spec = {}
-            csi = spec.get("csi") or {}
-            try:
-                await self.driver.unpublish_volume(
-                    str(csi.get("volumeHandle") or ""), node_id, await self._secrets(spec)
-                )
-            except (CSICallError, ApiError) as e:
-                await self._error(va, "detachError", f"rpc error: {e}")
-                raise
+            await self._unpublish(va, node_id)
         patch = set_finalizers_patch(va, remove={self.finalizer})
         if patch is not None:
             try:
@@ -250,19 +217,36 @@ class Attacher(Loop):
             except ApiError as e:
                 if not k.is_not_found(e):
                     raise
-        pv_name = (((va.get("spec") or {}).get("source") or {}).get("persistentVolumeName")) or ""
-        if pv_name:
-            self.pv_queue.add(str(pv_name))
+        if attachment_pv_name(va):
+            self.pv_queue.add(attachment_pv_name(va))
+
+    async def _unpublish(self, va: Obj, node_id: str) -> None:
+        try:
+            _, spec = self._csi_source(va)
+        except ValueError:
+            spec = {}
+        try:
+            await self.driver.unpublish_volume(
+                volume_handle({"spec": spec}), node_id, await self.read_secret(_publish_secret_ref(spec))
+            )
+        except (CSICallError, ApiError) as e:
+            await self._error(va, "detachError", f"rpc error: {e}")
+            raise
+
+    def _in_use(self, pv_name: str) -> bool:
+        """Whether an attachment of ours still names the PV."""
+        return any(self._ours(va) and attachment_pv_name(va) == pv_name for va in self.attachments.items())
 
     async def sync_pv(self, name: str) -> None:
         """Drop our PV finalizer once no attachment of ours uses the PV and it is being deleted."""
         pv = self.pvs.get(name)
-        if pv is None or self.finalizer not in k.finalizers_of(pv) or not k.is_deleting(pv):
+        if (
+            pv is None
+            or self.finalizer not in k.finalizers_of(pv)
+            or not k.is_deleting(pv)
+            or self._in_use(name)
+        ):
             return
-        for va in self.attachments.items():
-            src = ((va.get("spec") or {}).get("source") or {}).get("persistentVolumeName")
-            if src == name and (va.get("spec") or {}).get("attacher") == self.driver_name:
-                return
         patch = set_finalizers_patch(pv, remove={self.finalizer})
         if patch is not None:
             try:

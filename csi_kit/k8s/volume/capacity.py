@@ -9,6 +9,14 @@ through its labels `csi.storage.k8s.io/drivername` and
 `external-provisioner-<node>` in per-node mode -- the same values upstream
 uses, so either can take over the other's objects).
 
+Only classes with `volumeBindingMode: WaitForFirstConsumer` get objects, as
+upstream by default: the scheduler reads capacity only for those (an
+Immediate claim is provisioned before any pod is placed).
+`capacity_for_immediate_binding=True` (upstream's
+`--capacity-for-immediate-binding`) publishes them for Immediate classes too.
+Objects of a class that is not (or no longer) eligible are removed, like
+those of a class or segment that went.
+
 Segments come from the nodes: each CSINode that lists the driver names the
 topology keys, the Node's labels give the values.  In per-node mode the only
 segment is this node's own.  GetCapacity is asked every `poll_interval`
@@ -26,10 +34,16 @@ from csi_kit.k8s.objects.quantity import format_quantity
 from csi_kit.k8s.objects.resources import CSI_NODE, CSI_STORAGE_CAPACITY, NODE, STORAGE_CLASS
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
-from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import Capability, CSICallError, DriverInfo
 from csi_kit.k8s.runtime.informer import InformerFactory
-from csi_kit.k8s.volume.provisioner import ProvisioningError, driver_parameters
+from csi_kit.k8s.volume.base import VolumeLoop
+from csi_kit.k8s.volume.protocol import (
+    ProvisioningError,
+    class_parameters,
+    driver_parameters,
+    is_late_binding,
+    topology_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +52,9 @@ LABEL_MANAGED_BY = "csi.storage.k8s.io/managed-by"
 MANAGED_BY = "external-provisioner"
 KEY = "all"
 
+SegmentKey = tuple[tuple[str, str], ...]
+Ident = tuple[str, SegmentKey]  # (class name, segment) of one object
+
 
 class CapacityDriver(Protocol):
     async def get_capacity(
@@ -45,11 +62,16 @@ class CapacityDriver(Protocol):
     ) -> tuple[int, int | None]: ...
 
 
-def _segment_key(seg: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(seg.items()))
+def _segment_key(seg: dict[str, str] | None) -> SegmentKey:
+    return tuple(sorted((seg or {}).items()))
 
 
-class CapacityTracker(Loop):
+def _ident(obj: Obj) -> Ident:
+    seg = (obj.get("nodeTopology") or {}).get("matchLabels") or {}
+    return str(obj.get("storageClassName")), _segment_key(seg)
+
+
+class CapacityTracker(VolumeLoop[CapacityDriver]):
     name = "capacity"
 
     def __init__(
@@ -59,22 +81,24 @@ class CapacityTracker(Loop):
         info: DriverInfo,
         namespace: str,
         *,
-        informers: InformerFactory | None = None,
         node_name: str | None = None,
         node_topology: dict[str, str] | None = None,
+        capacity_for_immediate_binding: bool = False,
         poll_interval: float = 60.0,
+        informers: InformerFactory | None = None,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
     ) -> None:
-        super().__init__(informers=informers, workers=1, base_delay=base_delay, max_delay=max_delay)
         if node_name is not None and node_topology is None:
             raise ValueError("per-node capacity tracking needs the node's topology")
-        self.api = api
-        self.driver = driver
-        self.driver_name = info.name
+        # One worker: each sync is one full pass over the classes and segments.
+        super().__init__(
+            api, driver, info, informers=informers, workers=1, base_delay=base_delay, max_delay=max_delay
+        )
         self.namespace = namespace
         self.node_name = node_name
         self.node_topology = node_topology
+        self.immediate_binding = capacity_for_immediate_binding
         self.poll_interval = poll_interval
         self.topology_aware = "VOLUME_ACCESSIBILITY_CONSTRAINTS" in info.plugin_capabilities
         self.managed_by = MANAGED_BY if node_name is None else f"{MANAGED_BY}-{node_name}"
@@ -111,52 +135,64 @@ class CapacityTracker(Loop):
         finally:
             ticker.cancel()
 
+    def _node_segment(self, csinode: Obj) -> dict[str, str] | None:
+        """A registered node's segment: its labels under the keys its CSINode lists, if it has them all."""
+        keys = topology_keys(csinode, self.driver_name)
+        node = self.nodes.get(k.name_of(csinode))
+        if not keys or node is None:
+            return None
+        labels = k.labels_of(node)
+        return {key: labels[key] for key in keys} if all(key in labels for key in keys) else None
+
     def segments(self) -> list[dict[str, str] | None]:
         if not self.topology_aware:
             return [None]
         if self.node_topology is not None:
             return [dict(self.node_topology)]
-        out: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        out: dict[SegmentKey, dict[str, str]] = {}
         for csinode in self.csinodes.items():
-            keys: list[str] = []
-            for d in (csinode.get("spec") or {}).get("drivers") or []:
-                if d.get("name") == self.driver_name:
-                    keys = list(d.get("topologyKeys") or [])
-            node = self.nodes.get(k.name_of(csinode))
-            if not keys or node is None:
-                continue
-            labels = k.labels_of(node)
-            if all(key in labels for key in keys):
-                seg = {key: labels[key] for key in keys}
+            seg = self._node_segment(csinode)
+            if seg is not None:
                 out[_segment_key(seg)] = seg
         return list(out.values())
 
+    def eligible(self, cls: Obj) -> bool:
+        """Whether the class gets capacity objects: the driver's, and WaitForFirstConsumer unless asked."""
+        return cls.get("provisioner") == self.driver_name and (self.immediate_binding or is_late_binding(cls))
+
+    def wanted(self) -> dict[Ident, tuple[Obj, dict[str, str] | None]]:
+        """(class, segment) of every object there should be."""
+        segments = self.segments()
+        return {
+            (k.name_of(cls), _segment_key(seg)): (cls, seg)
+            for cls in self.classes.items()
+            if self.eligible(cls)
+            for seg in segments
+        }
+
     async def sync(self, key: str) -> None:
-        classes = [c for c in self.classes.items() if c.get("provisioner") == self.driver_name]
-        wanted: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Obj, dict[str, str] | None]] = {}
-        for cls in classes:
-            for seg in self.segments():
-                wanted[(k.name_of(cls), _segment_key(seg or {}))] = (cls, seg)
-        existing: dict[tuple[str, tuple[tuple[str, str], ...]], Obj] = {}
+        wanted = self.wanted()
+        existing: dict[Ident, Obj] = {}
         for obj in self.objects.items():
-            seg = ((obj.get("nodeTopology") or {}).get("matchLabels")) or {}
-            ident = (str(obj.get("storageClassName")), _segment_key(seg))
+            ident = _ident(obj)
             if ident in existing or ident not in wanted:
-                await self._delete(obj)  # a duplicate, or its class/segment is gone
+                await self._delete(obj)  # a duplicate, or its class/segment is gone or not eligible
                 continue
             existing[ident] = obj
-        failed = False
-        for ident, (cls, seg) in wanted.items():
-            try:
-                params = driver_parameters({str(a): str(b) for a, b in (cls.get("parameters") or {}).items()})
-                available, maximum = await self.driver.get_capacity(params, seg, [])
-            except (CSICallError, ProvisioningError) as e:
-                log.warning("GetCapacity for class %s segment %s: %s", ident[0], seg, e)
-                failed = True
-                continue
-            await self._store(existing.get(ident), k.name_of(cls), seg, available, maximum)
-        if failed:
+        ok = [await self._refresh(existing.get(ident), cls, seg) for ident, (cls, seg) in wanted.items()]
+        if not all(ok):
             raise RuntimeError("some GetCapacity calls failed")
+
+    async def _refresh(self, obj: Obj | None, cls: Obj, seg: dict[str, str] | None) -> bool:
+        """GetCapacity for one (class, segment), its object brought up to date; False if the call failed."""
+        try:
+            params = driver_parameters(class_parameters(cls))
+            available, maximum = await self.driver.get_capacity(params, seg, [])
+        except (CSICallError, ProvisioningError) as e:
+            log.warning("GetCapacity for class %s segment %s: %s", k.name_of(cls), seg, e)
+            return False
+        await self._store(obj, k.name_of(cls), seg, available, maximum)
+        return True
 
     async def _store(
         self, obj: Obj | None, cls: str, seg: dict[str, str] | None, available: int, maximum: int | None
@@ -165,18 +201,7 @@ class CapacityTracker(Loop):
         if maximum is not None:
             fields["maximumVolumeSize"] = format_quantity(maximum)
         if obj is None:
-            body: Obj = {
-                "metadata": {
-                    "generateName": "csisc-",
-                    "namespace": self.namespace,
-                    "labels": {LABEL_DRIVER: self.driver_name, LABEL_MANAGED_BY: self.managed_by},
-                },
-                "storageClassName": cls,
-                **fields,
-            }
-            if seg is not None:
-                body["nodeTopology"] = {"matchLabels": dict(seg)}
-            self.objects.store_update(await self.api.create(CSI_STORAGE_CAPACITY, body, self.namespace))
+            await self._create(cls, seg, fields)
             return
         if all(obj.get(f) == v for f, v in fields.items()) and (
             maximum is not None or "maximumVolumeSize" not in obj
@@ -188,6 +213,20 @@ class CapacityTracker(Loop):
         self.objects.store_update(
             await self.api.patch(CSI_STORAGE_CAPACITY, k.name_of(obj), patch, self.namespace)
         )
+
+    async def _create(self, cls: str, seg: dict[str, str] | None, fields: dict[str, Any]) -> None:
+        body: Obj = {
+            "metadata": {
+                "generateName": "csisc-",
+                "namespace": self.namespace,
+                "labels": {LABEL_DRIVER: self.driver_name, LABEL_MANAGED_BY: self.managed_by},
+            },
+            "storageClassName": cls,
+            **fields,
+        }
+        if seg is not None:
+            body["nodeTopology"] = {"matchLabels": dict(seg)}
+        self.objects.store_update(await self.api.create(CSI_STORAGE_CAPACITY, body, self.namespace))
 
     async def _delete(self, obj: Obj) -> None:
         try:

@@ -52,7 +52,7 @@ import asyncio
 import logging
 import math
 from collections import Counter
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 import attrs
 import grpc
@@ -64,9 +64,9 @@ from csi_kit.k8s.runtime.api import KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, DriverInfo, VolumeCondition
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
-from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.runtime.options import env as _env
-from csi_kit.k8s.volume.provisioner import HOSTNAME_LABEL, affinity_matches
+from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
+from csi_kit.k8s.volume.protocol import HOSTNAME_LABEL, affinity_matches
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class _Seen:
     since: float
 
 
-class HealthMonitor(Loop):
+class HealthMonitor(VolumeLoop[HealthDriver]):
     name = "health-monitor"
 
     def __init__(
@@ -128,22 +128,15 @@ class HealthMonitor(Loop):
         driver: HealthDriver,
         info: DriverInfo,
         *,
-        informers: InformerFactory | None = None,
         interval: float = DEFAULT_INTERVAL,
         events: EventRecorder | None = None,
         node_topology: dict[str, str] | None = None,
         repeat_after: float = REPEAT_AFTER,
-        workers: int = 10,
-        base_delay: float = 1.0,
-        max_delay: float = 300.0,
+        **loop: Unpack[LoopArgs],
     ) -> None:
-        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"the monitor interval must be a positive number of seconds, not {interval}")
-        self.api = api
-        self.driver = driver
-        self.info = info
-        self.driver_name = info.name
+        super().__init__(api, driver, info, **loop)
         self.mode = check_mode(info)
         self.interval = interval
         self.events = events

@@ -57,30 +57,36 @@ informers, this Lease, and the same choice of claims (`volume_of`).
 
 from __future__ import annotations
 
-import base64
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 import grpc
 
+from csi_kit.k8s.objects.meta import spec_of, status_of
 from csi_kit.k8s.objects.quantity import format_quantity, storage_of
-from csi_kit.k8s.objects.resources import PV, PVC, SECRET
+from csi_kit.k8s.objects.resources import PV, PVC
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
-from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, Capability, CSICallError, DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
-from csi_kit.k8s.runtime.informer import InformerFactory
+from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
 from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
-from csi_kit.k8s.volume.protocol import capabilities_for, merge_claim_conditions
+from csi_kit.k8s.volume.protocol import (
+    ANN_NODE_EXPANSION_NOT_REQUIRED,
+    ANN_STORAGE_RESIZER,
+    affinity_matches,
+    claim_key_of,
+    is_driver_volume,
+    merge_claim_conditions,
+    pv_capability,
+    volume_handle,
+    volume_name_of,
+)
 from csi_kit.k8s.volume.protocol import claim_condition as _condition
 from csi_kit.k8s.volume.protocol import has_claim_condition as _has_condition
-from csi_kit.k8s.volume.provisioner import affinity_matches
 
 log = logging.getLogger(__name__)
 
-ANN_STORAGE_RESIZER = "volume.kubernetes.io/storage-resizer"
-ANN_NODE_EXPANSION_NOT_REQUIRED = "volume.kubernetes.io/node-expansion-not-required"
 IN_PROGRESS = "ControllerResizeInProgress"
 INFEASIBLE = "ControllerResizeInfeasible"
 NODE_PENDING = "NodeResizePending"
@@ -126,7 +132,12 @@ def _storage_status(pvc: Obj, value: str | None) -> dict[str, Any] | None:
     return {"storage": None} if others else None
 
 
-class Resizer(Loop):
+def _expand_secret_ref(pv: Obj) -> tuple[str, str] | None:
+    ref = (spec_of(pv).get("csi") or {}).get("controllerExpandSecretRef")
+    return (str(ref.get("name")), str(ref.get("namespace"))) if ref else None
+
+
+class Resizer(VolumeLoop[ResizerDriver]):
     name = "resizer"
 
     def __init__(
@@ -135,21 +146,15 @@ class Resizer(Loop):
         driver: ResizerDriver,
         info: DriverInfo,
         *,
-        informers: InformerFactory | None = None,
         node_topology: dict[str, str] | None = None,
         events: bool = True,
-        workers: int = 10,
         resync_period: float = 600.0,
-        base_delay: float = 1.0,
-        max_delay: float = 300.0,
+        **loop: Unpack[LoopArgs],
     ) -> None:
-        super().__init__(informers=informers, workers=workers, base_delay=base_delay, max_delay=max_delay)
-        self.api = api
-        self.driver = driver
-        self.driver_name = info.name
+        super().__init__(api, driver, info, **loop)
         self.node_topology = node_topology
-        self.trivial = "EXPAND_VOLUME" not in info.controller_capabilities
-        self.multi_writer = "SINGLE_NODE_MULTI_WRITER" in info.controller_capabilities
+        self.trivial = not self.controller_can("EXPAND_VOLUME")
+        self.multi_writer = self.controller_can("SINGLE_NODE_MULTI_WRITER")
         self.events = EventRecorder(api, f"{self.driver_name}_csi-kit-resizer", enabled=events)
         # Claims whose last ControllerExpandVolume ended with a final error: their
         # ControllerResizeInProgress is then no expansion under way (upstream's finalErrorPVCs).
@@ -161,7 +166,7 @@ class Resizer(Loop):
         self.pvs.add_handler(self._on_volume)
         # VolumeAttributesClass changes, in this loop as in upstream's external-resizer.
         self.modifier: VolumeModifier | None = None
-        if "MODIFY_VOLUME" in info.controller_capabilities:
+        if self.controller_can("MODIFY_VOLUME"):
             self.modifier = VolumeModifier(self, driver, self.driver_name)
 
     def _on_claim(self, event: str, old: Obj | None, new: Obj | None) -> None:
@@ -169,9 +174,9 @@ class Resizer(Loop):
             self.claim_queue.add(k.key_of(new))
 
     def _on_volume(self, event: str, old: Obj | None, new: Obj | None) -> None:
-        ref = ((new or old or {}).get("spec") or {}).get("claimRef") or {}
-        if event == "ADDED" and ref.get("name"):
-            self.claim_queue.add(f"{ref.get('namespace')}/{ref['name']}")
+        claim = claim_key_of(new or old or {})
+        if event == "ADDED" and claim is not None:
+            self.claim_queue.add(claim)
 
     async def patch_status(
         self, pvc: Obj, status: Obj, *, checked: bool = True, annotations: Obj | None = None
@@ -193,45 +198,29 @@ class Resizer(Loop):
         self.pvcs.store_update(updated)
         return updated
 
-    async def _secrets(self, pv: Obj) -> dict[str, str]:
-        ref = ((pv.get("spec") or {}).get("csi") or {}).get("controllerExpandSecretRef")
-        if not ref:
-            return {}
-        secret = await self.api.get(SECRET, str(ref.get("name")), str(ref.get("namespace")))
-        return {key: base64.b64decode(v).decode() for key, v in (secret.get("data") or {}).items()}
-
     def _capability(self, pv: Obj) -> Capability | None:
-        spec = pv.get("spec") or {}
         try:
-            caps = capabilities_for(
-                list(spec.get("accessModes") or []),
-                block=spec.get("volumeMode") == "Block",
-                fs_type=str((spec.get("csi") or {}).get("fsType") or ""),
-                mount_flags=list(spec.get("mountOptions") or []),
-                single_node_multi_writer=self.multi_writer,
-            )
+            return pv_capability(spec_of(pv), multi_writer=self.multi_writer)
         except ValueError:
             return None
-        return caps[0]
+
+    def _resizes(self, pv: Obj, pvc: Obj) -> bool:
+        """Whether the claim's PV is this loop's to resize (driver, binding, node, resizer annotation)."""
+        if not is_driver_volume(pv, self.driver_name):
+            return False
+        if (spec_of(pv).get("claimRef") or {}).get("uid") != k.uid_of(pvc):
+            return False
+        if self.node_topology is not None and not affinity_matches(pv, self.node_topology):
+            return False  # per-node mode: a node-local volume is grown by the node that has it
+        resizer = k.annotations_of(pvc).get(ANN_STORAGE_RESIZER)
+        return resizer is None or resizer == self.driver_name
 
     def volume_of(self, pvc: Obj) -> Obj | None:
-        spec = pvc.get("spec") or {}
-        if not spec.get("volumeName") or (pvc.get("status") or {}).get("phase") != "Bound":
+        """The PV of a Bound claim this loop resizes (and modifies), else None."""
+        if not volume_name_of(pvc) or status_of(pvc).get("phase") != "Bound":
             return None
-        pv = self.pvs.get(str(spec["volumeName"]))
-        if pv is None:
-            return None
-        pspec = pv.get("spec") or {}
-        if (pspec.get("csi") or {}).get("driver") != self.driver_name:
-            return None
-        if (pspec.get("claimRef") or {}).get("uid") != k.uid_of(pvc):
-            return None
-        if self.node_topology is not None and not affinity_matches(pv, self.node_topology):
-            return None  # per-node mode: a node-local volume is grown by the node that has it
-        resizer = k.annotations_of(pvc).get(ANN_STORAGE_RESIZER)
-        if resizer is not None and resizer != self.driver_name:
-            return None
-        return pv
+        pv = self.pvs.get(volume_name_of(pvc))
+        return pv if pv is not None and self._resizes(pv, pvc) else None
 
     async def sync_claim(self, key: str) -> None:
         pvc = self.pvcs.get(key)
@@ -258,19 +247,28 @@ class Resizer(Loop):
         self, key: str, pvc: Obj, requested: int, allocated: int | None, pv_size: int
     ) -> int | None:  # fmt: skip
         """The size to expand to now, or None while the claim is the kubelet's (expandAndRecover)."""
-        phase = ((pvc.get("status") or {}).get("allocatedResourceStatuses") or {}).get("storage")
+        phase = (status_of(pvc).get("allocatedResourceStatuses") or {}).get("storage")
+        started = allocated if allocated is not None else requested  # the expansion under way, if any
         if pv_size < requested:
-            # The PV needs a controller expansion; one already under way is finished first.
-            if phase in (NODE_PENDING, NODE_IN_PROGRESS):
-                if allocated is not None and pv_size >= allocated:
-                    return None  # the node is finishing the previous size; a larger request waits for it
-                return allocated if allocated is not None else requested
-            if phase == NODE_INFEASIBLE:
-                return allocated if allocated is not None else requested
-            if phase == IN_PROGRESS and key not in self.final_errors:
-                return allocated if allocated is not None else requested
-            return requested  # no expansion under way, or the last one ended with a final error
-        # The PV is already as large as asked.
+            return self._controller_target(key, phase, started, requested, allocated, pv_size)
+        return self._grown_target(pvc, phase, started, requested, allocated)
+
+    def _controller_target(
+        self, key: str, phase: str | None, started: int, requested: int, allocated: int | None, pv_size: int
+    ) -> int | None:
+        """The PV needs a controller expansion; one already under way is finished first."""
+        if phase in (NODE_PENDING, NODE_IN_PROGRESS):
+            if allocated is not None and pv_size >= allocated:
+                return None  # the node is finishing the previous size; a larger request waits for it
+            return started
+        if phase == NODE_INFEASIBLE or (phase == IN_PROGRESS and key not in self.final_errors):
+            return started
+        return requested  # no expansion under way, or the last one ended with a final error
+
+    def _grown_target(
+        self, pvc: Obj, phase: str | None, started: int, requested: int, allocated: int | None
+    ) -> int | None:
+        """The PV is already as large as asked."""
         if phase in (NODE_PENDING, NODE_IN_PROGRESS):
             return None  # the kubelet's turn: it grows the filesystem and records the capacity
         if phase == NODE_INFEASIBLE:
@@ -278,7 +276,7 @@ class Resizer(Loop):
             return allocated if allocated is not None and not self.trivial else requested
         if phase in (IN_PROGRESS, INFEASIBLE) or (not phase and allocated is not None):
             # Expanded but not recorded (a restart, a lost write): finish at the size started with.
-            return allocated if allocated is not None else requested
+            return started
         if _has_condition(pvc, COND_FS_PENDING):
             return None  # a claim from a resizer that kept no status: the kubelet has it
         return requested
@@ -304,13 +302,13 @@ class Resizer(Loop):
         await self.events.event(
             pvc, "Normal", "Resizing", f"External resizer is resizing volume {k.name_of(pv)}"
         )
-        handle = str(((pv.get("spec") or {}).get("csi") or {}).get("volumeHandle") or "")
+        handle = volume_handle(pv)
         if self.trivial:
             new_size, node_needed = target, True
         else:
             try:
                 new_size, node_needed = await self.driver.expand_volume(
-                    handle, target, self._capability(pv), await self._secrets(pv)
+                    handle, target, self._capability(pv), await self.read_secret(_expand_secret_ref(pv))
                 )
             except CSICallError as e:
                 await self._record_failure(key, pvc, pv, e)

@@ -1,0 +1,50 @@
+"""What every volume loop holds: the API, its narrow CSI driver, the driver's name and capabilities.
+
+Rule: only what the volume loops (provisioner, attacher, resizer, capacity,
+health monitor) do alike, in one place -- their constructor's common part
+and reading the Secrets that class parameters and PVs name.  A loop's own
+logic stays in its module; the object protocol is `volume.protocol`.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypedDict, TypeVar, Unpack
+
+from csi_kit.k8s.objects.resources import SECRET
+from csi_kit.k8s.runtime.api import KubeAPI
+from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.csi import DriverInfo
+from csi_kit.k8s.runtime.informer import InformerFactory
+from csi_kit.k8s.volume.protocol import secret_data
+
+D = TypeVar("D")
+
+
+class LoopArgs(TypedDict, total=False):
+    """The `Loop` settings every volume loop takes as keywords and hands on as they are."""
+
+    informers: InformerFactory | None
+    workers: int
+    base_delay: float
+    max_delay: float
+
+
+class VolumeLoop(Loop, Generic[D]):
+    """A `Loop` working for one CSI driver through `driver` (the loop's narrow `*Driver` protocol)."""
+
+    def __init__(self, api: KubeAPI, driver: D, info: DriverInfo, **loop: Unpack[LoopArgs]) -> None:
+        super().__init__(**loop)
+        self.api = api
+        self.driver = driver
+        self.info = info
+        self.driver_name = info.name
+
+    def controller_can(self, capability: str) -> bool:
+        """Whether the driver's controller service offers `capability` (a csi.v1 RPC type name)."""
+        return capability in self.info.controller_capabilities
+
+    async def read_secret(self, ref: tuple[str, str] | None) -> dict[str, str]:
+        """The decoded data of Secret `ref` = (name, namespace); {} for no secret (ApiError if unreadable)."""
+        if ref is None:
+            return {}
+        return secret_data(await self.api.get(SECRET, ref[0], ref[1]))
