@@ -151,6 +151,11 @@ def _sizes(pvc: Obj) -> tuple[int, int]:
     return required, limit
 
 
+def event_source(driver: str) -> str:
+    """The component this loop's Events name as their source, as upstream's provisioner does."""
+    return f"{driver}_csi-kit-provisioner"
+
+
 class Provisioner(VolumeLoop[VolumeDriver]):
     name = "provisioner"
 
@@ -168,7 +173,7 @@ class Provisioner(VolumeLoop[VolumeDriver]):
         volume_name_uuid_length: int = -1,
         default_fstype: str = "",
         cross_namespace: bool = False,
-        events: bool = True,
+        events: bool | EventRecorder = True,
         resync_period: float = 900.0,
         **loop: Unpack[LoopArgs],
     ) -> None:
@@ -193,7 +198,12 @@ class Provisioner(VolumeLoop[VolumeDriver]):
             node_name=node_name,
             node_topology=node_topology,
         )
-        self.events = EventRecorder(api, f"{self.driver_name}_csi-kit-provisioner", enabled=events)
+        # The wiring hands in the process's recorder (one Events queue, its own budget).
+        self.events = (
+            events
+            if isinstance(events, EventRecorder)
+            else EventRecorder(api, event_source(self.driver_name), enabled=events)
+        )
         self.pvcs = self.informer(api, PVC, resync_period=resync_period)
         self.pvs = self.informer(api, PV, resync_period=resync_period)
         self.classes = self.informer(api, STORAGE_CLASS)

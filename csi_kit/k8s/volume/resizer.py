@@ -137,6 +137,11 @@ def _expand_secret_ref(pv: Obj) -> tuple[str, str] | None:
     return (str(ref.get("name")), str(ref.get("namespace"))) if ref else None
 
 
+def event_source(driver: str) -> str:
+    """The component this loop's Events name as their source, as upstream's resizer does."""
+    return f"{driver}_csi-kit-resizer"
+
+
 class Resizer(VolumeLoop[ResizerDriver]):
     name = "resizer"
 
@@ -147,7 +152,7 @@ class Resizer(VolumeLoop[ResizerDriver]):
         info: DriverInfo,
         *,
         node_topology: dict[str, str] | None = None,
-        events: bool = True,
+        events: bool | EventRecorder = True,
         resync_period: float = 600.0,
         **loop: Unpack[LoopArgs],
     ) -> None:
@@ -155,7 +160,12 @@ class Resizer(VolumeLoop[ResizerDriver]):
         self.node_topology = node_topology
         self.trivial = not self.controller_can("EXPAND_VOLUME")
         self.multi_writer = self.controller_can("SINGLE_NODE_MULTI_WRITER")
-        self.events = EventRecorder(api, f"{self.driver_name}_csi-kit-resizer", enabled=events)
+        # The wiring hands in the process's recorder (one Events queue, its own budget).
+        self.events = (
+            events
+            if isinstance(events, EventRecorder)
+            else EventRecorder(api, event_source(self.driver_name), enabled=events)
+        )
         # Claims whose last ControllerExpandVolume ended with a final error: their
         # ControllerResizeInProgress is then no expansion under way (upstream's finalErrorPVCs).
         self.final_errors: set[str] = set()
