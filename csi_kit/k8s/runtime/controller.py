@@ -54,7 +54,10 @@ class Loop:
         label_selector: str | None = None,
         resync_period: float = 0.0,
     ) -> Informer:
-        """An informer for this loop, from the process's factory (`self.informers` lists it)."""
+        """This loop's registration on the process's shared informer for `res` (`self.informers` lists it).
+
+        `api` lists and watches only when the factory has no API of its own (a loop's private factory).
+        """
         inf = self.factory.informer(
             api, res, namespace=namespace, label_selector=label_selector, resync_period=resync_period
         )
@@ -87,8 +90,10 @@ class Loop:
         """Run informers and workers until cancelled; cancellation stops everything cleanly.
 
         A loop may be run again after it stopped (leader election does that when
-        the lease comes back): queues and caches start empty, and the initial
-        list hands every object to the syncs again.
+        the lease comes back): its queues start empty, and its informers hand
+        every object to its handlers again (a fresh list, or the cache of a
+        shared informer that other loops kept running).  While it is stopped
+        its handlers are not called.
         """
         self.started.clear()
         for q, _ in self.queues:
