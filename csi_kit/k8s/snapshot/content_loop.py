@@ -52,6 +52,14 @@ class ContentKind:
     being_deleted: str
     bound_finalizer: str
     deletion_secret: tuple[str, str]  # annotations naming the secret for the delete call
+    #: the class's secret for the create call: name key, namespace key, template kind, sidecar (errors).
+    create_secret: tuple[str, str, str, str]
+    #: reserved `csi.storage.k8s.io/` class parameters this sidecar reads (any other is refused).
+    sidecar_keys: frozenset[str]
+    #: `--extra-create-metadata` parameters: the (group) snapshot's name and namespace, the content's name.
+    metadata_keys: tuple[str, str, str]
+    #: the error for a content whose class is missing ({content}, {cls}), as upstream words it.
+    class_missing: str
     #: status fields an error report also sets (the group snapshotter says readyToUse false).
     error_extra: tuple[tuple[str, bool], ...] = ()
 
@@ -125,6 +133,38 @@ class ContentLoop(Loop):
     def deleted_before_any_call(self, content: Obj) -> bool:
         """A dynamic content deleted before any create call was sent: nothing on the backend to wait for."""
         return k.is_deleting(content) and self.kind.being_created not in k.annotations_of(content)
+
+    async def create_input(self, content: Obj) -> tuple[dict[str, str], dict[str, str]]:
+        """The create call's parameters (the class's, reserved keys stripped, plus the extra
+        metadata when asked) and secrets (the class's templates resolved and read).
+
+        ValueError for a missing class or a bad reserved key or template; ApiError
+        when the secret cannot be read.
+        """
+        cls = self.class_of(content)
+        if cls is None:
+            cls_name = p.spec(content).get(self.kind.class_field)
+            raise ValueError(self.kind.class_missing.format(content=k.name_of(content), cls=cls_name))
+        params_in: dict[str, str] = dict(cls.get("parameters") or {})
+        ref = p.spec(content).get(self.kind.ref_field) or {}
+        name_key, namespace_key, template_kind, sidecar = self.kind.create_secret
+        secret = p.secret_ref(
+            params_in,
+            k.name_of(content),
+            ref.get("name"),
+            ref.get("namespace"),
+            name_key=name_key,
+            namespace_key=namespace_key,
+            kind=template_kind,
+            sidecar=sidecar,
+        )
+        params = p.strip_prefixed(params_in, self.kind.sidecar_keys)
+        if self.extra_create_metadata:
+            meta_name, meta_namespace, meta_content = self.kind.metadata_keys
+            params[meta_name] = str(ref.get("name"))
+            params[meta_namespace] = str(ref.get("namespace"))
+            params[meta_content] = k.name_of(content)
+        return params, await self.secrets(secret)
 
     async def secrets(self, ref: tuple[str, str] | None) -> dict[str, str]:
         return await read_secret(self.api, ref)

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 from csi_kit.k8s.objects.resources import VOLUME_GROUP_SNAPSHOT_CLASS, VOLUME_GROUP_SNAPSHOT_CONTENT
 from csi_kit.k8s.objects.times import rfc3339_from_ns
-from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.controller import Retry
 from csi_kit.k8s.runtime.csi import CSICallError, GroupSnapshotInfo
@@ -106,6 +105,15 @@ class GroupSnapshotter(ContentLoop):
         being_deleted=p.ANN_GROUP_BEING_DELETED,
         bound_finalizer=p.GROUP_CONTENT_BOUND_FINALIZER,
         deletion_secret=(p.ANN_GROUP_DELETION_SECRET_NAME, p.ANN_GROUP_DELETION_SECRET_NAMESPACE),
+        create_secret=(
+            p.GROUP_SECRET_NAME_KEY,
+            p.GROUP_SECRET_NAMESPACE_KEY,
+            "volumegroupsnapshot",
+            "GroupSnapshotter",
+        ),
+        sidecar_keys=p.GROUP_SNAPSHOTTER_KEYS,
+        metadata_keys=(p.META_GROUP_NAME, p.META_GROUP_NAMESPACE, p.META_GROUP_CONTENT_NAME),
+        class_missing='volumegroupsnapshotclass "{cls}" not found',
         error_extra=(("readyToUse", False),),
     )
 
@@ -157,22 +165,6 @@ class GroupSnapshotter(ContentLoop):
             return
         await self._refresh(content)
 
-    async def _create_input(self, content: Obj) -> tuple[dict[str, str], dict[str, str]]:
-        cls = self.class_of(content)
-        if cls is None:
-            raise ValueError(
-                f'volumegroupsnapshotclass "{p.spec(content).get("volumeGroupSnapshotClassName")}" not found'
-            )
-        params_in: dict[str, str] = dict(cls.get("parameters") or {})
-        ref = p.spec(content).get("volumeGroupSnapshotRef") or {}
-        secret = p.group_secret_ref(params_in, k.name_of(content), ref.get("name"), ref.get("namespace"))
-        params = p.strip_group_params(params_in)
-        if self.extra_create_metadata:
-            params[p.META_GROUP_NAME] = str(ref.get("name"))
-            params[p.META_GROUP_NAMESPACE] = str(ref.get("namespace"))
-            params[p.META_GROUP_CONTENT_NAME] = k.name_of(content)
-        return params, await self.secrets(secret)
-
     async def _create(self, content: Obj) -> None:
         if not self.supported:
             content = await self.content_writes.set_annotation(content, p.ANN_GROUP_BEING_CREATED, None)
@@ -183,7 +175,7 @@ class GroupSnapshotter(ContentLoop):
             await self.report(content, msg, FAILED)
             raise Retry(msg)
         try:
-            params, secrets = await self._create_input(content)
+            params, secrets = await self.create_input(content)
         except (ValueError, ApiError) as e:
             await self.report(content, f"{CHECK_FAILED}: {e}", FAILED)
             raise

@@ -55,10 +55,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -70,7 +69,6 @@ from csi_kit._pb import csi_pb2_grpc as _pbg
 from csi_kit._pb import snapshot_metadata_pb2 as kpb
 from csi_kit._pb import snapshot_metadata_pb2_grpc as _kpbg
 from csi_kit.k8s.objects.resources import (
-    SECRET,
     SNAPSHOT_METADATA_SERVICE,
     SUBJECT_ACCESS_REVIEW,
     TOKEN_REVIEW,
@@ -84,6 +82,7 @@ from csi_kit.k8s.runtime.csi import DriverInfo, grpc_target
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.tls import CertificateReloader, TLSFiles
+from csi_kit.k8s.snapshot.writes import read_secret
 
 __all__ = [
     "SNAPSHOT_METADATA_SERVICE",
@@ -313,20 +312,13 @@ class Gate:
         if ref is None:
             return {}
         try:
-            secret = await self.api.get(SECRET, ref[0], ref[1])
+            return await read_secret(self.api, ref)
         except ApiError as e:
             raise Refused(
                 C.UNAVAILABLE, f"reading snapshotter secret {ref[1]}/{ref[0]}: {e.code} {e.reason}"
             ) from None
-        try:
-            return {
-                str(k): base64.b64decode(v, validate=True).decode()
-                for k, v in (secret.get("data") or {}).items()
-            }
-        except (binascii.Error, UnicodeDecodeError, TypeError):
-            raise Refused(
-                C.UNAVAILABLE, f"snapshotter secret {ref[1]}/{ref[0]} holds a value that is not UTF-8 text"
-            ) from None
+        except ValueError as e:
+            raise Refused(C.UNAVAILABLE, f"snapshotter {e}") from None
 
     async def admit(self, token: str, namespace: str) -> Caller:
         caller = await self.authenticate(token)
@@ -375,50 +367,60 @@ class MetadataProxy(kpbg.SnapshotMetadataServicer):  # type: ignore[misc]
         log.info("%s %s: %s", method, e.code.name, e.message)
         await context.abort(e.code, e.message)
 
-    async def GetMetadataAllocated(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def _admitted(self, request: Any, snapshot_name: str) -> tuple[Resolved, dict[str, str]]:
+        """Steps 2-5: the caller's token and rights, the snapshot's handle, its class's secret."""
+        await self.gate.admit(request.security_token, request.namespace)
+        snap = await self.gate.resolve(request.namespace, snapshot_name)
+        return snap, await self.gate.secrets(snap)
+
+    async def _forward(
+        self, method: str, translate: Callable[[], Awaitable[Any]], response_type: Any, context: Any
+    ) -> AsyncIterator[Any]:
+        """Step 6: `translate` the request (or refuse it), then stream the driver's answers back."""
         try:
+            csi_request = await translate()
+        except Refused as e:
+            await self._refused(method, e, context)
+            return
+        call = getattr(self.csi, method)(csi_request, timeout=self.timeout)
+        async for answer in self._relay(call, response_type, context):
+            yield answer
+
+    async def GetMetadataAllocated(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async def translate() -> Any:
             _require(request.namespace, "namespace")
             _require(request.snapshot_name, "snapshot_name")
-            await self.gate.admit(request.security_token, request.namespace)
-            snap = await self.gate.resolve(request.namespace, request.snapshot_name)
-            secrets = await self.gate.secrets(snap)
-        except Refused as e:
-            await self._refused("GetMetadataAllocated", e, context)
-            return
-        call = self.csi.GetMetadataAllocated(
-            pb.GetMetadataAllocatedRequest(
+            snap, secrets = await self._admitted(request, request.snapshot_name)
+            return pb.GetMetadataAllocatedRequest(
                 snapshot_id=snap.handle,
                 starting_offset=request.starting_offset,
                 max_results=request.max_results,
                 secrets=secrets,
-            ),
-            timeout=self.timeout,
-        )
-        async for answer in self._relay(call, kpb.GetMetadataAllocatedResponse, context):
+            )
+
+        async for answer in self._forward(
+            "GetMetadataAllocated", translate, kpb.GetMetadataAllocatedResponse, context
+        ):
             yield answer
 
     async def GetMetadataDelta(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        try:
+        async def translate() -> Any:
             _require(request.namespace, "namespace")
             _require(request.base_snapshot_id, "base_snapshot_id")
             _require(request.target_snapshot_name, "target_snapshot_name")
-            await self.gate.admit(request.security_token, request.namespace)
-            target = await self.gate.resolve(request.namespace, request.target_snapshot_name)
-            secrets = await self.gate.secrets(target)  # the base is a bare handle: the target's class
-        except Refused as e:
-            await self._refused("GetMetadataDelta", e, context)
-            return
-        call = self.csi.GetMetadataDelta(
-            pb.GetMetadataDeltaRequest(
+            # The base is a bare handle: the secret is the target's class's.
+            target, secrets = await self._admitted(request, request.target_snapshot_name)
+            return pb.GetMetadataDeltaRequest(
                 base_snapshot_id=request.base_snapshot_id,
                 target_snapshot_id=target.handle,
                 starting_offset=request.starting_offset,
                 max_results=request.max_results,
                 secrets=secrets,
-            ),
-            timeout=self.timeout,
-        )
-        async for answer in self._relay(call, kpb.GetMetadataDeltaResponse, context):
+            )
+
+        async for answer in self._forward(
+            "GetMetadataDelta", translate, kpb.GetMetadataDeltaResponse, context
+        ):
             yield answer
 
 

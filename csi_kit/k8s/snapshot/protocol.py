@@ -8,9 +8,17 @@ over each other's objects on a live cluster.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
-from csi_kit.k8s.objects.meta import Obj, annotations_of, name_of, namespace_of, rv_of, uid_of
+from csi_kit.k8s.objects.meta import (
+    Obj,
+    annotations_of,
+    name_of,
+    namespace_of,
+    rv_of,
+    spec_of,
+    status_of,
+    uid_of,
+)
 from csi_kit.k8s.objects.names import is_dns1123_label, is_dns1123_subdomain
 from csi_kit.k8s.objects.resources import Resource
 from csi_kit.k8s.objects.templates import TemplateError, expand
@@ -161,14 +169,9 @@ def is_default_class(cls: Obj, annotation: str = ANN_IS_DEFAULT_CLASS) -> bool:
     return annotations_of(cls).get(annotation) == "true"
 
 
-def spec(obj: Obj) -> dict[str, Any]:
-    s: dict[str, Any] = obj.get("spec") or {}
-    return s
-
-
-def status(obj: Obj) -> dict[str, Any]:
-    s: dict[str, Any] = obj.get("status") or {}
-    return s
+#: The object's spec / status ({} when absent or null): the loops spell them p.spec, p.status.
+spec = spec_of
+status = status_of
 
 
 def source_pvc_name(snapshot: Obj) -> str | None:

@@ -68,6 +68,13 @@ class Snapshotter(ContentLoop):
         being_deleted=p.ANN_BEING_DELETED,
         bound_finalizer=p.CONTENT_BOUND_FINALIZER,
         deletion_secret=(p.ANN_DELETION_SECRET_NAME, p.ANN_DELETION_SECRET_NAMESPACE),
+        create_secret=(p.SECRET_NAME_KEY, p.SECRET_NAMESPACE_KEY, "volumesnapshot", "Snapshotter"),
+        sidecar_keys=p.SNAPSHOTTER_KEYS,
+        metadata_keys=(p.META_SNAPSHOT_NAME, p.META_SNAPSHOT_NAMESPACE, p.META_CONTENT_NAME),
+        class_missing=(
+            "failed to get input parameters to create snapshot for content {content}: "
+            'volumesnapshotclass "{cls}" not found'
+        ),
     )
 
     def __init__(
@@ -125,23 +132,6 @@ class Snapshotter(ContentLoop):
             return
         await self._refresh(content)
 
-    async def _create_input(self, content: Obj) -> tuple[dict[str, str], dict[str, str]]:
-        cls = self.class_of(content)
-        if cls is None:
-            raise ValueError(
-                f"failed to get input parameters to create snapshot for content {k.name_of(content)}: "
-                f'volumesnapshotclass "{p.spec(content).get("volumeSnapshotClassName")}" not found'
-            )
-        params_in: dict[str, str] = dict(cls.get("parameters") or {})
-        ref = p.spec(content).get("volumeSnapshotRef") or {}
-        secret = p.secret_ref(params_in, k.name_of(content), ref.get("name"), ref.get("namespace"))
-        params = p.strip_prefixed(params_in)
-        if self.extra_create_metadata:
-            params[p.META_SNAPSHOT_NAME] = str(ref.get("name"))
-            params[p.META_SNAPSHOT_NAMESPACE] = str(ref.get("namespace"))
-            params[p.META_CONTENT_NAME] = k.name_of(content)
-        return params, await self.secrets(secret)
-
     @staticmethod
     def _status(info: SnapshotInfo) -> dict[str, Any]:
         return {
@@ -154,7 +144,7 @@ class Snapshotter(ContentLoop):
 
     async def _create(self, content: Obj) -> None:
         try:
-            params, secrets = await self._create_input(content)
+            params, secrets = await self.create_input(content)
         except (ValueError, ApiError) as e:
             await self.report(content, f"{CHECK_FAILED}: {e}", "SnapshotCreationFailed")
             raise

@@ -21,6 +21,7 @@ controller and snapshotter) follow:
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -156,8 +157,18 @@ class Writer:
 
 
 async def read_secret(api: KubeAPI, ref: tuple[str, str] | None) -> dict[str, str]:
-    """The data of Secret `ref` = (name, namespace), decoded; {} for no secret."""
+    """The data of Secret `ref` = (name, namespace), decoded; {} for no secret.
+
+    ApiError when it cannot be read; ValueError (naming the secret, never a
+    value) when a value is not base64 of UTF-8 text.
+    """
     if ref is None:
         return {}
     secret = await api.get(SECRET, ref[0], ref[1])
-    return {key: base64.b64decode(v).decode() for key, v in (secret.get("data") or {}).items()}
+    try:
+        return {
+            str(key): base64.b64decode(v, validate=True).decode()
+            for key, v in (secret.get("data") or {}).items()
+        }
+    except (binascii.Error, UnicodeDecodeError, TypeError):
+        raise ValueError(f"secret {ref[1]}/{ref[0]} holds a value that is not UTF-8 text") from None
