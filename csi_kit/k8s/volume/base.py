@@ -1,13 +1,15 @@
 """What every volume loop holds: the API, its narrow CSI driver, the driver's name and capabilities.
 
 Rule: only what the volume loops (provisioner, attacher, resizer, capacity,
-health monitor) do alike, in one place -- their constructor's common part
-and reading the Secrets that class parameters and PVs name.  A loop's own
+health monitor) do alike, in one place -- their constructor's common part,
+reading the Secrets that class parameters and PVs name, and the periodic
+poll of the capacity tracker and the health monitor.  A loop's own
 logic stays in its module; the object protocol is `volume.protocol`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Generic, TypedDict, TypeVar, Unpack
 
 from csi_kit.k8s.objects.resources import SECRET
@@ -15,6 +17,7 @@ from csi_kit.k8s.runtime.api import KubeAPI
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import DriverInfo
 from csi_kit.k8s.runtime.informer import InformerFactory
+from csi_kit.k8s.runtime.workqueue import WorkQueue
 from csi_kit.k8s.volume.protocol import secret_data
 
 D = TypeVar("D")
@@ -48,3 +51,17 @@ class VolumeLoop(Loop, Generic[D]):
         if ref is None:
             return {}
         return secret_data(await self.api.get(SECRET, ref[0], ref[1]))
+
+    async def run_polling(self, queue: WorkQueue, key: str, interval: float) -> None:
+        """`Loop.run`, with `key` put on `queue` at once and every `interval` seconds after (a poll)."""
+
+        async def tick() -> None:
+            while True:
+                queue.add(key)
+                await asyncio.sleep(interval)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await Loop.run(self)
+        finally:
+            ticker.cancel()

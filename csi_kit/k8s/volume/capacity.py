@@ -26,7 +26,6 @@ only when its numbers change, and removed when its class or segment goes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Protocol
 
@@ -124,16 +123,7 @@ class CapacityTracker(VolumeLoop[CapacityDriver]):
         self.work.add(KEY)
 
     async def run(self) -> None:
-        async def tick() -> None:
-            while True:
-                self.work.add(KEY)
-                await asyncio.sleep(self.poll_interval)
-
-        ticker = asyncio.create_task(tick())
-        try:
-            await super().run()
-        finally:
-            ticker.cancel()
+        await self.run_polling(self.work, KEY, self.poll_interval)
 
     def _node_segment(self, csinode: Obj) -> dict[str, str] | None:
         """A registered node's segment: its labels under the keys its CSINode lists, if it has them all."""

@@ -76,21 +76,32 @@ class SourceLoop(Protocol):
     async def patch(self, res: Resource, obj: Obj, patch: Obj) -> Obj: ...
 
 
+def _from_matches(entry: Obj, pvc: Obj) -> bool:
+    """A ReferenceGrant `from` entry naming claims of the claim's namespace."""
+    core = (entry.get("group") or "") == ""
+    return (
+        core
+        and entry.get("kind") == "PersistentVolumeClaim"
+        and entry.get("namespace") == k.namespace_of(pvc)
+    )
+
+
+def _to_matches(entry: Obj, ds: dict[str, Any]) -> bool:
+    """A ReferenceGrant `to` entry naming the source's group and kind (and its name, or any)."""
+    named = not entry.get("name") or entry.get("name") == ds.get("name")
+    return (
+        named
+        and (entry.get("group") or "") == (ds.get("apiGroup") or "")
+        and entry.get("kind") == ds.get("kind")
+    )
+
+
 def _grant_allows(grant: Obj, pvc: Obj, ds: dict[str, Any]) -> bool:
     """Whether one ReferenceGrant lets claims in the claim's namespace use this source (kind, name)."""
     gspec = spec_of(grant)
-    from_ok = any(
-        (f.get("group") or "") == "" and f.get("kind") == "PersistentVolumeClaim"
-        for f in gspec.get("from") or []
-        if f.get("namespace") == k.namespace_of(pvc)
+    return any(_from_matches(f, pvc) for f in gspec.get("from") or []) and any(
+        _to_matches(t, ds) for t in gspec.get("to") or []
     )
-    group = ds.get("apiGroup") or ""
-    to_ok = any(
-        (t.get("group") or "") == group and t.get("kind") == ds.get("kind")
-        for t in gspec.get("to") or []
-        if not t.get("name") or t.get("name") == ds.get("name")
-    )
-    return from_ok and to_ok
 
 
 def _claim_size(src: Obj) -> int:

@@ -57,6 +57,7 @@ from typing import Any, Protocol, Unpack
 import attrs
 import grpc
 
+from csi_kit.k8s.objects.meta import status_of
 from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.objects.resources import PV
 from csi_kit.k8s.runtime import api as k
@@ -66,7 +67,7 @@ from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, DriverInfo, VolumeC
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
-from csi_kit.k8s.volume.protocol import HOSTNAME_LABEL, affinity_matches
+from csi_kit.k8s.volume.protocol import HOSTNAME_LABEL, affinity_matches, is_driver_volume, volume_handle
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +154,18 @@ class HealthMonitor(VolumeLoop[HealthDriver]):
 
     # -- which PVs ------------------------------------------------------------------
 
+    def _watches(self, pv: Obj) -> bool:
+        """A live Bound PV of this driver with a claim (and, per node, on this node)."""
+        if not is_driver_volume(pv, self.driver_name) or k.is_deleting(pv):
+            return False
+        if status_of(pv).get("phase") != "Bound" or _claim_of(pv) is None:
+            return False
+        return self.node_topology is None or affinity_matches(pv, self.node_topology)
+
     def handle_of(self, pv: Obj) -> str | None:
         """The volume handle of a PV this loop watches over, else None."""
-        spec = pv.get("spec") or {}
-        csi = spec.get("csi") or {}
-        if csi.get("driver") != self.driver_name or k.is_deleting(pv):
-            return None
-        if (pv.get("status") or {}).get("phase") != "Bound" or _claim_of(pv) is None:
-            return None
-        handle = csi.get("volumeHandle")
-        if not isinstance(handle, str) or not handle:
-            return None
-        if self.node_topology is not None and not affinity_matches(pv, self.node_topology):
-            return None
-        return handle
+        handle = volume_handle(pv)
+        return handle if handle and self._watches(pv) else None
 
     def _on_pv(self, event: str, old: Obj | None, new: Obj | None) -> None:
         if event == "DELETED":
@@ -188,17 +187,7 @@ class HealthMonitor(VolumeLoop[HealthDriver]):
             await asyncio.Event().wait()  # until cancelled
             return
         self._seen.clear()  # a new term as leader: report what is abnormal afresh
-
-        async def tick() -> None:
-            while True:
-                self.ticks.add(_TICK)
-                await asyncio.sleep(self.interval)
-
-        ticker = asyncio.create_task(tick())
-        try:
-            await super().run()
-        finally:
-            ticker.cancel()
+        await self.run_polling(self.ticks, _TICK, self.interval)
 
     async def sync_interval(self, key: str) -> None:
         watched = [(pv, h) for pv in self.pvs.items() if (h := self.handle_of(pv)) is not None]
@@ -233,6 +222,11 @@ class HealthMonitor(VolumeLoop[HealthDriver]):
             return
         self._observe(pv, handle, condition)
 
+    def _news(self, prev: _Seen | None, message: str, now: float) -> bool:
+        """Whether an abnormal `message` is worth an Event: a change, or `repeat_after` since the last."""
+        same = prev is not None and prev.state == "abnormal" and prev.message == message
+        return not same or prev is None or now - prev.since >= self.repeat_after
+
     def _observe(self, pv: Obj, handle: str, condition: VolumeCondition | None) -> None:
         """Record what changed about one volume; the decisions the module docstring lists."""
         name = k.name_of(pv)
@@ -250,12 +244,7 @@ class HealthMonitor(VolumeLoop[HealthDriver]):
                 del self._seen[name]
             return
         message = _event_message(condition.message)
-        if (
-            prev is not None
-            and prev.state == "abnormal"
-            and prev.message == message
-            and now - prev.since < self.repeat_after
-        ):
+        if not self._news(prev, message, now):
             return
         claim = _claim_of(pv)
         assert claim is not None  # handle_of checked it

@@ -187,36 +187,11 @@ class VolumeModifier:
             if _modify_status(pvc) is not None:
                 await self._roll_back(key, pvc, pv, target)
             return
-        vac = self.classes.get(target)
+        vac = await self._usable_class(pvc, target)
         if vac is None:
-            await self._pending(pvc, target)
-            return
-        if str(vac.get("driverName") or "") != self.driver_name:
-            await self._infeasible(
-                pvc,
-                target,
-                f"VolumeAttributesClass {target} is for driver {vac.get('driverName')!r}, "
-                f"not {self.driver_name!r}",
-            )
             return
         if not (_records(pvc, IN_PROGRESS, target) or _records(pvc, INFEASIBLE, target)):
-            pvc = await self.loop.patch_status(
-                pvc,
-                {
-                    "modifyVolumeStatus": {"status": IN_PROGRESS, "targetVolumeAttributesClassName": target},
-                    "conditions": merge_claim_conditions(
-                        pvc,
-                        [claim_condition(COND_MODIFYING, "ModifyVolume operation in progress.")],
-                        MODIFY_CONDITIONS,
-                    ),
-                },
-            )
-            await self.loop.events.event(
-                pvc,
-                "Normal",
-                EVENT_MODIFY,
-                f"external resizer is modifying volume {k.name_of(pvc)} with vac {target}",
-            )
+            pvc = await self._mark_in_progress(pvc, target)
         await self._modify(key, pvc, pv, target, vac)
         await self.loop.events.event(
             pvc,
@@ -224,6 +199,43 @@ class VolumeModifier:
             EVENT_MODIFIED,
             f"external resizer modified volume {k.name_of(pvc)} with vac {target} successfully",
         )
+
+    async def _usable_class(self, pvc: Obj, target: str) -> Obj | None:
+        """The class `target` if it exists and is this driver's; else the claim says why, and None."""
+        vac = self.classes.get(target)
+        if vac is None:
+            await self._pending(pvc, target)
+            return None
+        if str(vac.get("driverName") or "") != self.driver_name:
+            await self._infeasible(
+                pvc,
+                target,
+                f"VolumeAttributesClass {target} is for driver {vac.get('driverName')!r}, "
+                f"not {self.driver_name!r}",
+            )
+            return None
+        return vac
+
+    async def _mark_in_progress(self, pvc: Obj, target: str) -> Obj:
+        """`modifyVolumeStatus` InProgress for `target`, condition ModifyingVolume, a Normal Event."""
+        pvc = await self.loop.patch_status(
+            pvc,
+            {
+                "modifyVolumeStatus": {"status": IN_PROGRESS, "targetVolumeAttributesClassName": target},
+                "conditions": merge_claim_conditions(
+                    pvc,
+                    [claim_condition(COND_MODIFYING, "ModifyVolume operation in progress.")],
+                    MODIFY_CONDITIONS,
+                ),
+            },
+        )
+        await self.loop.events.event(
+            pvc,
+            "Normal",
+            EVENT_MODIFY,
+            f"external resizer is modifying volume {k.name_of(pvc)} with vac {target}",
+        )
+        return pvc
 
     async def _modify(self, key: str, pvc: Obj, pv: Obj, target: str, vac: Obj) -> None:
         """ControllerModifyVolume with the class's parameters, then record `target` as current."""
