@@ -303,9 +303,14 @@ def _controllers(args: argparse.Namespace) -> int:
     from csi_kit.log import setup_logging
 
     try:
-        from csi_kit.k8s.cli import run_controllers
+        from csi_kit.k8s.cli import run_controllers, selected
     except ImportError:
         print("csi-kit: the Kubernetes loops are not available in this build", file=sys.stderr)
+        return 2
+    try:
+        selected(args)  # a bad --controllers ends in one line, before anything starts
+    except ValueError as e:
+        print(f"csi-kit: {e}", file=sys.stderr)
         return 2
     setup_logging(args.log_level, args.log_format)
 
@@ -318,7 +323,11 @@ def _controllers(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_controllers(args, args.csi_address, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ValueError as e:  # a loop's options that do not fit together (e.g. per-node without a node)
+        print(f"csi-kit: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,10 +1,13 @@
 """Command-line hooks for the Kubernetes loops, called by `csi_kit.cli`.
 
 `add_controller_options` adds the options (each with a `CSI_KIT_<NAME>`
-environment default, the way a Deployment usually configures a container);
+environment default, the way a Deployment usually configures a container):
+the ones every loop shares here, each loop's own from `k8s/registry.py`.
 `run_controllers` connects to the driver over CSI, discovers what it can do,
-and runs the selected loops -- each under its own Lease when leader election
-is on -- until told to stop.
+builds the selected loops through their registry factories -- one CSI
+client, one `Clients` (a budget and User-Agent per loop, shared informers,
+one Events path) for all -- and runs each under its own Lease when leader
+election is on, until told to stop.
 """
 
 from __future__ import annotations
@@ -18,49 +21,21 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from csi_kit.k8s.objects.names import sanitize_lease_name
+from csi_kit.k8s import registry
+from csi_kit.k8s.registry import CONTROLLERS
 from csi_kit.k8s.runtime import metrics
 from csi_kit.k8s.runtime.api import KubeAPI
-from csi_kit.k8s.runtime.controller import Loop
+from csi_kit.k8s.runtime.clients import Clients
+from csi_kit.k8s.runtime.context import LoopContext, Planned
 from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, DriverInfo
-from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.leader import LeaderElector
+from csi_kit.k8s.runtime.options import deprecated_alias
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.runtime.options import env_bool as _env_bool
-from csi_kit.k8s.runtime.ratelimit import ThrottledAPI, TokenBucket
-from csi_kit.k8s.snapshot import group_controller, group_snapshotter
-from csi_kit.k8s.snapshot import metadata as snapshot_metadata
-from csi_kit.k8s.snapshot.controller import SnapshotController
-from csi_kit.k8s.snapshot.snapshotter import Snapshotter
-from csi_kit.k8s.volume import health
-from csi_kit.k8s.volume_cli import VOLUME_LOOPS, VolumeLoops, add_volume_options
+
+__all__ = ["CONTROLLERS", "add_controller_options", "run_controllers", "selected"]
 
 log = logging.getLogger(__name__)
-
-# Loop names accepted by --controllers.  "snapshot" is both halves; pick one
-# half when the other runs elsewhere (e.g. the cluster already has the
-# upstream snapshot-controller: then run only "snapshotter").
-CONTROLLERS = {
-    "snapshot": ("snapshot-controller", "snapshotter"),
-    "snapshot-controller": ("snapshot-controller",),
-    "snapshotter": ("snapshotter",),
-    # Volume group snapshots (groupsnapshot.storage.k8s.io/v1): opt-in, as upstream's
-    # --enable-volume-group-snapshots, because they need the group CRDs installed.
-    "group-snapshot": ("group-snapshot-controller", "group-snapshotter"),
-    "group-snapshot-controller": ("group-snapshot-controller",),
-    "group-snapshotter": ("group-snapshotter",),
-    "provisioner": ("provisioner",),
-    "resizer": ("resizer",),
-    "attacher": ("attacher",),
-    "capacity": ("capacity",),
-    "registration": ("registration",),
-    "liveness": ("liveness",),
-    # external-health-monitor-controller: opt-in, never part of "all".
-    "health-monitor": ("health-monitor",),
-    # external-snapshot-metadata (changed-block tracking for backups): opt-in, never part of "all".
-    "snapshot-metadata": ("snapshot-metadata",),
-    "all": ("snapshot-controller", "snapshotter", *VOLUME_LOOPS),
-}
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -79,9 +54,11 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "--controllers",
         default=_env("controllers", ""),
         help="comma list of loops to run: snapshot (= snapshot-controller + snapshotter), "
-        "snapshot-controller, snapshotter, group-snapshot (= group-snapshot-controller + group-snapshotter), "
-        "provisioner, resizer, attacher, capacity, registration, "
-        "liveness, health-monitor, snapshot-metadata, all; empty runs none",
+        "group-snapshot (= group-snapshot-controller + group-snapshotter), "
+        + ", ".join(e.name for e in registry.LOOPS)
+        + ", all (= "
+        + ", ".join(CONTROLLERS["all"])
+        + "); empty runs none",
     )
     g.add_argument(
         "--kubeconfig",
@@ -115,7 +92,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         "--kube-api-qps",
         type=float,
         default=float(_env("kube-api-qps", 5)),
-        help="client-side request rate limit (0 lifts it)",
+        help="client-side request rate limit of each loop, as of each upstream sidecar (0 lifts it)",
     )
     g.add_argument("--kube-api-burst", type=int, default=int(_env("kube-api-burst", 10)))
     g.add_argument(
@@ -156,6 +133,13 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         default=_env_bool("events", _env_bool("k8s-events", True)),
         help="record Kubernetes Events as the upstream sidecars do (one API write each; needs events create)",
     )
+    g.add_argument(
+        "--k8s-events",
+        dest="events",
+        action=deprecated_alias("--events / --no-events"),
+        default=argparse.SUPPRESS,
+        help="deprecated alias of --events",
+    )
     g.add_argument("--resync-period", type=float, default=float(_env("resync-period", 900)), help="seconds")
     g.add_argument(
         "--k8s-workers",
@@ -168,9 +152,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--csi-timeout", type=float, default=float(_env("csi-timeout", 60)), help="seconds per CSI call"
     )
-    add_volume_options(g)
-    snapshot_metadata.add_options(g)
-    health.add_options(g)
+    registry.add_options(g)
 
 
 def _port(address: str) -> tuple[str, str]:
@@ -195,14 +177,8 @@ def _check_ports(args: argparse.Namespace, wanted: set[str]) -> None:
 
 
 def selected(args: argparse.Namespace) -> set[str]:
-    out: set[str] = set()
-    for item in (args.controllers or "").split(","):
-        item = item.strip()
-        if not item or item == "none":
-            continue
-        if item not in CONTROLLERS:
-            raise ValueError(f"unknown controller {item!r}; choose from {', '.join(sorted(CONTROLLERS))}")
-        out.update(CONTROLLERS[item])
+    """The loops `--controllers` selects (groups expanded); ValueError for an unknown name or a port clash."""
+    out, _ = registry.expand(args.controllers or "")
     _check_ports(args, out)
     return out
 
@@ -236,19 +212,19 @@ async def run_controllers(
 
     `connect` builds an API client (the lightkube adapter by default; tests
     pass the fake).  It is called twice when leader election is on: the
-    Lease gets its own client, outside the loops' QPS budget.
+    Lease gets its own client, outside the loops' budgets.
     """
     wanted = selected(args)
     if not wanted:
         log.warning("no Kubernetes loops selected (--controllers is empty): nothing to run")
         return
-    client = CSIClient(csi_endpoint, timeout=args.csi_timeout)
-    clients: list[Any] = []
+    csi = CSIClient(csi_endpoint, timeout=args.csi_timeout)
+    closers: list[Any] = [csi]
     try:
         if getattr(args, "serve_loop_metrics", False) and args.metrics_address:
             # `csi-kit controllers`: no driver in this process serves the registry.
-            clients.append(metrics.serve(args.metrics_address))
-        info = await _discover(client, stop)
+            closers.append(metrics.serve(args.metrics_address))
+        info = await _discover(csi, stop)
         if info is None:
             return
         log.info(
@@ -259,123 +235,74 @@ async def run_controllers(
         )
         metrics.set_driver_name(info.name)
         raw = connect(args)
-        clients.append(raw)
-        api = ThrottledAPI(raw, TokenBucket(args.kube_api_qps, args.kube_api_burst))
-        timing = {"base_delay": args.retry_interval_start, "max_delay": args.retry_interval_max}
-        events = EventRecorder(api, "csi-kit-snapshot") if args.events else None
-        loops: list[tuple[Loop, str | None]] = []
-        if "snapshot-controller" in wanted:
-            ctrl = SnapshotController(
-                api,
-                workers=args.k8s_workers,
-                resync_period=args.resync_period,
-                distributed=args.distributed_snapshotting,
-                events=events,
-                **timing,
-            )
-            loops.append((ctrl, "snapshot-controller-leader"))
-        if "snapshotter" in wanted:
-            if "CREATE_DELETE_SNAPSHOT" not in info.controller_capabilities:
-                log.warning(
-                    "driver %s does not offer CREATE_DELETE_SNAPSHOT: not running the snapshotter", info.name
-                )
-            else:
-                node = None
-                if args.node_deployment:
-                    if not args.node_name:
-                        raise ValueError("--node-deployment needs --node-name (or NODE_NAME)")
-                    node = args.node_name
-                snapper = Snapshotter(
-                    api,
-                    client,
-                    info.name,
-                    workers=args.k8s_workers,
-                    resync_period=args.resync_period,
-                    extra_create_metadata=args.extra_create_metadata,
-                    node_name=node,
-                    list_snapshots="LIST_SNAPSHOTS" in info.controller_capabilities,
-                    snapshot_name_prefix=args.snapshot_name_prefix,
-                    snapshot_name_uuid_length=args.snapshot_name_uuid_length,
-                    events=events,
-                    **timing,
-                )
-                # Per-node snapshotters each own their node's contents: no election among them.
-                lease = None if node else "external-snapshotter-leader-" + sanitize_lease_name(info.name)
-                loops.append((snapper, lease))
-
-        if "group-snapshot-controller" in wanted:
-            gctrl = group_controller.GroupSnapshotController(
-                api,
-                workers=args.k8s_workers,
-                resync_period=args.resync_period,
-                distributed=args.distributed_snapshotting,
-                **timing,
-            )
-            loops.append((gctrl, "snapshot-controller-group-leader"))
-        if "group-snapshotter" in wanted:
-            # Run even without the capability: its contents then say why nothing happens.
-            gsnapper = group_snapshotter.GroupSnapshotter(
-                api,
-                client,
-                info.name,
-                supported=group_snapshotter.GROUP_CAPABILITY in info.group_capabilities,
-                workers=args.k8s_workers,
-                resync_period=args.resync_period,
-                extra_create_metadata=args.extra_create_metadata,
-                **timing,
-            )
-            loops.append((gsnapper, "external-snapshotter-group-leader-" + sanitize_lease_name(info.name)))
-        if "snapshot-metadata" in wanted:
-            # A server on every replica (no Lease), with its own API budget: each call costs
-            # a TokenReview, a SubjectAccessReview and two reads.
-            sm_api = ThrottledAPI(raw, TokenBucket(args.kube_api_qps, args.kube_api_burst))
-            sm_loop = snapshot_metadata.loop_from_args(args, sm_api, csi_endpoint, info)
-            if sm_loop is not None:
-                loops.append((sm_loop, None))
-
-        if "health-monitor" in wanted:
-            loops.extend(await health.loops(args, api, client, info))
-
-        namespace = args.leader_election_namespace or _default_namespace()
-        volume = VolumeLoops(args, csi_endpoint, client, info, wanted)
-        clients.append(volume)
-        loops.extend(await volume.loops(api, namespace))
-        await volume.start_services()
-
+        closers.append(raw)
+        clients = Clients(raw, qps=args.kube_api_qps, burst=args.kube_api_burst, events=args.events)
+        closers.insert(0, clients)  # flushes its Events before the raw connection closes
+        ctx = LoopContext(
+            args=args,
+            info=info,
+            csi=csi,
+            csi_endpoint=csi_endpoint,
+            clients=clients,
+            namespace=args.leader_election_namespace or _default_namespace(),
+            stop=stop,
+            named=registry.expand(args.controllers or "")[1],
+        )
+        plans = await registry.build(ctx, wanted)
         lease_api: KubeAPI | None = None
         if args.leader_election:
-            lease_api = connect(args)
-            clients.append(lease_api)
-
-        async def run_one(loop: Loop, lease: str | None) -> None:
-            if lease_api is None or lease is None:
-                task = asyncio.create_task(loop.run())
-                await stop.wait()
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return
-
-            def body() -> Coroutine[Any, Any, None]:
-                return loop.run()
-
-            elector = LeaderElector(
-                lease_api,
-                lease_name=lease,
-                namespace=namespace,
-                identity=args.leader_election_identity,
-                lease_duration=args.leader_election_lease_duration,
-                renew_deadline=args.leader_election_renew_deadline,
-                retry_period=args.leader_election_retry_period,
-                on_change=lambda lead: metrics.LEADER.labels(loop.name).set(1 if lead else 0),
-            )
-            await elector.run(body, stop)
-
-        await asyncio.gather(*(run_one(loop, lease) for loop, lease in loops))
-        await stop.wait()  # services (registration, liveness) may run without any loop
+            lease_raw = connect(args)
+            closers.append(lease_raw)
+            lease_api = clients.lease_api(lease_raw)
+        await _run(plans, ctx, lease_api)
     finally:
-        await client.close()
-        for c in clients:
+        for c in closers:
             close = getattr(c, "close", None)
             if close is not None:
                 await close()
+
+
+async def _run(plans: list[Planned], ctx: LoopContext, lease_api: KubeAPI | None) -> None:
+    """Run every plan until `ctx.stop` (a loop under its Lease when elected); the first failure ends all."""
+    args = ctx.args
+
+    async def run_one(plan: Planned) -> None:
+        loop, lease = plan.loop, plan.lease
+        if lease_api is None or lease is None:
+            task = asyncio.create_task(loop.run())
+            waiter = asyncio.create_task(ctx.stop.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (task, waiter):
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+            return
+
+        def body() -> Coroutine[Any, Any, None]:
+            return loop.run()
+
+        elector = LeaderElector(
+            lease_api,
+            lease_name=lease,
+            namespace=ctx.namespace,
+            identity=args.leader_election_identity,
+            lease_duration=args.leader_election_lease_duration,
+            renew_deadline=args.leader_election_renew_deadline,
+            retry_period=args.leader_election_retry_period,
+            on_change=lambda lead: metrics.LEADER.labels(loop.name).set(1 if lead else 0),
+        )
+        await elector.run(body, ctx.stop)
+
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(run_one(plan)) for plan in plans]
+    tasks.append(asyncio.create_task(ctx.stop.wait()))  # services may run without any loop
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()  # a loop that failed: say why
+        await ctx.stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -206,3 +206,21 @@ class Recording:
     async def delete(self, res: Resource, *a: Any, **kw: Any) -> Any:
         self._note(res, "delete")
         return await self.inner.delete(res, *a, **kw)
+
+
+def loop_context(args: Any, api: FakeKubeAPI, client: CSIClient, info: Any, namespace: str = "csi") -> Any:
+    """What `run_controllers` hands the loop factories, over the fake API (no QPS limit)."""
+    from csi_kit.k8s.registry import expand
+    from csi_kit.k8s.runtime.clients import Clients
+    from csi_kit.k8s.runtime.context import LoopContext
+
+    return LoopContext(
+        args=args,
+        info=info,
+        csi=client,
+        csi_endpoint=client.endpoint,
+        clients=Clients(api, qps=0, burst=0, events=args.events),
+        namespace=namespace,
+        stop=asyncio.Event(),
+        named=expand(args.controllers or "")[1],
+    )

@@ -117,6 +117,29 @@ def test_options_fit_the_csi_kit_parser() -> None:
     assert args.kube_api_qps == 0 and selected(args) == {"snapshot-controller", "snapshotter"}
 
 
+def test_an_unknown_loop_ends_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from csi_kit.cli import main
+
+    assert (
+        main(["controllers", "--controllers", "snapshot,bogus", "--csi-address", "unix:///nowhere.sock"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("csi-kit: unknown controller 'bogus'; choose from all,") and err.count("\n") == 1
+
+
+def test_every_registered_loop_is_a_controllers_choice() -> None:
+    from csi_kit.k8s import registry
+
+    parser = argparse.ArgumentParser()
+    add_controller_options(parser)
+    (group,) = [g for g in parser._action_groups if g.title == "Kubernetes loops"]
+    help_text = next(a.help for a in group._group_actions if a.dest == "controllers") or ""
+    for entry in registry.LOOPS:
+        assert selected(parse("--controllers", entry.name)) == {entry.name}
+        assert entry.name in help_text
+    assert selected(parse("--controllers", "all")) == {e.name for e in registry.LOOPS if e.in_all}
+
+
 async def test_hand_over_between_two_processes_mid_create_snapshot(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
 ) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from k8s_helpers import loop_context
 from volume_peer import VolumeCSI, eventually, make_bound, served, stop_tasks
 
 from csi_kit._pb import csi_pb2 as pb
@@ -387,9 +388,14 @@ async def test_per_node_it_needs_the_node_name_and_takes_no_lease(
     _, client = hostpath
     info = await client.driver_info()
     args = parse("--controllers", "health-monitor", "--node-deployment", "--node-name", "node-1")
-    ((monitor, lease),) = await health.loops(args, api, client, info)
-    assert lease is None
-    assert isinstance(monitor, HealthMonitor) and monitor.node_topology is not None
-    assert monitor.node_topology[HOSTNAME_LABEL] == "node-1"
-    with pytest.raises(ValueError, match="--node-name"):
-        await health.loops(parse("--node-deployment", "--node-name", ""), api, client, info)
+    ctx = loop_context(args, api, client, info)
+    try:
+        (plan,) = await health.build(ctx)
+        monitor = plan.loop
+        assert plan.lease is None
+        assert isinstance(monitor, HealthMonitor) and monitor.node_topology is not None
+        assert monitor.node_topology[HOSTNAME_LABEL] == "node-1"
+        with pytest.raises(ValueError, match="--node-name"):
+            await health.build(loop_context(parse("--node-deployment", "--node-name", ""), api, client, info))
+    finally:
+        await ctx.clients.close()

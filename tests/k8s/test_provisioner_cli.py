@@ -7,6 +7,8 @@ import asyncio
 import os
 from typing import Any
 
+import pytest
+from k8s_helpers import loop_context
 from test_liveness import http_get
 from volume_peer import (
     DRIVER,
@@ -22,12 +24,14 @@ from volume_peer import (
     stop_tasks,
 )
 
+from csi_kit.k8s import registry
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
 from csi_kit.k8s.objects.resources import LEASE, PV, PVC
 from csi_kit.k8s.runtime.api import ApiError
 from csi_kit.k8s.runtime.csi import CSIClient
+from csi_kit.k8s.volume import capacity
 from csi_kit.k8s.volume.attacher import Attacher
-from csi_kit.k8s.volume_cli import VolumeLoops, lease_names
+from csi_kit.k8s.volume.capacity import CapacityTracker
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
@@ -36,6 +40,14 @@ def parse(*argv: str) -> argparse.Namespace:
     add_controller_options(parser)
     return parser.parse_args(list(argv))
 
+
+# The Lease each upstream sidecar takes for DRIVER (vol.csi-kit.io) (so ours and theirs never both lead).
+LEASES = {
+    "provisioner": "vol-csi-kit-io",
+    "resizer": "external-resizer-vol-csi-kit-io",
+    "attacher": "external-attacher-leader-vol-csi-kit-io",
+    "capacity": "vol-csi-kit-io-capacity",  # upstream runs it inside the provisioner; ours elects alone
+}
 
 FAST = ("--kube-api-qps", "0", "--retry-interval-start", "0.01", "--retry-interval-max", "0.05")
 
@@ -50,12 +62,6 @@ def test_all_selects_every_loop_and_upstream_lease_names() -> None:
         "capacity",
         "registration",
         "liveness",
-    }
-    assert lease_names("hostpath.csi.k8s.io") == {
-        "provisioner": "hostpath-csi-k8s-io",
-        "resizer": "external-resizer-hostpath-csi-k8s-io",
-        "attacher": "external-attacher-leader-hostpath-csi-k8s-io",
-        "capacity": "hostpath-csi-k8s-io-capacity",
     }
 
 
@@ -80,7 +86,7 @@ async def test_central_loops_under_leader_election(api: FakeKubeAPI, tmp_path: A
             await make_claim(api)
             await eventually(lambda: bound(api), "claim bound")
             names = {o["metadata"]["name"] for o in api.objects(LEASE)}
-            assert names == set(lease_names(DRIVER).values())
+            assert names == set(LEASES.values())
             assert os.path.exists(tmp_path / "registry" / f"{DRIVER}-reg.sock")
         finally:
             stop.set()
@@ -152,6 +158,10 @@ class Partitionable:
     def __init__(self, inner: FakeKubeAPI) -> None:
         self.inner = inner
         self.cut = False
+
+    def with_agent(self, agent: str) -> Partitionable:
+        """Tagged per loop and for the Lease by `Clients`: the same view (the cut must hold for all)."""
+        return self
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -227,10 +237,38 @@ async def test_all_runs_the_attacher_only_for_drivers_that_publish(api: FakeKube
             args = parse("--controllers", controllers)
             client = CSIClient(endpoint)
             info = await client.driver_info()
-            vl = VolumeLoops(args, endpoint, client, info, selected(args))
+            ctx = loop_context(args, api, client, info)
             try:
-                loops = await vl.loops(api, "csi")
+                plans = await registry.build(ctx, selected(args) - {"registration", "liveness"})
             finally:
-                await vl.close()
+                await ctx.clients.close()
                 await client.close()
-            assert any(isinstance(lp, Attacher) for lp, _ in loops) is expected, (caps, controllers)
+            assert any(isinstance(p.loop, Attacher) for p in plans) is expected, (caps, controllers)
+
+
+async def test_capacity_only_for_late_binding_classes_unless_asked(
+    api: FakeKubeAPI, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--capacity-for-immediate-binding (or its env default) reaches the tracker; off by default."""
+    peer = VolumeCSI()
+    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
+        client = CSIClient(endpoint)
+        info = await client.driver_info()
+        try:
+            for argv, env, expected in (
+                ((), None, False),
+                (("--capacity-for-immediate-binding",), None, True),
+                ((), "true", True),
+                (("--no-capacity-for-immediate-binding",), "true", False),
+            ):
+                if env is None:
+                    monkeypatch.delenv("CSI_KIT_CAPACITY_FOR_IMMEDIATE_BINDING", raising=False)
+                else:
+                    monkeypatch.setenv("CSI_KIT_CAPACITY_FOR_IMMEDIATE_BINDING", env)
+                ctx = loop_context(parse("--controllers", "capacity", *argv), api, client, info)
+                (plan,) = await capacity.build(ctx)
+                await ctx.clients.close()
+                assert isinstance(plan.loop, CapacityTracker) and plan.lease == LEASES["capacity"]
+                assert plan.loop.immediate_binding is expected, (argv, env)
+        finally:
+            await client.close()

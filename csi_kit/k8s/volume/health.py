@@ -47,7 +47,6 @@ knows only its own volumes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
@@ -62,8 +61,8 @@ from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.objects.resources import PV
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import KubeAPI, Obj
-from csi_kit.k8s.runtime.controller import Loop
-from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, DriverInfo, VolumeCondition
+from csi_kit.k8s.runtime.context import LoopContext, Planned
+from csi_kit.k8s.runtime.csi import CSICallError, DriverInfo, VolumeCondition
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
@@ -287,31 +286,28 @@ def add_options(g: Any) -> None:
     )
 
 
-async def loops(
-    args: argparse.Namespace, api: KubeAPI, client: CSIClient, info: DriverInfo
-) -> list[tuple[Loop, str | None]]:
-    """The health monitor and its Lease for `--controllers health-monitor`; none if unsupported."""
+# ---------------------------------------------------------------------- wiring
+# The loop's factory, listed in k8s/registry.py; kept by the wiring (the module's owner works above).
+
+
+async def build(ctx: LoopContext) -> list[Planned]:
+    """The health monitor (`--controllers health-monitor`) and its Lease; nothing if unsupported."""
+    info = ctx.info
     if check_mode(info) is None:
         log.warning("%s", _unsupported(info))
         return []
-    topology: dict[str, str] | None = None
-    if args.node_deployment:
-        if not args.node_name:
-            raise ValueError("--node-deployment needs --node-name (or NODE_NAME)")
-        _, topology = await client.node_info()
-        # The node's labels as a PV's node affinity may name them (ours add the hostname).
-        topology = {**topology, HOSTNAME_LABEL: args.node_name}
-    events = EventRecorder(api, COMPONENT_PREFIX + info.name) if args.events else None
+    node = await ctx.node()
+    # The node's labels as a PV's node affinity may name them (ours add the hostname).
+    topology = None if node is None else {**node[1], HOSTNAME_LABEL: node[0]}
     monitor = HealthMonitor(
-        api,
-        client,
+        ctx.clients.api_for("health-monitor"),
+        ctx.csi,
         info,
-        interval=args.monitor_interval,
-        events=events,
+        informers=ctx.clients.informers,
+        interval=ctx.args.monitor_interval,
+        events=ctx.recorder(COMPONENT_PREFIX + info.name),
         node_topology=topology,
-        workers=args.k8s_workers,
-        base_delay=args.retry_interval_start,
-        max_delay=args.retry_interval_max,
+        workers=ctx.args.k8s_workers,
+        **ctx.timing,
     )
-    lease = None if topology is not None else sanitize_lease_name(LEASE_PREFIX + info.name)
-    return [(monitor, lease)]
+    return [Planned(monitor, None if node is not None else sanitize_lease_name(LEASE_PREFIX + info.name))]

@@ -15,6 +15,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from csi_kit.k8s.runtime.context import LoopContext, Planned, Service
+
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
@@ -104,3 +106,20 @@ class LivenessServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+# ---------------------------------------------------------------------- wiring
+# The loop's factory, listed in k8s/registry.py; kept by the wiring (the module's owner works above).
+
+
+async def build(ctx: LoopContext) -> list[Planned]:
+    """`/healthz` (Probe through the one CSI client, plus the checks of the services before it)."""
+    a = ctx.args
+    server = LivenessServer(
+        ctx.csi.probe,
+        host=a.health_address,
+        port=a.health_port,
+        probe_timeout=a.probe_timeout,
+        checks=ctx.health_checks,
+    )
+    return [Planned(Service("liveness", server.start, server.stop), None)]

@@ -29,6 +29,7 @@ import grpc.aio
 
 from csi_kit._pb import pluginregistration_pb2 as rpb
 from csi_kit._pb import pluginregistration_pb2_grpc as _rpbg
+from csi_kit.k8s.runtime.context import LoopContext, Planned, Service
 
 rpbg: Any = _rpbg  # generated, untyped
 
@@ -131,3 +132,16 @@ class RegistrationServer:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+# ---------------------------------------------------------------------- wiring
+# The loop's factory, listed in k8s/registry.py; kept by the wiring (the module's owner works above).
+
+
+async def build(ctx: LoopContext) -> list[Planned]:
+    """Kubelet plugin registration, on every node (no Lease); its state joins the liveness checks."""
+    a = ctx.args
+    path = a.kubelet_registration_path or ctx.csi_endpoint.removeprefix("unix://")
+    server = RegistrationServer(ctx.info.name, path, a.plugin_registry_dir)
+    ctx.health_checks.append(server.healthy)
+    return [Planned(Service("registration", server.start, server.stop), None)]

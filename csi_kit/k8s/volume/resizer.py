@@ -63,10 +63,12 @@ from typing import Any, Protocol, Unpack
 import grpc
 
 from csi_kit.k8s.objects.meta import spec_of, status_of
+from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.objects.quantity import format_quantity, storage_of
 from csi_kit.k8s.objects.resources import PV, PVC
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.context import LoopContext, Planned
 from csi_kit.k8s.runtime.csi import NON_FINAL_CODES, Capability, CSICallError, DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
@@ -74,6 +76,7 @@ from csi_kit.k8s.volume.modifier import ModifyDriver, VolumeModifier
 from csi_kit.k8s.volume.protocol import (
     ANN_NODE_EXPANSION_NOT_REQUIRED,
     ANN_STORAGE_RESIZER,
+    HOSTNAME_LABEL,
     affinity_matches,
     claim_key_of,
     is_driver_volume,
@@ -385,3 +388,26 @@ class Resizer(VolumeLoop[ResizerDriver]):
             await self.patch_status(pvc, status, checked=False)
         except ApiError as pe:
             log.info("cannot record resize failure on %s: %s", k.key_of(pvc), pe)
+
+
+# ---------------------------------------------------------------------- wiring
+# The loop's factory, listed in k8s/registry.py; kept by the wiring (the module's owner works above).
+
+
+async def build(ctx: LoopContext) -> list[Planned]:
+    """The resizer (with the modifier): elected as upstream's, or one per node with --node-deployment."""
+    if "CONTROLLER_SERVICE" not in ctx.info.plugin_capabilities:
+        return []
+    node = await ctx.node()
+    loop = Resizer(
+        ctx.clients.api_for("resizer"),
+        ctx.csi,
+        ctx.info,
+        informers=ctx.clients.informers,
+        # The node's labels as a PV's node affinity may name them (ours add the hostname).
+        node_topology=None if node is None else {**node[1], HOSTNAME_LABEL: node[0]},
+        events=ctx.clients.recorder(event_source(ctx.info.name)),  # no requests with --no-events
+        workers=ctx.args.k8s_workers,
+        **ctx.timing,
+    )
+    return [Planned(loop, None if node else "external-resizer-" + sanitize_lease_name(ctx.info.name))]
