@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -65,6 +65,8 @@ PROBE = "bench-probe"
 WRITES = ("create", "update", "update_status", "patch", "patch_status", "delete")
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (verb, plural), as FakeKubeAPI.requests counts
+AgentKey = tuple[str, str, str]  # (User-Agent, verb, plural)
+NO_AGENT = "(no agent: the benchmark's own requests, ClusterSim's, any untagged one)"
 
 
 def _resources() -> dict[str, Any]:
@@ -191,8 +193,8 @@ class Env:
         """Every request our loops made so far, by (verb, plural)."""
         raise NotImplementedError
 
-    def agents(self) -> Mapping[Any, int] | None:
-        """Requests so far by User-Agent (None: not recorded)."""
+    def agents(self) -> Counter[AgentKey] | None:
+        """Every request so far by (User-Agent, verb, plural) (None: the API does not record agents)."""
         raise NotImplementedError
 
 
@@ -259,9 +261,15 @@ class FakeEnv(Env):
         c.subtract(self.sim_requests)
         return +c
 
-    def agents(self) -> Mapping[Any, int] | None:
+    def agents(self) -> Counter[AgentKey] | None:
         by_agent = getattr(self.fake, "requests_by_agent", None)
-        return None if by_agent is None else Counter(dict(by_agent))
+        if by_agent is None:
+            return None
+        out: Counter[AgentKey] = Counter()
+        for key, n in dict(by_agent).items():
+            agent, verb, plural = key if isinstance(key, tuple) and len(key) == 3 else (str(key), "?", "?")
+            out[(agent or NO_AGENT, verb, plural)] += n
+        return out
 
 
 # ------------------------------------------------------------------ the measurements
@@ -297,7 +305,7 @@ class Bench:
         self.n = objects
         self.rounds = rounds
         self.rows: list[tuple[str, str, str]] = []
-        self.phase_agents: list[tuple[str, Mapping[Any, int]]] = []
+        self.phase_agents: list[tuple[str, Counter[AgentKey]]] = []
         self.grpc = Client(endpoint)
 
     # -- waiting
@@ -343,12 +351,12 @@ class Bench:
                 out.append(None)
         return out[0], out[1]
 
-    def agents_since(self, before: Mapping[Any, int] | None) -> Mapping[Any, int] | None:
+    def agents_since(self, before: Counter[AgentKey] | None) -> Counter[AgentKey] | None:
         now = self.env.agents()
         if now is None:
             return None
-        d = Counter(dict(now))
-        d.subtract(Counter(dict(before or {})))
+        d = Counter(now)
+        d.subtract(before or Counter())
         return +d
 
     # -- phases
@@ -557,7 +565,7 @@ class Bench:
         _table(delete, r)
         self.rows.append(("requests per PVC (provision + delete)", _summary(create + delete, r), ""))
 
-    def _agents(self, phase: str, before: Mapping[Any, int] | None) -> None:
+    def _agents(self, phase: str, before: Counter[AgentKey] | None) -> None:
         d = self.agents_since(before)
         if d is not None:
             self.phase_agents.append((phase, d))
@@ -567,9 +575,18 @@ class Bench:
         if not self.phase_agents:
             print("   not recorded by this API (no requests_by_agent)")
         for phase, d in self.phase_agents:
+            by: Counter[str] = Counter()
+            for (agent, _, _), n in d.items():
+                by[agent] += n
             print(f"   {phase}: {sum(d.values())}")
-            for agent, n in sorted(d.items(), key=lambda kv: (-kv[1], str(kv[0]))):
+            for agent, n in sorted(by.items(), key=lambda kv: (-kv[1], kv[0])):
                 print(f"      {n:6d}  {agent}")
+        if self.phase_agents:
+            phase, d = self.phase_agents[-1]
+            print(f"   {phase}, by agent, verb and kind:")
+            for agent in sorted({a for a, _, _ in d}):
+                print(f"      {agent}")
+                _table(Counter({(v, p): n for (a, v, p), n in d.items() if a == agent}), indent="        ")
         print("-- summary")
         w0 = max(len(r[0]) for r in self.rows)
         w1 = max(len(r[1]) for r in self.rows)

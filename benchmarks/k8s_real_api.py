@@ -36,14 +36,14 @@ import os
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench import header
-from k8s_budget import DRIVER, NS, Bench, Env, Key, Obj, options
+from k8s_budget import DRIVER, NS, AgentKey, Bench, Env, Key, Obj, options
 
 from csi_kit.linux._libc import check_call, libc
 from csi_kit.testing.cluster import NODE_NAME, Cluster, binaries_dir, unavailable_reason
@@ -68,7 +68,7 @@ class AuditLog:
         self.rest = b""
         self.seen: set[str] = set()
         self.ours: Counter[Key] = Counter()
-        self.by_agent: Counter[str] = Counter()
+        self.by_agent: Counter[AgentKey] = Counter()
 
     def read(self) -> None:
         try:
@@ -92,15 +92,15 @@ class AuditLog:
             return
         self.seen.add(audit_id)
         agent = str(ev.get("userAgent") or "")
-        self.by_agent[agent or BENCHMARK] += 1
-        if not is_ours(agent):
-            return
         verb = str(ev.get("verb"))
         ref = ev.get("objectRef") or {}
         if ref.get("subresource") == "status" and verb in ("update", "patch"):
             verb += "_status"
-        plural = ref.get("resource") or "(non-resource) " + str(ev.get("requestURI", "")).split("?")[0]
-        self.ours[(verb, str(plural))] += 1
+        plural = str(ref.get("resource") or "(non-resource) " + str(ev.get("requestURI", "")).split("?")[0])
+        label = agent if is_ours(agent) else f"[not ours] {agent}" if agent else BENCHMARK
+        self.by_agent[(label, verb, plural)] += 1
+        if is_ours(agent):
+            self.ours[(verb, plural)] += 1
 
 
 def _path(res: Any, name: str = "") -> str:
@@ -137,14 +137,9 @@ class RealEnv(Env):
         self.audit.read()
         return Counter(self.audit.ours)
 
-    def agents(self) -> Mapping[Any, int] | None:
+    def agents(self) -> Counter[AgentKey] | None:
         self.audit.read()
-        return Counter(
-            {
-                (a if is_ours(a) or a == BENCHMARK else f"[not ours] {a}"): n
-                for a, n in self.audit.by_agent.items()
-            }
-        )
+        return Counter(self.audit.by_agent)
 
 
 def enter_netns(path: str) -> None:
