@@ -219,6 +219,27 @@ async def test_unknown_reserved_parameter_and_missing_secret_are_refused_before_
     assert env.peer.calls["CreateVolume"] == 0
 
 
+async def test_a_secret_value_that_is_not_base64_text_is_refused_in_one_line(env: Env) -> None:
+    await env.api.create(
+        SECRET, {"metadata": {"name": "mangled", "namespace": "default"}, "data": {"key": "not base64!"}}
+    )
+    await make_class(
+        env.api,
+        "mangled",
+        params={
+            "csi.storage.k8s.io/provisioner-secret-name": "mangled",
+            "csi.storage.k8s.io/provisioner-secret-namespace": "default",
+        },
+    )
+    await env.start()
+    await make_claim(env.api, "a", cls="mangled")
+    await eventually(lambda: env.events("ProvisioningFailed"), "a failure event")
+    (msg,) = {e["message"] for e in env.events("ProvisioningFailed")}
+    assert "secret default/mangled holds a value that is not base64 of UTF-8 text" in msg
+    assert "not base64!" not in msg and "\n" not in msg
+    assert env.peer.calls["CreateVolume"] == 0
+
+
 # ---------------------------------------------------------- delete / retain
 
 

@@ -16,6 +16,7 @@ the objects its informers hold and asks these functions what they mean.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import re
 from collections.abc import Iterable
@@ -166,8 +167,16 @@ def deletion_secret_ref(pv: Obj) -> tuple[str, str] | None:
 
 
 def secret_data(secret: Obj) -> dict[str, str]:
-    """A Secret's `data`, decoded."""
-    return {key: base64.b64decode(v).decode() for key, v in (secret.get("data") or {}).items()}
+    """A Secret's `data`, decoded; ValueError (naming the secret, not a value) if one is not base64 UTF-8."""
+    try:
+        return {
+            str(key): base64.b64decode(v, validate=True).decode()
+            for key, v in (secret.get("data") or {}).items()
+        }
+    except (binascii.Error, UnicodeDecodeError, TypeError):
+        raise ValueError(
+            f"secret {k.key_of(secret)} holds a value that is not base64 of UTF-8 text"
+        ) from None
 
 
 # ------------------------------------------------------------------ claims
