@@ -25,10 +25,12 @@ import logging
 from typing import Any, Protocol, Unpack
 
 from csi_kit.k8s.objects.meta import set_finalizers_patch, spec_of, status_of
+from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.objects.resources import CSI_NODE, PV, VOLUME_ATTACHMENT
 from csi_kit.k8s.objects.times import rfc3339
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.context import LoopContext, Planned
 from csi_kit.k8s.runtime.controller import Retry
 from csi_kit.k8s.runtime.csi import Capability, CSICallError, DriverInfo
 from csi_kit.k8s.volume.base import LoopArgs, VolumeLoop
@@ -257,3 +259,30 @@ class Attacher(VolumeLoop[AttachDriver]):
             except ApiError as e:
                 if not k.is_not_found(e):
                     raise
+
+
+# ---------------------------------------------------------------------- wiring
+# The loop's factory, listed in k8s/registry.py; kept by the wiring (the module's owner works above).
+
+
+async def build(ctx: LoopContext) -> list[Planned]:
+    """The attacher, always one elected per cluster (attachments are cluster-wide, even for node-local
+    drivers).
+
+    `all` means the loops this driver needs: a driver without controller publish runs with
+    attachRequired: false, so no attachments exist.  Asked for by name, the attacher runs anyway
+    (upstream's trivial handler marks attachments attached).
+    """
+    info = ctx.info
+    publishes = "PUBLISH_UNPUBLISH_VOLUME" in info.controller_capabilities
+    if "CONTROLLER_SERVICE" not in info.plugin_capabilities or not (publishes or "attacher" in ctx.named):
+        return []
+    loop = Attacher(
+        ctx.clients.api_for("attacher"),
+        ctx.csi,
+        info,
+        informers=ctx.clients.informers,
+        workers=ctx.args.k8s_workers,
+        **ctx.timing,
+    )
+    return [Planned(loop, "external-attacher-leader-" + sanitize_lease_name(info.name))]

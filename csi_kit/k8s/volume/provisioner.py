@@ -47,10 +47,12 @@ from typing import Protocol, Unpack
 import attrs
 
 from csi_kit.k8s.objects.meta import set_finalizers_patch, spec_of, status_of
+from csi_kit.k8s.objects.names import sanitize_lease_name
 from csi_kit.k8s.objects.quantity import storage_of
 from csi_kit.k8s.objects.resources import CSI_NODE, NODE, PV, PVC, STORAGE_CLASS
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
+from csi_kit.k8s.runtime.context import LoopContext, Planned
 from csi_kit.k8s.runtime.controller import Retry
 from csi_kit.k8s.runtime.csi import (
     NON_FINAL_CODES,
@@ -565,3 +567,35 @@ class Provisioner(VolumeLoop[VolumeDriver]):
         except ApiError as e:
             if not k.is_not_found(e):
                 raise
+
+
+# ---------------------------------------------------------------------- wiring
+# The loop's factory, listed in k8s/registry.py; kept by the wiring (the module's owner works above).
+
+
+async def build(ctx: LoopContext) -> list[Planned]:
+    """The provisioner: elected under upstream's Lease name, or one per node with --node-deployment."""
+    a, info = ctx.args, ctx.info
+    node = await ctx.node()
+    if "CREATE_DELETE_VOLUME" not in info.controller_capabilities:
+        log.warning("driver %s does not offer CREATE_DELETE_VOLUME: no provisioner", info.name)
+        return []
+    loop = Provisioner(
+        ctx.clients.api_for("provisioner"),
+        ctx.csi,
+        info,
+        informers=ctx.clients.informers,
+        node_name=None if node is None else node[0],
+        node_topology=None if node is None else node[1],
+        immediate_binding=a.immediate_binding,
+        extra_create_metadata=a.extra_create_metadata,
+        volume_name_prefix=a.volume_name_prefix,
+        volume_name_uuid_length=a.volume_name_uuid_length,
+        default_fstype=a.default_fstype,
+        cross_namespace=a.cross_namespace_data_sources,
+        events=ctx.clients.recorder(event_source(info.name)),  # no requests with --no-events
+        workers=a.k8s_workers,
+        resync_period=a.resync_period,
+        **ctx.timing,
+    )
+    return [Planned(loop, None if node else sanitize_lease_name(info.name))]
