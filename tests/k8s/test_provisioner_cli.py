@@ -272,3 +272,22 @@ async def test_capacity_only_for_late_binding_classes_unless_asked(
                 assert plan.loop.immediate_binding is expected, (argv, env)
         finally:
             await client.close()
+
+
+async def test_a_service_that_cannot_start_ends_the_run(api: FakeKubeAPI, tmp_path: Any) -> None:
+    """/healthz on a port already taken: run_controllers fails with the bind error instead of running on."""
+    import socket
+
+    peer = VolumeCSI()
+    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            args = parse(
+                "--controllers", "provisioner,liveness",
+                "--health-address", "127.0.0.1", "--health-port", str(port), *FAST,
+            )  # fmt: skip
+            run = run_controllers(args, endpoint, asyncio.Event(), connect=lambda a: api)
+            with pytest.raises(OSError):
+                await asyncio.wait_for(run, 30)
