@@ -16,6 +16,7 @@ from csi_kit.k8s.objects.resources import SECRET
 from csi_kit.k8s.runtime.api import KubeAPI
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import DriverInfo
+from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.runtime.workqueue import WorkQueue
 from csi_kit.k8s.volume.protocol import secret_data
@@ -45,6 +46,13 @@ class VolumeLoop(Loop, Generic[D]):
     def controller_can(self, capability: str) -> bool:
         """Whether the driver's controller service offers `capability` (a csi.v1 RPC type name)."""
         return capability in self.info.controller_capabilities
+
+    def recorder(self, events: EventRecorder | bool, source: str) -> EventRecorder:
+        """The process's recorder when the wiring hands one in (one Events queue, its own budget),
+        else one of the loop's own naming `source`, on or off as `events` says."""
+        if isinstance(events, EventRecorder):
+            return events
+        return EventRecorder(self.api, source, enabled=events)
 
     async def read_secret(self, ref: tuple[str, str] | None) -> dict[str, str]:
         """The decoded data of Secret `ref` = (name, namespace); {} for no secret (ApiError if unreadable)."""

@@ -200,12 +200,7 @@ class Provisioner(VolumeLoop[VolumeDriver]):
             node_name=node_name,
             node_topology=node_topology,
         )
-        # The wiring hands in the process's recorder (one Events queue, its own budget).
-        self.events = (
-            events
-            if isinstance(events, EventRecorder)
-            else EventRecorder(api, event_source(self.driver_name), enabled=events)
-        )
+        self.events = self.recorder(events, event_source(self.driver_name))
         self.pvcs = self.informer(api, PVC, resync_period=resync_period)
         self.pvs = self.informer(api, PV, resync_period=resync_period)
         self.classes = self.informer(api, STORAGE_CLASS)

@@ -163,12 +163,7 @@ class Resizer(VolumeLoop[ResizerDriver]):
         self.node_topology = node_topology
         self.trivial = not self.controller_can("EXPAND_VOLUME")
         self.multi_writer = self.controller_can("SINGLE_NODE_MULTI_WRITER")
-        # The wiring hands in the process's recorder (one Events queue, its own budget).
-        self.events = (
-            events
-            if isinstance(events, EventRecorder)
-            else EventRecorder(api, event_source(self.driver_name), enabled=events)
-        )
+        self.events = self.recorder(events, event_source(self.driver_name))
         # Claims whose last ControllerExpandVolume ended with a final error: their
         # ControllerResizeInProgress is then no expansion under way (upstream's finalErrorPVCs).
         self.final_errors: set[str] = set()
