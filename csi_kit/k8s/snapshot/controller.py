@@ -59,6 +59,20 @@ log = logging.getLogger(__name__)
 BOUND_STATUS_GRACE = 2.0
 
 
+def _binding(pvc: Obj) -> tuple[Any, Any]:
+    """What of a PVC the snapshots wait for: its volume and its phase."""
+    return p.spec(pvc).get("volumeName"), p.status(pvc).get("phase")
+
+
+def _restored_from(pvc: Obj) -> list[str]:
+    """Keys of the VolumeSnapshots a PVC names as its data source."""
+    keys = []
+    for src in (p.spec(pvc).get("dataSource"), p.spec(pvc).get("dataSourceRef")):
+        if src and src.get("kind") == "VolumeSnapshot" and src.get("name"):
+            keys.append(f"{src.get('namespace') or k.namespace_of(pvc)}/{src['name']}")
+    return keys
+
+
 class SnapshotError(Exception):
     """A problem worth reporting in the snapshot's status.error (then retried with backoff)."""
 
@@ -125,27 +139,29 @@ class SnapshotController(Loop):
 
     def _on_pvc(self, event: str, old: Obj | None, new: Obj | None) -> None:
         """A PVC that becomes bound (or goes) wakes the snapshots waiting for it, instead of their backoff."""
-        if (
-            new is not None
-            and old is not None
-            and (p.spec(old).get("volumeName"), p.status(old).get("phase"))
-            == (p.spec(new).get("volumeName"), p.status(new).get("phase"))
-        ):
+        if new is not None and old is not None and _binding(old) == _binding(new):
             return
         obj = new or old
         assert obj is not None
-        ns, name = k.namespace_of(obj), k.name_of(obj)
         if event == "DELETED":
-            lock = self._pvc_locks.get(k.key_of(obj))
-            if lock is not None and not lock.locked():
-                del self._pvc_locks[k.key_of(obj)]
-        for snap in self.snapshots.items():
-            if k.namespace_of(snap) == ns and p.source_pvc_name(snap) == name and not p.is_ready(snap):
-                self.snapshot_queue.add(k.key_of(snap))
-        # A restore that finished (or went) may unblock the deletion of its source snapshot.
-        for src in (p.spec(obj).get("dataSource"), p.spec(obj).get("dataSourceRef")):
-            if src and src.get("kind") == "VolumeSnapshot" and src.get("name"):
-                self.snapshot_queue.add(f"{src.get('namespace') or ns}/{src['name']}")
+            self._drop_pvc_lock(k.key_of(obj))
+        # Its unready snapshots; and a restore that finished (or went) may unblock the
+        # deletion of its source snapshot.
+        for key in self._unready_snapshots_of(obj) + _restored_from(obj):
+            self.snapshot_queue.add(key)
+
+    def _drop_pvc_lock(self, key: str) -> None:
+        lock = self._pvc_locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._pvc_locks[key]
+
+    def _unready_snapshots_of(self, pvc: Obj) -> list[str]:
+        ns, name = k.namespace_of(pvc), k.name_of(pvc)
+        return [
+            k.key_of(snap)
+            for snap in self.snapshots.items()
+            if k.namespace_of(snap) == ns and p.source_pvc_name(snap) == name and not p.is_ready(snap)
+        ]
 
     # ----------------------------------------------------------------- helpers
 

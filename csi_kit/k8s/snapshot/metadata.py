@@ -179,6 +179,7 @@ class Gate:
         return audience
 
     async def authenticate(self, token: str) -> Caller:
+        """Who the token is, if the API server says it is valid *for our audience*."""
         if not token:
             raise Refused(C.UNAUTHENTICATED, "security_token is required")
         audience = await self.audience()
@@ -198,13 +199,7 @@ class Gate:
             raise Refused(C.UNAUTHENTICATED, f"security_token rejected: {reason}")
         if audience not in (status.get("audiences") or []):
             raise Refused(C.UNAUTHENTICATED, f"security_token is not meant for audience {audience!r}")
-        user = status.get("user") or {}
-        return Caller(
-            username=str(user.get("username") or ""),
-            uid=str(user.get("uid") or ""),
-            groups=tuple(str(g) for g in user.get("groups") or ()),
-            extra={str(k): [str(x) for x in v] for k, v in (user.get("extra") or {}).items()},
-        )
+        return _caller(status.get("user") or {})
 
     async def authorize(self, caller: Caller, namespace: str) -> None:
         review: Obj = {
@@ -249,9 +244,15 @@ class Gate:
             content = await self.api.get(VOLUME_SNAPSHOT_CONTENT, content_name)
         except ApiError as e:
             raise _api_refusal(e, f"VolumeSnapshotContent {content_name} of {what}") from None
+        return Resolved(self._handle(content, snap, what), snap, str(content_name))
+
+    def _handle(self, content: Obj, snap: Obj, what: str) -> str:
+        """The snapshot handle of the content bound to `snap`, if it is bound back and this driver's."""
         spec = content.get("spec") or {}
         ref = spec.get("volumeSnapshotRef") or {}
-        if ref.get("name") != name or ref.get("namespace") != namespace:
+        meta = snap.get("metadata") or {}
+        content_name = (content.get("metadata") or {}).get("name")
+        if ref.get("name") != meta.get("name") or ref.get("namespace") != meta.get("namespace"):
             raise Refused(
                 C.FAILED_PRECONDITION, f"VolumeSnapshotContent {content_name} is not bound to {what}"
             )
@@ -263,7 +264,7 @@ class Gate:
         handle = (content.get("status") or {}).get("snapshotHandle")
         if not handle:
             raise Refused(C.UNAVAILABLE, f"VolumeSnapshotContent {content_name} has no snapshot handle yet")
-        return Resolved(str(handle), snap, str(content_name))
+        return str(handle)
 
     async def snapshot_handle(self, namespace: str, name: str) -> str:
         """The CSI snapshot handle of VolumeSnapshot ``namespace/name``, through its bound content."""
@@ -325,6 +326,16 @@ class Gate:
         caller = await self.authenticate(token)
         await self.authorize(caller, namespace)
         return caller
+
+
+def _caller(user: dict[str, Any]) -> Caller:
+    """The TokenReview's status.user as the SubjectAccessReview will need it."""
+    return Caller(
+        username=str(user.get("username") or ""),
+        uid=str(user.get("uid") or ""),
+        groups=tuple(str(g) for g in user.get("groups") or ()),
+        extra={str(k): [str(x) for x in v] for k, v in (user.get("extra") or {}).items()},
+    )
 
 
 def _require(value: str, field: str) -> None:

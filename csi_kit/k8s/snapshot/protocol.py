@@ -8,6 +8,7 @@ over each other's objects on a live cluster.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from csi_kit.k8s.objects.meta import (
     Obj,
@@ -194,12 +195,17 @@ def managed_by_node(pv: Obj) -> str | None:
     terms = ((spec(pv).get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms") or []
     for term in terms:
         for expr in term.get("matchExpressions") or []:
-            if (
-                expr.get("key") == "kubernetes.io/hostname"
-                and expr.get("operator") == "In"
-                and len(expr.get("values") or []) == 1
-            ):
-                return str(expr["values"][0])
+            node = _one_hostname(expr)
+            if node is not None:
+                return node
+    return None
+
+
+def _one_hostname(expr: dict[str, Any]) -> str | None:
+    """The node of a `kubernetes.io/hostname In [node]` expression (exactly one value), else None."""
+    values = expr.get("values") or []
+    if expr.get("key") == "kubernetes.io/hostname" and expr.get("operator") == "In" and len(values) == 1:
+        return str(values[0])
     return None
 
 
