@@ -19,7 +19,7 @@ from csi_kit.k8s.runtime.api import KubeAPI, Obj, Resource, key_of
 from csi_kit.k8s.runtime.clients import Clients, user_agent
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.events import EventRecorder, EventSink
-from csi_kit.k8s.runtime.informer import InformerFactory
+from csi_kit.k8s.runtime.informer import Informer, InformerFactory, SharedInformer
 from csi_kit.k8s.runtime.lightkube import DEFAULT_AGENT, LightkubeAPI
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -159,12 +159,16 @@ class Watcher(Loop):
     ) -> None:
         super().__init__(informers=informers)
         self.seen: list[tuple[str, str]] = []
+        self.queue("keys", self._sync)  # workers to stop too, as a real loop has
         self.infs = [self.informer(api, res, resync_period=resync_period) for res in kinds]
         for inf in self.infs:
             inf.add_handler(self._on)
 
     def _on(self, event: str, old: Obj | None, new: Obj | None) -> None:
         self.seen.append((event, key_of(new or old or {})))
+
+    async def _sync(self, key: str) -> None:
+        pass
 
 
 @contextlib.asynccontextmanager
@@ -199,7 +203,8 @@ async def test_loops_share_one_list_and_watch_per_resource(api: FakeKubeAPI) -> 
 async def test_a_restarted_loop_gets_the_cache_replayed_and_nothing_while_stopped(api: FakeKubeAPI) -> None:
     await api.create(PVC, pvc("a"))
     factory = InformerFactory(api)
-    stays, restarts = Watcher(api, factory), Watcher(api, factory)
+    # With a resync period a stopping registration has a task of its own to stop (one more await).
+    stays, restarts = Watcher(api, factory), Watcher(api, factory, resync_period=900)
     async with running(stays):
         async with running(restarts):
             assert restarts.seen == [("ADDED", "ns/a")]
@@ -210,6 +215,19 @@ async def test_a_restarted_loop_gets_the_cache_replayed_and_nothing_while_stoppe
             # Replayed from the running informer's cache, without a second list.
             assert sorted(restarts.seen[1:]) == [("ADDED", "ns/a"), ("ADDED", "ns/b")]
         assert api.requests[("list", "persistentvolumeclaims")] == 1
+
+
+async def test_an_informer_cancelled_again_while_stopping_still_detaches(api: FakeKubeAPI) -> None:
+    """A stopping loop cancels its informers' tasks once more when its gather ends early."""
+    shared = SharedInformer(api, PVC)
+    informer = Informer(api, PVC, resync_period=900, shared=shared)
+    task = asyncio.create_task(informer.run())
+    await informer.synced.wait()
+    task.cancel()
+    await asyncio.sleep(0)  # now in its clean-up
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert not shared.running and not shared.synced.is_set()
 
 
 async def test_resync_is_per_registration(api: FakeKubeAPI) -> None:
@@ -230,6 +248,19 @@ async def test_store_update_is_shared_and_the_other_loops_still_see_the_add(api:
         assert reader.infs[0].get("ns/a") == created
         await eventually(lambda: ("ADDED", "ns/a") in reader.seen, "the watch event")
         assert reader.seen == [("ADDED", "ns/a")]  # an add, not a modification of the stored copy
+
+
+async def test_a_failing_list_ends_every_loop_reading_it_and_a_new_start_lists_again(
+    api: FakeKubeAPI,
+) -> None:
+    factory = InformerFactory(api)
+    one, two = Watcher(api, factory), Watcher(api, factory)
+    api.fail("list", PVC, ValueError("not an API error"))
+    results = await asyncio.gather(one.run(), two.run(), return_exceptions=True)
+    assert [type(r) for r in results] == [ValueError, ValueError]
+    await api.create(PVC, pvc("a"))
+    async with running(one):
+        assert one.seen == [("ADDED", "ns/a")]
 
 
 async def test_a_loop_without_a_factory_has_its_own_informers(api: FakeKubeAPI) -> None:

@@ -99,8 +99,13 @@ class Loop:
         for q, _ in self.queues:
             q.reset()
         tasks = [asyncio.create_task(i.run()) for i in self.informers]
+        synced = asyncio.ensure_future(wait_synced(self.informers))
         try:
-            await wait_synced(self.informers)
+            # Until every informer has synced -- or one failed: then say why instead of waiting forever.
+            await asyncio.wait([synced, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in tasks:
+                if t.done() and not synced.done():
+                    t.result()
             self.started.set()
             await asyncio.gather(
                 *tasks,
@@ -112,6 +117,6 @@ class Loop:
         finally:
             for q, _ in self.queues:
                 q.shutdown()
-            for t in tasks:
+            for t in [synced, *tasks]:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(synced, *tasks, return_exceptions=True)

@@ -82,25 +82,37 @@ class SharedInformer:
 
     # ------------------------------------------------------------ attaching
 
-    def attach(self, informer: Informer) -> None:
-        """Start delivering to `informer`; replay the cache to it when already synced."""
-        if informer in self._attached:
-            return
-        self._attached.append(informer)
-        if self._task is None:
+    def attach(self, informer: Informer) -> asyncio.Task[None]:
+        """Start delivering to `informer`; replay the cache to it when already synced.
+
+        Returns the list+watch task, which ends only by failing (or when the
+        last informer detaches): an attached informer waits on it, so a
+        failure ends the loops that read it, as a loop's own informer did.
+        """
+        if informer not in self._attached:
+            self._attached.append(informer)
+            if self._task is not None and not self._task.done() and self.synced.is_set():
+                informer._replay(list(self.cache.values()))
+        if self._task is None or self._task.done():
             self.starts += 1
             self._task = asyncio.get_running_loop().create_task(self._run())
-        elif self.synced.is_set():
-            informer._replay(list(self.cache.values()))
+        return self._task
 
-    async def detach(self, informer: Informer) -> None:
-        """Stop delivering to `informer`; stop listing and watching when nobody is attached."""
+    def detach(self, informer: Informer) -> asyncio.Task[None] | None:
+        """Stop delivering to `informer`; stop listing and watching when nobody is attached.
+
+        Synchronous, so that a detaching informer cancelled once more (as a
+        stopping loop's tasks are) cannot leave itself attached; returns the
+        list+watch task it cancelled, for the caller to wait on.
+        """
         if informer in self._attached:
             self._attached.remove(informer)
-        if not self._attached and self._task is not None:
-            task, self._task = self._task, None
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if self._attached or self._task is None:
+            return None
+        task, self._task = self._task, None
+        self.synced.clear()  # a later start must not replay this run's cache as if synced
+        task.cancel()
+        return task
 
     @property
     def running(self) -> bool:
@@ -296,15 +308,16 @@ class Informer:
     async def run(self) -> None:
         """Receive events until cancelled (`synced` is set once the cache has been handed over)."""
         self.synced.clear()
-        self.shared.attach(self)
+        watching = self.shared.attach(self)
+        resync = asyncio.create_task(self._resync()) if self.resync_period > 0 else None
         try:
-            if self.resync_period > 0:
-                await self._resync()
-            else:
-                await asyncio.Event().wait()
+            await asyncio.shield(watching)  # returns only if the list+watch failed: raises its error
         finally:
             self.synced.clear()
-            await self.shared.detach(self)
+            stopped = [t for t in (resync, self.shared.detach(self)) if t is not None]
+            for t in stopped:
+                t.cancel()
+            await asyncio.gather(*stopped, return_exceptions=True)
 
 
 class InformerFactory:
