@@ -22,6 +22,10 @@ the audit log and API Priority and Fairness can still tell the loops apart:
 
 `api` is the raw connection, owned by the caller; `close()` closes what
 `Clients` opened on top of it (per-agent connections, the Events queue).
+
+Rule: in a process that has a `Clients`, a loop's requests go through the
+handle `api_for(<its name>)` gives it, and nothing else builds a client,
+a limiter, an informer factory or an Events queue.
 """
 
 from __future__ import annotations

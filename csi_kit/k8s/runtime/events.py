@@ -19,6 +19,8 @@ written instead of a new object.  Here:
   reports as.  `event()` returns at once; it may also be awaited (the volume
   loops' call sites do), which waits for nothing.
 - Disabled (`--no-events`), a recorder makes no request at all.
+
+Rule: every loop's Events go through this module, never by a create of its own.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ Handlers are plain callables (event, old, new) that must not block: they
 normally just put a key on a work queue.  `old` is the version the handlers
 were last told of (a loop's own writes, put in the cache by `store_update`,
 do not change what the next watch event looks like to the other loops).
+
+Rule: loops read the objects they react to from informers (never a list of
+their own), and get them from the process's factory, so each (resource,
+namespace, selector) is listed and watched once.
 """
 
 from __future__ import annotations
