@@ -234,6 +234,33 @@ async def test_secrets_from_class_reach_the_driver_and_are_stripped(
         await lp.stop()
 
 
+async def test_a_secret_value_that_is_not_text_is_reported_in_one_line(
+    api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
+) -> None:
+    """The content's status.error names the secret (never its value) and no CreateSnapshot is sent."""
+    csi, _ = peer
+    await api.create(
+        SECRET,
+        {
+            "metadata": {"name": "creds", "namespace": "default"},
+            "data": {"password": base64.b64encode(b"\xffs3cret").decode()},
+        },
+    )
+    await make_volume(api)
+    await make_class(api, **{p.SECRET_NAME_KEY: "creds", p.SECRET_NAMESPACE_KEY: "default"})
+    await make_snapshot(api)
+
+    def content_error() -> str:
+        found = contents(api)
+        return str(((found[0].get("status") or {}).get("error") or {}).get("message", "")) if found else ""
+
+    await eventually(lambda: "not UTF-8 text" in content_error(), "error reported on the content")
+    assert "secret default/creds" in content_error() and "s3cret" not in content_error()
+    assert "\n" not in content_error()
+    assert csi.calls["CreateSnapshot"] == 0
+    await eventually(lambda: "not UTF-8 text" in error_of(api), "mirrored into the snapshot")
+
+
 async def pre_provisioned(api: FakeKubeAPI, handle: str, policy: str = "Delete", uid: str = "") -> Obj:
     ref = {"name": "pre", "namespace": "default"}
     if uid:
