@@ -131,7 +131,7 @@ def add_controller_options(parser: argparse.ArgumentParser) -> None:
         # One switch for every loop, on like the upstream sidecars; the volume
         # loops' old --k8s-events (and CSI_KIT_K8S_EVENTS) is a deprecated alias.
         default=_env_bool("events", _env_bool("k8s-events", True)),
-        help="record Kubernetes Events as the upstream sidecars do (one API write each; needs events create)",
+        help="record Kubernetes Events as the upstream sidecars do (own budget; needs events create, patch)",
     )
     g.add_argument(
         "--k8s-events",
