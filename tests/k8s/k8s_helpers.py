@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+import yaml
 
 from csi_kit.k8s.objects.resources import (
     PV,
@@ -224,3 +227,31 @@ def loop_context(args: Any, api: FakeKubeAPI, client: CSIClient, info: Any, name
         stop=asyncio.Event(),
         named=expand(args.controllers or "")[1],
     )
+
+
+SNAPSHOT_DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy" / "snapshot"
+
+
+def manifest_docs() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object in examples/deploy/snapshot, by (kind, name)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in sorted(SNAPSHOT_DEPLOY.glob("*.yaml")):
+        for d in yaml.safe_load_all(f.read_text()):
+            assert d["apiVersion"] and d["kind"] and d["metadata"]["name"], f
+            out[(d["kind"], d["metadata"]["name"])] = d
+    return out
+
+
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}  # fmt: skip
+
+
+async def http_get(port: int, path: str = "/healthz", method: str = "GET") -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body

@@ -24,10 +24,9 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-import test_manifests as manifests
 from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER as SCRIPTED_DRIVER
-from k8s_helpers import eventually, make_volume, settle
+from k8s_helpers import Recording, eventually, granted, make_volume, manifest_docs, settle
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
@@ -575,9 +574,9 @@ async def test_cli_runs_the_group_loops(tmp_path: os.PathLike[str]) -> None:
 
 
 async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathLike[str]) -> None:
-    d = manifests.docs()
+    d = manifest_docs()
     api = FakeKubeAPI()
-    ctrl_api, snap_api = manifests.Recording(api), manifests.Recording(api)
+    ctrl_api, snap_api = Recording(api), Recording(api)
     with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
         for name in ("data-0", "data-1"):
             await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER)
@@ -617,11 +616,11 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
     roles = {
         "group-snapshot-controller": (
             ctrl_api.used,
-            manifests.granted(d[("ClusterRole", "csi-kit-group-snapshot-controller")]),
+            granted(d[("ClusterRole", "csi-kit-group-snapshot-controller")]),
         ),
         "group-snapshotter": (
             snap_api.used,
-            manifests.granted(d[("ClusterRole", "csi-kit-group-snapshotter")]),
+            granted(d[("ClusterRole", "csi-kit-group-snapshotter")]),
         ),
     }
     for who, (used, allowed) in roles.items():

@@ -590,7 +590,7 @@ async def test_secret_problems_are_unavailable_and_never_show_values(recorded: A
 
 # -- the RBAC manifest -----------------------------------------------------------------------
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "examples" / "deploy" / "loopfile"
+MANIFESTS = Path(__file__).resolve().parents[3] / "examples" / "deploy" / "loopfile"
 
 
 def _granted(role: Obj) -> set[tuple[str, str, str]]:

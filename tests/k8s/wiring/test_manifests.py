@@ -11,21 +11,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import pathlib
-from typing import Any
 
 import pytest
 import yaml
 from csi_peer import ScriptedCSI
 from k8s_helpers import (
     DRIVER,
+    SNAPSHOT_DEPLOY,
     Recording,
     contents,
     eventually,
+    granted,
     is_ready,
     make_class,
     make_snapshot,
     make_volume,
+    manifest_docs,
     snapshot,
 )
 
@@ -48,27 +49,12 @@ from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.k8s.volume.health import HealthMonitor
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
-DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy" / "snapshot"
 # Granted but only reached after a crash between creating a content and caching it.
 RARE = {("snapshot-controller", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get")}
 
 
-def docs() -> dict[tuple[str, str], dict[str, Any]]:
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for f in sorted(DEPLOY.glob("*.yaml")):
-        for d in yaml.safe_load_all(f.read_text()):
-            assert d["apiVersion"] and d["kind"] and d["metadata"]["name"], f
-            out[(d["kind"], d["metadata"]["name"])] = d
-    return out
-
-
-def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-            for v in rule["verbs"]}  # fmt: skip
-
-
 def test_manifests_parse_and_agree_on_names() -> None:
-    d = docs()
+    d = manifest_docs()
     assert d[("CSIDriver", "hostpath.csi-kit.io")]["spec"]["attachRequired"] is False
     cls = d[("VolumeSnapshotClass", "csi-kit-hostpath")]
     assert (
@@ -84,7 +70,7 @@ def test_manifests_parse_and_agree_on_names() -> None:
 
 async def test_rbac_is_exactly_what_the_loops_use(peer: tuple[ScriptedCSI, str]) -> None:
     csi, endpoint = peer
-    d = docs()
+    d = manifest_docs()
     fake = FakeKubeAPI()
     ctrl_api, snap_api, lease_api = Recording(fake), Recording(fake), Recording(fake)
     client = CSIClient(endpoint)
@@ -152,7 +138,7 @@ class _SickDriver:
 
 @pytest.mark.parametrize("driver", ["hostpath", "loopfile", "lvm"])
 async def test_health_monitor_rbac_is_exactly_what_it_uses(driver: str) -> None:
-    path = DEPLOY.parent / driver / "rbac-health-monitor.yaml"
+    path = SNAPSHOT_DEPLOY.parent / driver / "rbac-health-monitor.yaml"
     found = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(path.read_text()) if d}
     name = f"csi-kit-{driver}-health-monitor"
     binding = found[("ClusterRoleBinding", name)]

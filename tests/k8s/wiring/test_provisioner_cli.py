@@ -8,8 +8,7 @@ import os
 from typing import Any
 
 import pytest
-from k8s_helpers import loop_context
-from test_liveness import http_get
+from k8s_helpers import http_get, loop_context
 from volume_peer import (
     DRIVER,
     TOPO_KEY,

@@ -39,7 +39,7 @@ from csi_kit.k8s.volume.provisioner import Provisioner
 from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
-DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "examples" / "deploy"
+DEPLOY = pathlib.Path(__file__).resolve().parents[3] / "examples" / "deploy"
 DRIVERS = {"hostpath": "hostpath.csi-kit.io", "loopfile": "loopfile.csi-kit.io", "lvm": "lvm.csi-kit.io"}
 Used = set[tuple[str, str, str]]
 

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from k8s_helpers import http_get
 from volume_peer import VolumeCSI, served
 
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.liveness import LivenessServer
-
-
-async def http_get(port: int, path: str = "/healthz", method: str = "GET") -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 class Env:
