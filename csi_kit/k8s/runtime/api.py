@@ -3,7 +3,7 @@
 Objects travel as plain JSON dicts (what the API server sends), not typed models:
 the snapshot kinds are CRDs with no models in lightkube-models, the loops touch
 few fields, and one representation lets the in-memory fake
-(`csi_kit.testing.fake_k8s`) and the production adapter (`lightkube_api`) be
+(`csi_kit.testing.fake_k8s`) and the production adapter (`runtime.lightkube`) be
 swapped without conversion.  Errors are `ApiError` with the HTTP code, so the
 loops can branch on 404/409/410 whichever side answered.
 """
