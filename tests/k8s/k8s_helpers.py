@@ -1,15 +1,26 @@
-"""Helpers for the loop tests: objects a cluster user writes, waiting, and a restartable pair of loops."""
+"""Helpers for the loop tests: objects a cluster user writes, waiting, running loops, and crashing them.
+
+The set-ups several test modules share live here once: the snapshot a user
+asks for (`request_snapshot`, `ready_snapshot`), loops run as tasks
+(`run_tasks`, `stop_tasks`, `running`), a volume made on a real driver over
+gRPC (`create_volume`), and the crash injector the recovery tests use
+(`Crash`, with `as_user` for the writes it must not count).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc.aio
 import yaml
 
+from csi_kit._pb import csi_pb2 as pb
+from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
@@ -17,13 +28,17 @@ from csi_kit.k8s.objects.resources import (
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
 )
-from csi_kit.k8s.runtime.api import Obj, Resource
+from csi_kit.k8s.runtime.api import ApiError, Obj, Resource
+from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "scripted.csi-kit.io"
+#: Set while a test writes as the cluster's user: such writes are never counted nor crashed.
+USER = contextvars.ContextVar("user", default=False)
+WRITES = {"create", "update", "update_status", "patch", "patch_status", "delete"}
 
 
 async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 120.0) -> Any:
@@ -43,10 +58,9 @@ async def settle(api: FakeKubeAPI, rounds: int = 40, limit: float = 3.0) -> None
     """Let the loops run until the API sees no new writes for a while (or `limit` seconds pass)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    writes = {"create", "update", "update_status", "patch", "patch_status", "delete"}
 
     def count() -> int:
-        return sum(n for (verb, _), n in api.requests.items() if verb in writes)
+        return sum(n for (verb, _), n in api.requests.items() if verb in WRITES)
 
     last = -1
     quiet = 0
@@ -102,6 +116,22 @@ async def make_snapshot(
     return await api.create(VOLUME_SNAPSHOT, {"metadata": {"name": name, "namespace": ns}, "spec": spec})
 
 
+async def request_snapshot(
+    api: FakeKubeAPI, *, policy: str = "Delete", default: bool = True, **params: str
+) -> Obj:
+    """What a user writes to ask for a snapshot: bound PVC "data", a class, snapshot "snap"."""
+    await make_volume(api)
+    await make_class(api, policy=policy, default=default, **params)
+    return await make_snapshot(api)
+
+
+async def ready_snapshot(api: FakeKubeAPI, *, policy: str = "Delete") -> Obj:
+    """`request_snapshot`, then wait until the loops made it ready."""
+    snap = await request_snapshot(api, policy=policy)
+    await eventually(lambda: is_ready(api), "snapshot ready")
+    return snap
+
+
 def snapshot(api: FakeKubeAPI, name: str = "snap", ns: str = "default") -> Obj | None:
     return api.peek(VOLUME_SNAPSHOT, name, ns)
 
@@ -142,11 +172,7 @@ class Loops:
             await self.snapshotter.started.wait()
 
     async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await stop_tasks(self.tasks)
         self.tasks.clear()
         if self.client is not None:
             await self.client.close()
@@ -158,6 +184,78 @@ class Loops:
 
 
 Waiter = Callable[..., Awaitable[Any]]
+
+
+async def run_tasks(*loops: Loop) -> list[asyncio.Task[None]]:
+    """Run each loop as a task and wait until each has started (its informers synced)."""
+    tasks = [asyncio.create_task(lp.run()) for lp in loops]
+    for lp in loops:
+        await lp.started.wait()
+    return tasks
+
+
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
+@contextlib.asynccontextmanager
+async def running(*loops: Loop) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """The loops run (started) for the body of the `async with`, and are cancelled after it."""
+    tasks = await run_tasks(*loops)
+    try:
+        yield tasks
+    finally:
+        await stop_tasks(tasks)
+
+
+async def as_user(fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+    """Writes a cluster user makes (never counted as, nor crashed like, the loops' writes)."""
+    token = USER.set(True)
+    try:
+        return await fn(*args, **kw)
+    finally:
+        USER.reset(token)
+
+
+class Crash:
+    """Kill the loops right when they attempt their N-th write (the write does not happen).
+
+    An API reactor: counts the loops' writes (not the user's) so a test can also
+    learn how many writes a flow makes, with `at` beyond them.
+    """
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.writes = 0
+        self.crashed = asyncio.Event()
+
+    def __call__(self, verb: str, res: Resource, name: str, body: Obj | None) -> None:
+        if verb not in WRITES or USER.get() or self.crashed.is_set():
+            return
+        self.writes += 1
+        if self.writes == self.at:
+            self.crashed.set()
+            raise ApiError(503, "ServiceUnavailable", "process killed here")
+
+
+async def create_volume(endpoint: str, name: str, *, from_snapshot: str | None = None) -> str:
+    """CreateVolume (1 MiB, single-node writer) on a real driver, optionally from a snapshot; its id."""
+    cap = pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
+    )
+    req = pb.CreateVolumeRequest(
+        name=name, capacity_range=pb.CapacityRange(required_bytes=1 << 20), volume_capabilities=[cap]
+    )
+    if from_snapshot is not None:
+        req.volume_content_source.snapshot.snapshot_id = from_snapshot
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        r = await pbg.ControllerStub(ch).CreateVolume(req)
+        return str(r.volume.volume_id)
 
 
 #: The RBAC verb each FakeKubeAPI method needs.

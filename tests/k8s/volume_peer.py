@@ -8,7 +8,8 @@ kube-controller-manager (storage-provisioner annotation, PV↔PVC binding, the
 Released phase).  `KubeletSim` plays the kubelet's node expansion as kubelet
 1.36 does it (its NodeExpander), conflicts included.  The simulators'
 requests are counted apart (`requests`) so figures only count what our loops
-cost.
+cost.  Waiting and running loops as tasks are the same for both families of
+loops: they are written once in k8s_helpers and re-exported here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf import wrappers_pb2
+from k8s_helpers import eventually as eventually
+from k8s_helpers import run_tasks as run_tasks
+from k8s_helpers import stop_tasks as stop_tasks
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
@@ -570,18 +574,6 @@ class KubeletSim(Loop):
 # ----------------------------------------------------------------- objects
 
 
-async def eventually(pred: Callable[[], Any], what: str = "condition", limit: float = 120.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while True:
-        v = pred()
-        if v:
-            return v
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 async def settle(api: FakeKubeAPI, rounds: int = 40) -> None:
     last = -1
     quiet = 0
@@ -713,21 +705,6 @@ def claim(api: FakeKubeAPI, name: str = "data", ns: str = "default") -> Obj | No
 def bound(api: FakeKubeAPI, name: str = "data", ns: str = "default") -> bool:
     c = claim(api, name, ns)
     return bool(c and (c.get("status") or {}).get("phase") == "Bound")
-
-
-async def run_tasks(*loops: Loop) -> list[asyncio.Task[None]]:
-    tasks = [asyncio.create_task(lp.run()) for lp in loops]
-    for lp in loops:
-        await lp.started.wait()
-    return tasks
-
-
-async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await t
 
 
 async def make_bound(

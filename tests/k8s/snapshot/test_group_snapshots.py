@@ -14,11 +14,10 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import contextvars
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -26,7 +25,19 @@ import grpc.aio
 import pytest
 from csi_peer import ScriptedCSI
 from k8s_helpers import DRIVER as SCRIPTED_DRIVER
-from k8s_helpers import Recording, eventually, granted, make_volume, manifest_docs, settle
+from k8s_helpers import (
+    Crash,
+    Recording,
+    as_user,
+    create_volume,
+    eventually,
+    granted,
+    make_volume,
+    manifest_docs,
+    running,
+    settle,
+    stop_tasks,
+)
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
@@ -42,7 +53,7 @@ from csi_kit.k8s.objects.resources import (
     VOLUME_SNAPSHOT,
     VOLUME_SNAPSHOT_CONTENT,
 )
-from csi_kit.k8s.runtime.api import ApiError, Obj, Resource, conflict
+from csi_kit.k8s.runtime.api import Obj, conflict
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSICallError, CSIClient, GroupSnapshotInfo, SnapshotInfo
 from csi_kit.k8s.snapshot import group_controller as gc
@@ -57,58 +68,9 @@ from csi_kit.testing.fake_k8s import FakeKubeAPI
 DRIVER = "hostpath.csi-kit.io"
 NS = "default"
 FAST = {"base_delay": 0.01, "max_delay": 0.1}
-USER = contextvars.ContextVar("user", default=False)
-WRITES = {"create", "update", "update_status", "patch", "patch_status", "delete"}
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def as_user(fn: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
-    """Writes a cluster user makes (never counted as, nor crashed like, the loops' writes)."""
-    token = USER.set(True)
-    try:
-        return await fn(*args, **kw)
-    finally:
-        USER.reset(token)
-
-
-async def create_volume(endpoint: str, name: str) -> str:
-    async with grpc.aio.insecure_channel(endpoint) as ch:
-        cap = pb.VolumeCapability(
-            mount=pb.VolumeCapability.MountVolume(),
-            access_mode=pb.VolumeCapability.AccessMode(
-                mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-            ),
-        )
-        r = await pbg.ControllerStub(ch).CreateVolume(
-            pb.CreateVolumeRequest(
-                name=name, capacity_range=pb.CapacityRange(required_bytes=1 << 20), volume_capabilities=[cap]
-            )
-        )
-        return str(r.volume.volume_id)
-
-
-async def restore(endpoint: str, name: str, snapshot_id: str) -> str:
-    """CreateVolume from one snapshot: what a PVC with that VolumeSnapshot as dataSource gets."""
-    async with grpc.aio.insecure_channel(endpoint) as ch:
-        cap = pb.VolumeCapability(
-            mount=pb.VolumeCapability.MountVolume(),
-            access_mode=pb.VolumeCapability.AccessMode(
-                mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-            ),
-        )
-        r = await pbg.ControllerStub(ch).CreateVolume(
-            pb.CreateVolumeRequest(
-                name=name,
-                capacity_range=pb.CapacityRange(required_bytes=1 << 20),
-                volume_capabilities=[cap],
-                volume_content_source=pb.VolumeContentSource(
-                    snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
-                ),
-            )
-        )
-        return str(r.volume.volume_id)
 
 
 async def labelled_volume(
@@ -165,6 +127,11 @@ def group_ready(api: FakeKubeAPI, name: str = "grp") -> bool:
     return bool(o and (o.get("status") or {}).get("readyToUse") is True)
 
 
+def group_error(api: FakeKubeAPI, name: str = "grp") -> str:
+    o = peek_group(api, name)
+    return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
+
+
 def members(api: FakeKubeAPI) -> list[Obj]:
     return [s for s in api.objects(VOLUME_SNAPSHOT) if p.group_owner(s)]
 
@@ -190,9 +157,14 @@ class AllLoops:
     async def start(self) -> None:
         client = CSIClient(self.endpoint, timeout=10)
         self.clients = [client]
+        for loop in await self.loops(client):  # one after the other, each started before the next
+            self.tasks.append(asyncio.create_task(loop.run()))
+            await loop.started.wait()
+
+    async def loops(self, client: CSIClient) -> list[Loop]:
         info = await client.driver_info()
         distributed = self.node is not None
-        loops: list[Loop] = [
+        return [
             SnapshotController(self.api, distributed=distributed, **FAST),
             Snapshotter(self.api, client, self.driver, node_name=self.node, **FAST),
             gc.GroupSnapshotController(self.api, distributed=distributed, **FAST),
@@ -204,16 +176,9 @@ class AllLoops:
                 **FAST,
             ),
         ]
-        for loop in loops:
-            self.tasks.append(asyncio.create_task(loop.run()))
-            await loop.started.wait()
 
     async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await stop_tasks(self.tasks)
         self.tasks.clear()
         for c in self.clients:
             await c.close()
@@ -316,7 +281,9 @@ async def test_group_snapshot_members_ready_and_restorable_alone(tmp_path: os.Pa
             assert vsc["spec"]["volumeSnapshotRef"]["uid"] == vs["metadata"]["uid"], "bound both ways"
             assert vsc["status"]["volumeGroupSnapshotHandle"] == group_handle
             # Restorable alone: its handle is a snapshot id the driver knows.
-            restored = await restore(endpoint, f"restore-{volume[-6:]}", vsc["status"]["snapshotHandle"])
+            restored = await create_volume(
+                endpoint, f"restore-{volume[-6:]}", from_snapshot=vsc["status"]["snapshotHandle"]
+            )
             assert restored
 
         assert (
@@ -393,12 +360,7 @@ async def test_driver_without_group_controller_reports_it(
     await loops.start()
     try:
         await group_snapshot(api)
-
-        def error() -> str:
-            o = peek_group(api)
-            return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
-
-        await eventually(lambda: "does not support volume group snapshots" in error(), "status.error")
+        await eventually(lambda: "does not support volume group snapshots" in group_error(api), "error")
         o = peek_group(api)
         assert o is not None and o["status"]["readyToUse"] is False
         assert not members(api)
@@ -414,34 +376,13 @@ async def test_missing_pvcs_and_class_are_reported(tmp_path: os.PathLike[str]) -
     async with hostpath(tmp_path) as (api, _endpoint, _):
         await group_snapshot(api, "nobody", app="none")
 
-        def error(name: str) -> str:
-            o = peek_group(api, name)
-            return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
-
-        await eventually(lambda: "not applied to any PVC" in error("nobody"), "no PVC error")
+        await eventually(lambda: "not applied to any PVC" in group_error(api, "nobody"), "no PVC error")
         await group_snapshot(api)
-        await eventually(lambda: "cannot find default group snapshot class" in error("grp"), "no class")
+        await eventually(lambda: "cannot find default group snapshot class" in group_error(api), "no class")
         await group_class(api, DRIVER)
         await eventually(lambda: group_ready(api), "ready once the class exists", limit=60)
         o = peek_group(api)
         assert o is not None and not o["status"].get("error")
-
-
-class Crash:
-    """Kill the loops right when they attempt their N-th write (the write does not happen)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.writes = 0
-        self.crashed = asyncio.Event()
-
-    def __call__(self, verb: str, res: Resource, name: str, body: Obj | None) -> None:
-        if verb not in WRITES or USER.get() or self.crashed.is_set():
-            return
-        self.writes += 1
-        if self.writes == self.at:
-            self.crashed.set()
-            raise ApiError(503, "ServiceUnavailable", "process killed here")
 
 
 async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
@@ -592,20 +533,15 @@ async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathL
             gc.GroupSnapshotController(ctrl_api, **FAST),  # type: ignore[arg-type]
             gs.GroupSnapshotter(snap_api, client, DRIVER, **FAST),  # type: ignore[arg-type]
         ]
-        tasks = [asyncio.create_task(loop.run()) for loop in loops]
         try:
-            await group_snapshot(api)
-            await eventually(lambda: group_ready(api), "group ready", limit=60)
-            [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
-            assert content["metadata"]["annotations"][p.ANN_GROUP_DELETION_SECRET_NAME] == "creds"
-            await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
-            await eventually(lambda: everything_gone(api), "all gone", limit=60)
+            async with running(*loops):
+                await group_snapshot(api)
+                await eventually(lambda: group_ready(api), "group ready", limit=60)
+                [content] = api.objects(VOLUME_GROUP_SNAPSHOT_CONTENT)
+                assert content["metadata"]["annotations"][p.ANN_GROUP_DELETION_SECRET_NAME] == "creds"
+                await api.delete(VOLUME_GROUP_SNAPSHOT, "grp", NS)
+                await eventually(lambda: everything_gone(api), "all gone", limit=60)
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
             await client.close()
     # Granted but only reached after a crash between creating an object and caching it.
     rare = {
@@ -695,18 +631,13 @@ class ScriptedLoops(AllLoops):
         super().__init__(api, endpoint, SCRIPTED_DRIVER)
         self.groups = groups
 
-    async def start(self) -> None:
-        client = CSIClient(self.endpoint, timeout=10)
-        self.clients = [client]
-        loops: list[Loop] = [
+    async def loops(self, client: CSIClient) -> list[Loop]:
+        return [
             SnapshotController(self.api, **FAST),
             Snapshotter(self.api, client, self.driver, **FAST),
             gc.GroupSnapshotController(self.api, **FAST),
             gs.GroupSnapshotter(self.api, self.groups, self.driver, **FAST),
         ]
-        for loop in loops:
-            self.tasks.append(asyncio.create_task(loop.run()))
-            await loop.started.wait()
 
 
 @contextlib.asynccontextmanager
@@ -725,11 +656,6 @@ async def scripted(
         yield groups, loops
     finally:
         await loops.stop()
-
-
-def group_error(api: FakeKubeAPI, name: str = "grp") -> str:
-    o = peek_group(api, name)
-    return str(((o or {}).get("status") or {}).get("error", {}).get("message") or "")
 
 
 async def test_deletion_while_create_group_in_flight_leaks_nothing(

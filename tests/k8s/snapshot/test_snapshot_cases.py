@@ -15,6 +15,8 @@ from k8s_helpers import (
     make_class,
     make_snapshot,
     make_volume,
+    ready_snapshot,
+    request_snapshot,
     settle,
     snapshot,
 )
@@ -58,9 +60,7 @@ async def test_unbound_pvc_waits_without_creating_content(
 
 
 async def test_no_default_class(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops) -> None:
-    await make_volume(api)
-    await make_class(api, default=False)
-    await make_snapshot(api)
+    await request_snapshot(api, default=False)
     await eventually(lambda: "cannot find default snapshot class" in error_of(api), "error reported")
     assert not contents(api)
 
@@ -89,9 +89,7 @@ async def test_final_driver_error_is_reported_and_retried(
     # The driver keeps failing until the test has seen the error reported, so a
     # fast retry cannot clear it before the test looks (no timing assumption).
     csi.create_errors = [(grpc.StatusCode.INTERNAL, "disk on fire")] * 10_000
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
+    await request_snapshot(api)
     await eventually(lambda: "disk on fire" in error_of(api), "driver error mirrored into the snapshot")
     failed = csi.calls["CreateSnapshot"]
     assert failed >= 1
@@ -108,9 +106,7 @@ async def test_non_final_error_keeps_being_created_annotation(
 ) -> None:
     csi, _ = peer
     csi.create_errors = [(grpc.StatusCode.DEADLINE_EXCEEDED, "slow")] * 1000
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
+    await request_snapshot(api)
     await eventually(lambda: csi.calls["CreateSnapshot"] >= 3, "retries")
     [c] = contents(api)
     assert c["metadata"]["annotations"][p.ANN_BEING_CREATED] == "yes"
@@ -129,9 +125,7 @@ async def test_deletion_while_create_snapshot_in_flight_leaks_nothing(
 ) -> None:
     csi, _ = peer
     csi.create_gate = asyncio.Event()
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
+    await request_snapshot(api)
     await eventually(lambda: csi.create_started.is_set(), "CreateSnapshot sent")
     await api.delete(VOLUME_SNAPSHOT, "snap", "default")
     await settle(api)
@@ -150,10 +144,7 @@ async def test_delete_snapshot_error_is_retried(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
 ) -> None:
     csi, _ = peer
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "ready")
+    await ready_snapshot(api)
     csi.delete_errors = [(grpc.StatusCode.INTERNAL, "busy")] * 2
     await api.delete(VOLUME_SNAPSHOT, "snap", "default")
     await eventually(lambda: snapshot(api) is None and not contents(api), "all gone")
@@ -246,9 +237,7 @@ async def test_a_secret_value_that_is_not_text_is_reported_in_one_line(
             "data": {"password": base64.b64encode(b"\xffs3cret").decode()},
         },
     )
-    await make_volume(api)
-    await make_class(api, **{p.SECRET_NAME_KEY: "creds", p.SECRET_NAMESPACE_KEY: "default"})
-    await make_snapshot(api)
+    await request_snapshot(api, **{p.SECRET_NAME_KEY: "creds", p.SECRET_NAMESPACE_KEY: "default"})
 
     def content_error() -> str:
         found = contents(api)

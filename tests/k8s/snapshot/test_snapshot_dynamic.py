@@ -11,9 +11,8 @@ from k8s_helpers import (
     contents,
     eventually,
     is_ready,
-    make_class,
-    make_snapshot,
-    make_volume,
+    ready_snapshot,
+    request_snapshot,
     settle,
     snapshot,
 )
@@ -28,10 +27,7 @@ async def test_dynamic_snapshot_binds_and_becomes_ready(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
 ) -> None:
     csi, _ = peer
-    await make_volume(api)
-    await make_class(api)
-    snap = await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "snapshot ready")
+    snap = await ready_snapshot(api)
     await settle(api)
 
     s = snapshot(api)
@@ -65,10 +61,7 @@ async def test_status_is_written_once_when_the_snapshotter_answers_at_once(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
 ) -> None:
     """Bound, creationTime, restoreSize and readyToUse reach the snapshot in one status write."""
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "snapshot ready")
+    await ready_snapshot(api)
     await settle(api)
     assert api.requests[("patch_status", VOLUME_SNAPSHOT.plural)] == 1
     s = snapshot(api)
@@ -82,9 +75,7 @@ async def test_bound_status_appears_when_the_snapshotter_is_slow(
     monkeypatch.setattr(controller_module, "BOUND_STATUS_GRACE", 0.2)
     csi, _ = peer
     csi.create_gate = asyncio.Event()
-    await make_volume(api)
-    await make_class(api)
-    snap = await make_snapshot(api)
+    snap = await request_snapshot(api)
     await eventually(lambda: csi.create_started.is_set(), "CreateSnapshot sent")
     name = "snapcontent-" + snap["metadata"]["uid"]
     await eventually(
@@ -100,10 +91,7 @@ async def test_delete_policy_deletes_backend_snapshot_and_objects(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
 ) -> None:
     csi, _ = peer
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "snapshot ready")
+    await ready_snapshot(api)
     handle = contents(api)[0]["status"]["snapshotHandle"]
     await api.delete(VOLUME_SNAPSHOT, "snap", "default")
     await eventually(lambda: snapshot(api) is None and not contents(api), "snapshot and content gone")
@@ -115,10 +103,7 @@ async def test_retain_policy_keeps_content_and_backend_snapshot(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
 ) -> None:
     csi, _ = peer
-    await make_volume(api)
-    await make_class(api, policy="Retain")
-    await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "snapshot ready")
+    await ready_snapshot(api, policy="Retain")
     s = snapshot(api)
     assert s is not None and s["metadata"]["finalizers"] == [p.SNAPSHOT_AS_SOURCE_FINALIZER]
     await api.delete(VOLUME_SNAPSHOT, "snap", "default")
@@ -138,10 +123,7 @@ async def test_retain_policy_keeps_content_and_backend_snapshot(
 async def test_snapshot_used_as_restore_source_is_kept_until_the_pvc_is_provisioned(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops
 ) -> None:
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "snapshot ready")
+    await ready_snapshot(api)
     restore = await api.create(
         PVC,
         {
@@ -172,10 +154,7 @@ async def test_metrics_record_syncs_and_queue(
         return v or 0.0
 
     before = count("snapshot-controller", "snapshot"), count("snapshotter", "content")
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
-    await eventually(lambda: is_ready(api), "snapshot ready")
+    await ready_snapshot(api)
     assert count("snapshot-controller", "snapshot") > before[0]
     assert count("snapshotter", "content") > before[1]
     assert REGISTRY.get_sample_value("csi_kit_k8s_operations_in_flight", {"loop": "snapshotter"}) is not None
@@ -193,10 +172,7 @@ async def test_events_when_enabled_once_per_reason(api: FakeKubeAPI, peer: tuple
     lp = Loops(api, endpoint, controller={"events": recorder}, snapshotter={"events": recorder})
     await lp.start()
     try:
-        await make_volume(api)
-        await make_class(api)
-        await make_snapshot(api)
-        await eventually(lambda: is_ready(api), "snapshot ready")
+        await ready_snapshot(api)
         await settle(api)
         await recorder.flush()
     finally:

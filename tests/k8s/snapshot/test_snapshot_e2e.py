@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 
-import grpc.aio
-from k8s_helpers import contents, eventually, is_ready, snapshot
+from k8s_helpers import contents, create_volume, eventually, is_ready, running, snapshot
 
-from csi_kit._pb import csi_pb2 as pb
-from csi_kit._pb import csi_pb2_grpc as pbg
 from csi_kit.k8s.objects.resources import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
@@ -19,22 +14,6 @@ from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "hostpath.csi-kit.io"
-
-
-async def create_volume(endpoint: str, name: str) -> str:
-    async with grpc.aio.insecure_channel(endpoint) as ch:
-        cap = pb.VolumeCapability(
-            mount=pb.VolumeCapability.MountVolume(),
-            access_mode=pb.VolumeCapability.AccessMode(
-                mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-            ),
-        )
-        r = await pbg.ControllerStub(ch).CreateVolume(
-            pb.CreateVolumeRequest(
-                name=name, capacity_range=pb.CapacityRange(required_bytes=1 << 20), volume_capabilities=[cap]
-            )
-        )
-        return str(r.volume.volume_id)
 
 
 async def test_snapshot_lifecycle_on_the_hostpath_driver(tmp_path: os.PathLike[str]) -> None:
@@ -66,29 +45,24 @@ async def test_snapshot_lifecycle_on_the_hostpath_driver(tmp_path: os.PathLike[s
         assert info.name == DRIVER and "CREATE_DELETE_SNAPSHOT" in info.controller_capabilities
         ctrl = SnapshotController(api, base_delay=0.01, max_delay=0.1)
         snapper = Snapshotter(api, client, info.name, base_delay=0.01, max_delay=0.1)
-        tasks = [asyncio.create_task(ctrl.run()), asyncio.create_task(snapper.run())]
         try:
-            await api.create(
-                VOLUME_SNAPSHOT,
-                {
-                    "metadata": {"name": "snap", "namespace": "default"},
-                    "spec": {"source": {"persistentVolumeClaimName": "data"}},
-                },
-            )
-            await eventually(lambda: is_ready(api), "snapshot ready on the real driver", limit=60)
-            [content] = contents(api)
-            handle = content["status"]["snapshotHandle"]
-            listed = await client.list_snapshots(snapshot_id=handle)
-            assert [s.source_volume_id for s in listed] == [volume_id]
-            assert snapshot(api)["status"]["restoreSize"]  # type: ignore[index]
+            async with running(ctrl, snapper):
+                await api.create(
+                    VOLUME_SNAPSHOT,
+                    {
+                        "metadata": {"name": "snap", "namespace": "default"},
+                        "spec": {"source": {"persistentVolumeClaimName": "data"}},
+                    },
+                )
+                await eventually(lambda: is_ready(api), "snapshot ready on the real driver", limit=60)
+                [content] = contents(api)
+                handle = content["status"]["snapshotHandle"]
+                listed = await client.list_snapshots(snapshot_id=handle)
+                assert [s.source_volume_id for s in listed] == [volume_id]
+                assert snapshot(api)["status"]["restoreSize"]  # type: ignore[index]
 
-            await api.delete(VOLUME_SNAPSHOT, "snap", "default")
-            await eventually(lambda: snapshot(api) is None and not contents(api), "all gone", limit=60)
-            assert await client.list_snapshots(snapshot_id=handle) == []
+                await api.delete(VOLUME_SNAPSHOT, "snap", "default")
+                await eventually(lambda: snapshot(api) is None and not contents(api), "all gone", limit=60)
+                assert await client.list_snapshots(snapshot_id=handle) == []
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
             await client.close()

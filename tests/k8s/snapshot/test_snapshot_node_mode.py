@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 from csi_peer import ScriptedCSI
-from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot
+from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot, running
 
 from csi_kit.k8s.objects.resources import PV, PVC
 from csi_kit.k8s.runtime.csi import CSIClient, SnapshotInfo
@@ -59,24 +57,19 @@ async def test_contents_are_labelled_and_handled_by_their_node(
         Snapshotter(api, node_a, DRIVER, node_name="node-a", **fast),
         Snapshotter(api, node_b, DRIVER, node_name="node-b", **fast),
     ]
-    tasks = [asyncio.create_task(lp.run()) for lp in loops]
     try:
-        await make_class(api)
-        await local_volume(api, "on-a", "node-a")
-        await local_volume(api, "on-b", "node-b")
-        await make_snapshot(api, "snap-a", pvc="on-a")
-        await make_snapshot(api, "snap-b", pvc="on-b")
-        await eventually(lambda: is_ready(api, "snap-a") and is_ready(api, "snap-b"), "both ready")
-        labels = {
-            c["spec"]["source"]["volumeHandle"]: c["metadata"]["labels"][p.LABEL_MANAGED_BY]
-            for c in contents(api)
-        }
-        assert labels == {"vol-on-a": "node-a", "vol-on-b": "node-b"}
-        assert node_a.created == ["vol-on-a"] and node_b.created == ["vol-on-b"]
+        async with running(*loops):
+            await make_class(api)
+            await local_volume(api, "on-a", "node-a")
+            await local_volume(api, "on-b", "node-b")
+            await make_snapshot(api, "snap-a", pvc="on-a")
+            await make_snapshot(api, "snap-b", pvc="on-b")
+            await eventually(lambda: is_ready(api, "snap-a") and is_ready(api, "snap-b"), "both ready")
+            labels = {
+                c["spec"]["source"]["volumeHandle"]: c["metadata"]["labels"][p.LABEL_MANAGED_BY]
+                for c in contents(api)
+            }
+            assert labels == {"vol-on-a": "node-a", "vol-on-b": "node-b"}
+            assert node_a.created == ["vol-on-a"] and node_b.created == ["vol-on-b"]
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
         await client.close()

@@ -10,51 +10,27 @@ and after deletion nothing is left -- in the API or on the backend.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 
 import pytest
 from csi_peer import ScriptedCSI
 from k8s_helpers import (
     DRIVER,
+    Crash,
     Loops,
+    as_user,
     contents,
     eventually,
     is_ready,
     make_class,
     make_snapshot,
     make_volume,
+    request_snapshot,
     snapshot,
 )
 
 from csi_kit.k8s.objects.resources import PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CONTENT
-from csi_kit.k8s.runtime.api import ApiError, Obj, Resource, conflict
+from csi_kit.k8s.runtime.api import conflict
 from csi_kit.testing.fake_k8s import FakeKubeAPI
-
-USER = contextvars.ContextVar("user", default=False)
-WRITES = {"create", "update", "update_status", "patch", "patch_status", "delete"}
-
-
-class Crash:
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.writes = 0
-        self.crashed = asyncio.Event()
-
-    def __call__(self, verb: str, res: Resource, name: str, body: Obj | None) -> None:
-        if verb not in WRITES or USER.get() or self.crashed.is_set():
-            return
-        self.writes += 1
-        if self.writes == self.at:
-            self.crashed.set()
-            raise ApiError(503, "ServiceUnavailable", "process killed here")
-
-
-async def as_user(coro_fn, *args, **kw):  # type: ignore[no-untyped-def]
-    token = USER.set(True)
-    try:
-        return await coro_fn(*args, **kw)
-    finally:
-        USER.reset(token)
 
 
 async def run_flow(
@@ -107,9 +83,7 @@ async def run_flow(
                 },
             )
         else:
-            await as_user(make_volume, api)
-            await as_user(make_class, api, policy="Retain" if flow == "retain" else "Delete")
-            await as_user(make_snapshot, api)
+            await as_user(request_snapshot, api, policy="Retain" if flow == "retain" else "Delete")
         await asyncio.wait_for(until(lambda: is_ready(api), "ready"), 30)
         await as_user(api.delete, VOLUME_SNAPSHOT, "snap", "default")
         if flow == "retain":
@@ -165,9 +139,7 @@ async def test_restart_while_create_snapshot_in_flight(
     lp = Loops(api, endpoint)
     await lp.start()
     try:
-        await make_volume(api)
-        await make_class(api)
-        await make_snapshot(api)
+        await request_snapshot(api)
         await eventually(lambda: csi.create_started.is_set(), "CreateSnapshot sent")
         await lp.stop()  # the process dies with the call in flight; the driver finishes it anyway
         csi.create_gate.set()
@@ -193,9 +165,7 @@ async def test_watch_expiry_relists_and_converges(
 async def test_conflicts_are_retried(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str], loops: Loops) -> None:
     api.fail("patch", VOLUME_SNAPSHOT, conflict("the object has been modified"), times=3)
     api.fail("patch", PVC, conflict("the object has been modified"), times=2)
-    await make_volume(api)
-    await make_class(api)
-    await make_snapshot(api)
+    await request_snapshot(api)
     await eventually(lambda: is_ready(api), "ready despite conflicts")
     s = snapshot(api)
     assert s is not None and len(s["metadata"]["finalizers"]) == 2
