@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc.aio
 import yaml
@@ -240,6 +240,39 @@ class Crash:
         if self.writes == self.at:
             self.crashed.set()
             raise ApiError(503, "ServiceUnavailable", "process killed here")
+
+
+class Restartable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class RestartOnCrash:
+    """Waits for conditions; once `crash` has fired, the loops are killed and started again from nothing.
+
+    The restart happens once, at the first wait after the crash, before the
+    condition is looked at: what the loops do next comes from the API alone.
+    """
+
+    def __init__(self, loops: Restartable, crash: Crash) -> None:
+        self.loops = loops
+        self.crash = crash
+        self.restarted = False
+
+    async def until(self, pred: Callable[[], Any], what: str, limit: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            if self.crash.crashed.is_set() and not self.restarted:
+                self.restarted = True
+                await self.loops.stop()
+                await self.loops.start()
+            if pred():
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.005)
 
 
 async def create_volume(endpoint: str, name: str, *, from_snapshot: str | None = None) -> str:

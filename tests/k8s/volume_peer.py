@@ -20,7 +20,7 @@ import hashlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 import grpc.aio
@@ -44,7 +44,9 @@ from csi_kit.k8s.objects.resources import (
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, is_conflict
 from csi_kit.k8s.runtime.controller import Loop, Retry
+from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
 from csi_kit.k8s.runtime.informer import Informer
+from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 DRIVER = "vol.csi-kit.io"
@@ -752,3 +754,46 @@ async def make_bound(
     pvc["status"] = {"phase": "Bound", "capacity": {"storage": size}}
     pvc = await api.update_status(PVC, pvc)
     return pvc, pv
+
+
+# ----------------------------------------------------------------- one loop under test
+
+L = TypeVar("L", bound=Loop)
+FAST: dict[str, Any] = {"base_delay": 0.01, "max_delay": 0.05}
+
+
+class LoopEnv(Generic[L]):
+    """One of our loops in front of `client` (fast retries), run as a task from `start()` to `stop()`.
+
+    A subclass says which loop `make` builds from the driver's info; a test may
+    add tasks of its own to `tasks`, which `stop()` cancels too.
+    """
+
+    def __init__(self, api: FakeKubeAPI, client: CSIClient, peer: VolumeCSI | None = None) -> None:
+        self.api = api
+        self.client = client
+        self.peer = peer  # the scripted driver behind `client`, if it is one
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def make(self, info: DriverInfo) -> L:
+        raise NotImplementedError
+
+    async def start(self) -> L:
+        loop = self.make(await self.client.driver_info())
+        self.tasks += await run_tasks(loop)
+        return loop
+
+    async def stop(self) -> None:
+        await stop_tasks(self.tasks)
+        self.tasks = []
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class ResizerEnv(LoopEnv[Resizer]):
+    def make(self, info: DriverInfo) -> Resizer:
+        return Resizer(self.api, self.client, info, **FAST)

@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from k8s_helpers import DRIVER as SCRIPTED_DRIVER
 from k8s_helpers import (
     Crash,
     Recording,
+    RestartOnCrash,
     as_user,
     create_volume,
     eventually,
@@ -385,8 +386,10 @@ async def test_missing_pvcs_and_class_are_reported(tmp_path: os.PathLike[str]) -
         assert o is not None and not o["status"].get("error")
 
 
-async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
-    """A group cut outside Kubernetes, then represented by a pre-provisioned content and its group."""
+async def _import_group(api: FakeKubeAPI, endpoint: str) -> tuple[str, list[str], Obj]:
+    """A group cut outside Kubernetes, then represented by a pre-provisioned content and its group.
+
+    Returns the group's handle, its members' snapshot ids and the VolumeGroupSnapshot."""
     pvs = {pv["metadata"]["name"]: pv["spec"]["csi"]["volumeHandle"] for pv in api.objects(PV)}
     async with grpc.aio.insecure_channel(endpoint) as ch:
         r = await pbg.GroupControllerStub(ch).CreateVolumeGroupSnapshot(
@@ -394,10 +397,8 @@ async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
                 name="made-elsewhere", source_volume_ids=[pvs["pv-data-0"], pvs["pv-data-1"]]
             )
         )
-    handles = {
-        "volumeGroupSnapshotHandle": r.group_snapshot.group_snapshot_id,
-        "volumeSnapshotHandles": [s.snapshot_id for s in r.group_snapshot.snapshots],
-    }
+    handle = r.group_snapshot.group_snapshot_id
+    ids = [s.snapshot_id for s in r.group_snapshot.snapshots]
     await as_user(
         api.create,
         VOLUME_GROUP_SNAPSHOT_CONTENT,
@@ -406,12 +407,17 @@ async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
             "spec": {
                 "deletionPolicy": "Delete",
                 "driver": DRIVER,
-                "source": {"groupSnapshotHandles": handles},
+                "source": {
+                    "groupSnapshotHandles": {
+                        "volumeGroupSnapshotHandle": handle,
+                        "volumeSnapshotHandles": ids,
+                    }
+                },
                 "volumeGroupSnapshotRef": {"name": "grp", "namespace": NS},
             },
         },
     )
-    await as_user(
+    grp = await as_user(
         api.create,
         VOLUME_GROUP_SNAPSHOT,
         {
@@ -419,6 +425,7 @@ async def _import_group(api: FakeKubeAPI, endpoint: str) -> None:
             "spec": {"source": {"volumeGroupSnapshotContentName": "imported"}},
         },
     )
+    return handle, ids, grp
 
 
 async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash, flow: str = "delete") -> None:
@@ -426,20 +433,7 @@ async def _flow_with_crash(tmp_path: os.PathLike[str], crash: Crash, flow: str =
     async with hostpath(tmp_path) as (api, endpoint, loops):
         await group_class(api, DRIVER, "Retain" if flow == "retain" else "Delete")
         api.reactors.append(crash)
-        restarted = False
-
-        async def until(pred: Callable[[], bool], what: str) -> None:
-            nonlocal restarted
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 60
-            while not pred():
-                if crash.crashed.is_set() and not restarted:
-                    restarted = True
-                    await loops.stop()
-                    await loops.start()
-                if loop.time() > deadline:
-                    raise AssertionError(f"timed out waiting for {what}")
-                await asyncio.sleep(0.005)
+        until = RestartOnCrash(loops, crash).until
 
         if flow == "pre-provisioned":
             await _import_group(api, endpoint)
@@ -735,40 +729,7 @@ async def test_member_deleted_alone_waits_for_its_group(
 
 async def test_pre_provisioned_group_binds_and_makes_members(tmp_path: os.PathLike[str]) -> None:
     async with hostpath(tmp_path) as (api, endpoint, _):
-        pvs = {pv["metadata"]["name"]: pv["spec"]["csi"]["volumeHandle"] for pv in api.objects(PV)}
-        volumes = [pvs["pv-data-0"], pvs["pv-data-1"]]
-        async with grpc.aio.insecure_channel(endpoint) as ch:
-            r = await pbg.GroupControllerStub(ch).CreateVolumeGroupSnapshot(
-                pb.CreateVolumeGroupSnapshotRequest(name="made-elsewhere", source_volume_ids=volumes)
-            )
-        handle = r.group_snapshot.group_snapshot_id
-        ids = [s.snapshot_id for s in r.group_snapshot.snapshots]
-        await as_user(
-            api.create,
-            VOLUME_GROUP_SNAPSHOT_CONTENT,
-            {
-                "metadata": {"name": "imported"},
-                "spec": {
-                    "deletionPolicy": "Delete",
-                    "driver": DRIVER,
-                    "source": {
-                        "groupSnapshotHandles": {
-                            "volumeGroupSnapshotHandle": handle,
-                            "volumeSnapshotHandles": ids,
-                        }
-                    },
-                    "volumeGroupSnapshotRef": {"name": "grp", "namespace": NS},
-                },
-            },
-        )
-        grp = await as_user(
-            api.create,
-            VOLUME_GROUP_SNAPSHOT,
-            {
-                "metadata": {"name": "grp", "namespace": NS},
-                "spec": {"source": {"volumeGroupSnapshotContentName": "imported"}},
-            },
-        )
+        handle, ids, grp = await _import_group(api, endpoint)
         await eventually(lambda: group_ready(api), "pre-provisioned group ready", limit=60)
         content = api.peek(VOLUME_GROUP_SNAPSHOT_CONTENT, "imported")
         assert (

@@ -31,7 +31,7 @@ import grpc
 import grpc.aio
 import pytest
 import yaml
-from k8s_helpers import Recording
+from k8s_helpers import Recording, granted
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
@@ -204,6 +204,17 @@ async def _service_object(api: FakeKubeAPI, audience: str = AUDIENCE) -> None:
     )
 
 
+async def _alice_api(*, service: bool = True) -> ReviewingAPI:
+    """The API where token "good" is alice's for AUDIENCE and alice may read snapshots in NS
+    (with `service`, the SnapshotMetadataService object exists too)."""
+    api = ReviewingAPI()
+    api.tokens = {"good": ("alice", (AUDIENCE,))}
+    api.allowed = {("alice", NS)}
+    if service:
+        await _service_object(api)
+    return api
+
+
 @contextlib.asynccontextmanager
 async def serving(loop: sm.SnapshotMetadataLoop) -> AsyncIterator[int]:
     task = asyncio.create_task(loop.run())
@@ -219,14 +230,8 @@ async def serving(loop: sm.SnapshotMetadataLoop) -> AsyncIterator[int]:
 @pytest.fixture
 async def world(driver: str) -> AsyncIterator[tuple[ReviewingAPI, Any, tuple[str, str, str]]]:
     handles = await asyncio.to_thread(_snapshots, driver)
-    api = ReviewingAPI()
-    api.tokens = {
-        "good": ("alice", (AUDIENCE,)),
-        "elsewhere": ("alice", ("other",)),
-        "bob": ("bob", (AUDIENCE,)),
-    }
-    api.allowed = {("alice", NS)}
-    await _service_object(api)
+    api = await _alice_api()
+    api.tokens |= {"elsewhere": ("alice", ("other",)), "bob": ("bob", (AUDIENCE,))}
     await _bound_snapshot(api, "snap-a", handles[0])
     await _bound_snapshot(api, "snap-b", handles[1])
     loop = sm.SnapshotMetadataLoop(api, driver, DRIVER, address="127.0.0.1:0", tls=None)
@@ -317,9 +322,7 @@ async def test_driver_errors_pass_through(world: Any) -> None:
 
 
 async def test_audience_follows_the_service_object(driver: str) -> None:
-    api = ReviewingAPI()
-    api.tokens = {"good": ("alice", (AUDIENCE,))}
-    api.allowed = {("alice", NS)}
+    api = await _alice_api(service=False)
     loop = sm.SnapshotMetadataLoop(api, driver, DRIVER, address="127.0.0.1:0", tls=None)
     async with serving(loop) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = kpbg.SnapshotMetadataStub(ch)
@@ -386,10 +389,7 @@ async def _allocated_over_tls(port: int, trusted: Path) -> list[tuple[int, int]]
 
 async def _tls_world(driver: str) -> ReviewingAPI:
     handles = await asyncio.to_thread(_snapshots, driver)
-    api = ReviewingAPI()
-    api.tokens = {"good": ("alice", (AUDIENCE,))}
-    api.allowed = {("alice", NS)}
-    await _service_object(api)
+    api = await _alice_api()
     await _bound_snapshot(api, "snap-b", handles[1])
     return api
 
@@ -505,25 +505,29 @@ SECRET_PARAMS = {
 }
 
 
-@pytest.fixture
-async def recorded(tmp_path: Path) -> AsyncIterator[tuple[ReviewingAPI, Any, RecordingCSI]]:
-    """The loop in front of `RecordingCSI`, alice allowed in NS, no snapshots or classes yet."""
+@contextlib.asynccontextmanager
+async def _recording_driver(tmp_path: Path) -> AsyncIterator[tuple[RecordingCSI, str]]:
+    """`RecordingCSI` served on a socket in `tmp_path`: it and its endpoint."""
     csi = RecordingCSI()
     server = grpc.aio.server()
     pbg.add_SnapshotMetadataServicer_to_server(csi, server)
     sock = f"unix://{tmp_path}/csi.sock"
     server.add_insecure_port(sock)
     await server.start()
-    api = ReviewingAPI()
-    api.tokens = {"good": ("alice", (AUDIENCE,))}
-    api.allowed = {("alice", NS)}
-    await _service_object(api)
-    loop = sm.SnapshotMetadataLoop(api, sock, DRIVER, address="127.0.0.1:0", tls=None)
     try:
-        async with serving(loop) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield api, kpbg.SnapshotMetadataStub(ch), csi
+        yield csi, sock
     finally:
         await server.stop(None)
+
+
+@pytest.fixture
+async def recorded(tmp_path: Path) -> AsyncIterator[tuple[ReviewingAPI, Any, RecordingCSI]]:
+    """The loop in front of `RecordingCSI`, alice allowed in NS, no snapshots or classes yet."""
+    async with _recording_driver(tmp_path) as (csi, sock):
+        api = await _alice_api()
+        loop = sm.SnapshotMetadataLoop(api, sock, DRIVER, address="127.0.0.1:0", tls=None)
+        async with serving(loop) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield api, kpbg.SnapshotMetadataStub(ch), csi
 
 
 async def test_the_class_secret_reaches_the_driver(recorded: Any) -> None:
@@ -593,11 +597,6 @@ async def test_secret_problems_are_unavailable_and_never_show_values(recorded: A
 MANIFESTS = Path(__file__).resolve().parents[3] / "examples" / "deploy" / "loopfile"
 
 
-def _granted(role: Obj) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-            for v in rule["verbs"]}  # fmt: skip
-
-
 async def test_rbac_is_exactly_what_the_loop_uses(tmp_path: Path) -> None:
     found = {
         (d["kind"], d["metadata"]["name"]): d
@@ -614,32 +613,21 @@ async def test_rbac_is_exactly_what_the_loop_uses(tmp_path: Path) -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "csi-kit", "namespace": "csi-kit-loopfile"}
     ]
-    csi = RecordingCSI()
-    server = grpc.aio.server()
-    pbg.add_SnapshotMetadataServicer_to_server(csi, server)
-    sock = f"unix://{tmp_path}/csi.sock"
-    server.add_insecure_port(sock)
-    await server.start()
-    fake = ReviewingAPI()
-    fake.tokens = {"good": ("alice", (AUDIENCE,))}
-    fake.allowed = {("alice", NS)}
-    await _service_object(fake)
+    fake = await _alice_api()
     await _class(fake, "with-secret", SECRET_PARAMS)
     await _class(fake, "default", default=True)
     await _secret(fake, "named-creds", NS, k="v")
     await _bound_snapshot(fake, "named", "h1", cls="with-secret")
     await _bound_snapshot(fake, "unnamed", "h2")
     rec = Recording(fake)
-    loop = sm.SnapshotMetadataLoop(rec, sock, DRIVER, address="127.0.0.1:0", tls=None)
-    try:
+    async with _recording_driver(tmp_path) as (csi, sock):
+        loop = sm.SnapshotMetadataLoop(rec, sock, DRIVER, address="127.0.0.1:0", tls=None)
         async with serving(loop) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = kpbg.SnapshotMetadataStub(ch)
             await _allocated(stub, "named")  # the class by name, its secret
             await _delta(stub, "h1", "unnamed")  # the default class, found in the list
-    finally:
-        await server.stop(None)
     assert len(csi.requests) == 2
-    assert rec.used == _granted(found[("ClusterRole", name)])
+    assert rec.used == granted(found[("ClusterRole", name)])
 
 
 def test_the_crd_and_the_sample_agree_with_the_loop() -> None:

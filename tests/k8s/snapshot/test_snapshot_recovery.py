@@ -17,6 +17,7 @@ from k8s_helpers import (
     DRIVER,
     Crash,
     Loops,
+    RestartOnCrash,
     as_user,
     contents,
     eventually,
@@ -34,31 +35,14 @@ from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
 async def run_flow(
-    api: FakeKubeAPI, csi: ScriptedCSI, endpoint: str, crash: Crash | None, flow: str = "delete"
+    api: FakeKubeAPI, csi: ScriptedCSI, endpoint: str, crash: Crash, flow: str = "delete"
 ) -> None:
     """One snapshot through its whole life; `flow` is delete, retain or pre-provisioned."""
     lp = Loops(api, endpoint)
-    if crash is not None:
-        api.reactors.append(crash)
+    api.reactors.append(crash)
     await lp.start()
     try:
-
-        async def until(pred, what):  # type: ignore[no-untyped-def]
-            # Wait for `pred`, restarting the loops once if the crash fires first.
-            while True:
-                if (
-                    crash is not None
-                    and crash.crashed.is_set()
-                    and lp.tasks
-                    and not getattr(lp, "_restarted", False)
-                ):
-                    await lp.stop()
-                    lp._restarted = True  # type: ignore[attr-defined]
-                    await lp.start()
-                if pred():
-                    return
-                await asyncio.sleep(0.005)
-
+        until = RestartOnCrash(lp, crash).until
         if flow == "pre-provisioned":
             csi.add_existing("existing")
             await as_user(
@@ -84,13 +68,13 @@ async def run_flow(
             )
         else:
             await as_user(request_snapshot, api, policy="Retain" if flow == "retain" else "Delete")
-        await asyncio.wait_for(until(lambda: is_ready(api), "ready"), 30)
+        await until(lambda: is_ready(api), "ready", limit=30)
         await as_user(api.delete, VOLUME_SNAPSHOT, "snap", "default")
         if flow == "retain":
-            await asyncio.wait_for(until(lambda: snapshot(api) is None, "snapshot gone"), 30)
+            await until(lambda: snapshot(api) is None, "snapshot gone", limit=30)
             [c] = contents(api)
             await as_user(api.delete, VOLUME_SNAPSHOT_CONTENT, c["metadata"]["name"])
-        await asyncio.wait_for(until(lambda: snapshot(api) is None and not contents(api), "gone"), 30)
+        await until(lambda: snapshot(api) is None and not contents(api), "gone", limit=30)
     finally:
         await lp.stop()
 

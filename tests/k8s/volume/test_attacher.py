@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
-from volume_peer import VolumeCSI, eventually, make_bound, make_node, run_tasks, served, settle, stop_tasks
+from volume_peer import FAST, LoopEnv, VolumeCSI, eventually, make_bound, make_node, settle
 
 from csi_kit.k8s.objects.resources import CSI_NODE, PV, VOLUME_ATTACHMENT
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
-from csi_kit.k8s.runtime.csi import CSIClient
+from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
 from csi_kit.k8s.volume.attacher import Attacher
 from csi_kit.k8s.volume.protocol import ANN_NODE_ID, attacher_finalizer
 from csi_kit.testing.fake_k8s import FakeKubeAPI
@@ -20,35 +19,15 @@ from csi_kit.testing.fake_k8s import FakeKubeAPI
 FIN = "external-attacher/vol-csi-kit-io"
 
 
-class Env:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient) -> None:
-        self.api = api
-        self.peer = peer
-        self.client = client
-        self.tasks: list[Any] = []
-
-    async def start(self) -> Attacher:
-        info = await self.client.driver_info()
-        a = Attacher(self.api, self.client, info, base_delay=0.01, max_delay=0.05)
-        self.tasks = await run_tasks(a)
-        return a
-
-    async def stop(self) -> None:
-        await stop_tasks(self.tasks)
-        self.tasks = []
+class Env(LoopEnv[Attacher]):
+    def make(self, info: DriverInfo) -> Attacher:
+        return Attacher(self.api, self.client, info, **FAST)
 
 
 @pytest.fixture
-async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
-    peer = VolumeCSI()
-    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = CSIClient(endpoint, timeout=5)
-        e = Env(api, peer, client)
-        try:
-            yield e
-        finally:
-            await e.stop()
-            await client.close()
+async def env(api: FakeKubeAPI, volume_csi: VolumeCSI, csi_client: CSIClient) -> AsyncIterator[Env]:
+    async with Env(api, csi_client, volume_csi) as e:
+        yield e
 
 
 async def attach(

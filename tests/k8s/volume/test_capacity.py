@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ from volume_peer import (
     make_class,
     make_node,
     run_tasks,
-    served,
     stop_tasks,
 )
 
@@ -29,14 +27,8 @@ LATE = "WaitForFirstConsumer"
 
 
 @pytest.fixture
-async def peer_client(tmp_path: Any) -> AsyncIterator[tuple[VolumeCSI, CSIClient]]:
-    peer = VolumeCSI()
-    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = CSIClient(endpoint, timeout=5)
-        try:
-            yield peer, client
-        finally:
-            await client.close()
+def peer_client(volume_csi: VolumeCSI, csi_client: CSIClient) -> tuple[VolumeCSI, CSIClient]:
+    return volume_csi, csi_client
 
 
 def objects(api: FakeKubeAPI) -> dict[tuple[str, str], Obj]:

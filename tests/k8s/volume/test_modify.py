@@ -16,14 +16,12 @@ import grpc
 import pytest
 from volume_peer import (
     DRIVER,
+    ResizerEnv,
     VolumeCSI,
     claim,
     eventually,
     make_bound,
-    run_tasks,
-    served,
     settle,
-    stop_tasks,
 )
 
 from csi_kit.k8s.objects.resources import EVENT, PV, PVC, VOLUME_ATTRIBUTES_CLASS
@@ -31,12 +29,10 @@ from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
 from csi_kit.k8s.runtime.csi import Capability, CSIClient
 from csi_kit.k8s.volume.modifier import COND_MODIFY_ERROR, COND_MODIFYING, IN_PROGRESS, INFEASIBLE, PENDING
-from csi_kit.k8s.volume.resizer import Resizer
 from csi_kit.testing.driver import running_driver
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 LOOPFILE = "loopfile.csi-kit.io"
-FAST: dict[str, Any] = {"base_delay": 0.01, "max_delay": 0.05}
 MiB = 1 << 20
 
 
@@ -85,12 +81,10 @@ def reasons(api: FakeKubeAPI, pvc: Obj) -> list[str]:
 # ------------------------------------------------------------------ the real loopfile driver
 
 
-class Loopfile:
+class Loopfile(ResizerEnv):
     def __init__(self, api: FakeKubeAPI, client: CSIClient, state: str) -> None:
-        self.api = api
-        self.client = client
+        super().__init__(api, client)
         self.state = state
-        self.tasks: list[Any] = []
 
     def image(self, volume_id: str) -> str:
         return os.path.join(self.state, "loopfile", "volumes", f"{volume_id}.img")
@@ -107,11 +101,6 @@ class Loopfile:
         pvc, _ = await make_bound(self.api, name, driver=LOOPFILE, handle=made.volume_id)
         return pvc, made.volume_id
 
-    async def start(self) -> Resizer:
-        resizer = Resizer(self.api, self.client, await self.client.driver_info(), **FAST)
-        self.tasks = await run_tasks(resizer)
-        return resizer
-
 
 @pytest.fixture
 async def loopfile(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Loopfile]:
@@ -119,11 +108,10 @@ async def loopfile(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Loopfile]:
     os.makedirs(state)
     with running_driver(state, backend="loopfile", driver_name=LOOPFILE) as endpoint:
         client = CSIClient(endpoint, timeout=30)
-        env = Loopfile(api, client, state)
         try:
-            yield env
+            async with Loopfile(api, client, state) as env:
+                yield env
         finally:
-            await stop_tasks(env.tasks)
             await client.close()
 
 
@@ -182,31 +170,13 @@ async def test_a_missing_class_is_pending_until_it_is_created(loopfile: Loopfile
 # ------------------------------------------------------------------ the scripted driver
 
 
-class Scripted:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient) -> None:
-        self.api = api
-        self.peer = peer
-        self.client = client
-        self.tasks: list[Any] = []
-
-    async def start(self) -> Resizer:
-        resizer = Resizer(self.api, self.client, await self.client.driver_info(), **FAST)
-        self.tasks = await run_tasks(resizer)
-        return resizer
-
-
 @pytest.fixture
-async def scripted(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Scripted]:
-    peer = VolumeCSI()
-    peer.controller_caps.add("MODIFY_VOLUME")
-    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = CSIClient(endpoint, timeout=5)
-        env = Scripted(api, peer, client)
-        try:
-            yield env
-        finally:
-            await stop_tasks(env.tasks)
-            await client.close()
+async def scripted(
+    api: FakeKubeAPI, volume_csi: VolumeCSI, csi_client: CSIClient
+) -> AsyncIterator[ResizerEnv]:
+    volume_csi.controller_caps.add("MODIFY_VOLUME")
+    async with ResizerEnv(api, csi_client, volume_csi) as env:
+        yield env
 
 
 async def bound_with_class(api: FakeKubeAPI, vac: str) -> Obj:
@@ -219,7 +189,7 @@ async def bound_with_class(api: FakeKubeAPI, vac: str) -> Obj:
     )
 
 
-async def test_in_progress_while_the_driver_works_and_an_uncertain_rollback(scripted: Scripted) -> None:
+async def test_in_progress_while_the_driver_works_and_an_uncertain_rollback(scripted: ResizerEnv) -> None:
     api, peer = scripted.api, scripted.peer
     await make_vac(api, "gold", DRIVER, iops="3000")
     await make_vac(api, "silver", DRIVER, iops="1000")
@@ -245,7 +215,7 @@ async def test_in_progress_while_the_driver_works_and_an_uncertain_rollback(scri
     assert current(api) == "gold" and pv_class(api) == "gold" and not conditions(api)
 
 
-async def test_a_final_error_keeps_in_progress_and_the_retry_completes(scripted: Scripted) -> None:
+async def test_a_final_error_keeps_in_progress_and_the_retry_completes(scripted: ResizerEnv) -> None:
     api, peer = scripted.api, scripted.peer
     await make_vac(api, "gold", DRIVER, iops="3000")
     await make_bound(api)
@@ -261,7 +231,7 @@ async def test_a_final_error_keeps_in_progress_and_the_retry_completes(scripted:
     assert modify_status(api) is None and not conditions(api) and pv_class(api) == "gold"
 
 
-async def test_a_class_of_another_driver_is_infeasible_without_a_call(scripted: Scripted) -> None:
+async def test_a_class_of_another_driver_is_infeasible_without_a_call(scripted: ResizerEnv) -> None:
     api, peer = scripted.api, scripted.peer
     await make_vac(api, "foreign", "other.example.com", iops="1")
     await make_bound(api)
@@ -272,7 +242,7 @@ async def test_a_class_of_another_driver_is_infeasible_without_a_call(scripted: 
     assert peer.calls["ControllerModifyVolume"] == 0
 
 
-async def test_a_driver_without_modify_volume_leaves_claims_alone(scripted: Scripted) -> None:
+async def test_a_driver_without_modify_volume_leaves_claims_alone(scripted: ResizerEnv) -> None:
     api, peer = scripted.api, scripted.peer
     peer.controller_caps.discard("MODIFY_VOLUME")
     await make_vac(api, "gold", DRIVER, iops="3000")
@@ -286,7 +256,7 @@ async def test_a_driver_without_modify_volume_leaves_claims_alone(scripted: Scri
     assert peer.calls["ControllerModifyVolume"] == 0
 
 
-async def test_a_claim_without_a_class_or_of_another_driver_is_not_touched(scripted: Scripted) -> None:
+async def test_a_claim_without_a_class_or_of_another_driver_is_not_touched(scripted: ResizerEnv) -> None:
     api, peer = scripted.api, scripted.peer
     await make_vac(api, "gold", DRIVER, iops="3000")
     await make_bound(api, "other", driver="other.example.com")

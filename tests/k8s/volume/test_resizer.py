@@ -11,14 +11,13 @@ import pytest
 from volume_peer import (
     GiB,
     KubeletSim,
+    ResizerEnv,
     VolumeCSI,
     claim,
     eventually,
     make_bound,
     run_tasks,
-    served,
     settle,
-    stop_tasks,
 )
 
 from csi_kit.k8s.objects.quantity import parse_quantity
@@ -36,47 +35,20 @@ from csi_kit.k8s.volume.resizer import (
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
 
-class Env:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient, endpoint: str) -> None:
-        self.api = api
-        self.peer = peer
-        self.client = client
-        self.endpoint = endpoint
-        self.tasks: list[Any] = []
-        self.resizer: Resizer | None = None
-        self.kubelet_tasks: list[Any] = []
-
-    async def start(self) -> Resizer:
-        info = await self.client.driver_info()
-        self.resizer = Resizer(self.api, self.client, info, base_delay=0.01, max_delay=0.05)
-        self.tasks = await run_tasks(self.resizer)
-        return self.resizer
-
+class Env(ResizerEnv):
     async def start_kubelet(self, *claims: str) -> KubeletSim:
         """The node's kubelet, with a running pod using each of `claims`."""
-        kubelet = KubeletSim(self.api, self.endpoint)
-        self.kubelet_tasks = await run_tasks(kubelet)
+        kubelet = KubeletSim(self.api, self.client.endpoint)
+        self.tasks += await run_tasks(kubelet)
         for name in claims:
             kubelet.mount(name)
         return kubelet
 
-    async def stop(self) -> None:
-        await stop_tasks(self.tasks + self.kubelet_tasks)
-        self.tasks = []
-        self.kubelet_tasks = []
-
 
 @pytest.fixture
-async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
-    peer = VolumeCSI()
-    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = CSIClient(endpoint, timeout=5)
-        e = Env(api, peer, client, endpoint)
-        try:
-            yield e
-        finally:
-            await e.stop()
-            await client.close()
+async def env(api: FakeKubeAPI, volume_csi: VolumeCSI, csi_client: CSIClient) -> AsyncIterator[Env]:
+    async with Env(api, csi_client, volume_csi) as e:
+        yield e
 
 
 async def ask(api: FakeKubeAPI, size: str, name: str = "data") -> None:
@@ -329,7 +301,7 @@ async def test_per_node_resizer_grows_only_its_nodes_volumes(env: Env) -> None:
     r = Resizer(
         env.api, env.client, info, node_topology={"topology.vol.csi-kit.io/node": "n1"}, base_delay=0.01
     )
-    env.tasks = await run_tasks(r)
+    env.tasks += await run_tasks(r)
     await ask(env.api, "2Gi", "here")
     await ask(env.api, "2Gi", "there")
     await eventually(lambda: cap(env.api, "here") == 2 * GiB, "own volume grown")
