@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 from typing import Any
 
@@ -113,3 +115,14 @@ def set_finalizers_patch(obj: Obj, add: Any = (), remove: Any = ()) -> Obj | Non
     if wanted == current:
         return None
     return {"metadata": {"finalizers": wanted or None, "resourceVersion": rv_of(obj)}}
+
+
+def secret_data(secret: Obj) -> dict[str, str]:
+    """A Secret's `data`, decoded; ValueError (naming the secret, never a value) if not base64 UTF-8."""
+    try:
+        return {
+            str(key): base64.b64decode(v, validate=True).decode()
+            for key, v in (secret.get("data") or {}).items()
+        }
+    except (binascii.Error, UnicodeDecodeError, TypeError):
+        raise ValueError(f"secret {key_of(secret)} holds a value that is not base64 of UTF-8 text") from None

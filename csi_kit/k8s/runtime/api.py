@@ -30,8 +30,10 @@ from csi_kit.k8s.objects.meta import name_of as name_of
 from csi_kit.k8s.objects.meta import namespace_of as namespace_of
 from csi_kit.k8s.objects.meta import rv_newer as rv_newer
 from csi_kit.k8s.objects.meta import rv_of as rv_of
+from csi_kit.k8s.objects.meta import secret_data
 from csi_kit.k8s.objects.meta import split_key as split_key
 from csi_kit.k8s.objects.meta import uid_of as uid_of
+from csi_kit.k8s.objects.resources import SECRET
 from csi_kit.k8s.objects.resources import Resource as Resource
 
 
@@ -152,3 +154,14 @@ class KubeAPI(Protocol):
 def match_labels(obj: Obj, selector: str | None) -> bool:
     """Whether the object's labels satisfy a selector string (both equality and set-based terms)."""
     return selectors.matches(selector, labels_of(obj))
+
+
+async def read_secret(api: KubeAPI, ref: tuple[str, str] | None) -> dict[str, str]:
+    """The data of Secret `ref` = (name, namespace), decoded; {} for no secret.
+
+    ApiError when it cannot be read; ValueError (naming the secret, never a
+    value) when a value is not base64 of UTF-8 text.
+    """
+    if ref is None:
+        return {}
+    return secret_data(await api.get(SECRET, ref[0], ref[1]))

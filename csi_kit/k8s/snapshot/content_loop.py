@@ -28,13 +28,13 @@ import attrs
 
 from csi_kit.k8s.objects.resources import Resource
 from csi_kit.k8s.runtime import api as k
-from csi_kit.k8s.runtime.api import KubeAPI, Obj
+from csi_kit.k8s.runtime.api import KubeAPI, Obj, read_secret
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import CSICallError, is_final_error
 from csi_kit.k8s.runtime.events import WARNING, EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.snapshot import protocol as p
-from csi_kit.k8s.snapshot.writes import Writer, read_secret
+from csi_kit.k8s.snapshot.writes import Writer
 
 T = TypeVar("T")
 

@@ -76,14 +76,13 @@ from csi_kit.k8s.objects.resources import (
     VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
 )
-from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, is_not_found
+from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj, is_not_found, read_secret
 from csi_kit.k8s.runtime.context import LoopContext, Planned
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import DriverInfo, grpc_target
 from csi_kit.k8s.runtime.options import env as _env
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.tls import CertificateReloader, TLSFiles
-from csi_kit.k8s.snapshot.writes import read_secret
 
 __all__ = [
     "SNAPSHOT_METADATA_SERVICE",

@@ -20,14 +20,12 @@ controller and snapshotter) follow:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from csi_kit.k8s.objects.meta import set_finalizers_patch
-from csi_kit.k8s.objects.resources import SECRET, Resource
+from csi_kit.k8s.objects.resources import Resource
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import ApiError, KubeAPI, Obj
 from csi_kit.k8s.runtime.informer import Informer
@@ -154,21 +152,3 @@ class Writer:
         obj = new or old
         if obj is not None and (event == "DELETED" or k.is_deleting(obj)):
             self.deleted.discard(k.uid_of(obj))
-
-
-async def read_secret(api: KubeAPI, ref: tuple[str, str] | None) -> dict[str, str]:
-    """The data of Secret `ref` = (name, namespace), decoded; {} for no secret.
-
-    ApiError when it cannot be read; ValueError (naming the secret, never a
-    value) when a value is not base64 of UTF-8 text.
-    """
-    if ref is None:
-        return {}
-    secret = await api.get(SECRET, ref[0], ref[1])
-    try:
-        return {
-            str(key): base64.b64decode(v, validate=True).decode()
-            for key, v in (secret.get("data") or {}).items()
-        }
-    except (binascii.Error, UnicodeDecodeError, TypeError):
-        raise ValueError(f"secret {ref[1]}/{ref[0]} holds a value that is not UTF-8 text") from None

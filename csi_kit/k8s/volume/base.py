@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 from typing import Generic, TypedDict, TypeVar, Unpack
 
-from csi_kit.k8s.objects.resources import SECRET
-from csi_kit.k8s.runtime.api import KubeAPI
+from csi_kit.k8s.runtime.api import KubeAPI, read_secret
 from csi_kit.k8s.runtime.controller import Loop
 from csi_kit.k8s.runtime.csi import DriverInfo
 from csi_kit.k8s.runtime.events import EventRecorder
 from csi_kit.k8s.runtime.informer import InformerFactory
 from csi_kit.k8s.runtime.workqueue import WorkQueue
-from csi_kit.k8s.volume.protocol import secret_data
 
 D = TypeVar("D")
 
@@ -56,9 +54,7 @@ class VolumeLoop(Loop, Generic[D]):
 
     async def read_secret(self, ref: tuple[str, str] | None) -> dict[str, str]:
         """The decoded data of Secret `ref` = (name, namespace); {} for no secret (ApiError if unreadable)."""
-        if ref is None:
-            return {}
-        return secret_data(await self.api.get(SECRET, ref[0], ref[1]))
+        return await read_secret(self.api, ref)
 
     async def run_polling(self, queue: WorkQueue, key: str, interval: float) -> None:
         """`Loop.run`, with `key` put on `queue` at once and every `interval` seconds after (a poll)."""

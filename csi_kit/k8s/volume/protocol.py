@@ -15,8 +15,6 @@ the objects its informers hold and asks these functions what they mean.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 from collections.abc import Iterable
@@ -164,19 +162,6 @@ def deletion_secret_ref(pv: Obj) -> tuple[str, str] | None:
     ann = k.annotations_of(pv)
     name, ns = ann.get(ANN_DELETION_SECRET_NAME), ann.get(ANN_DELETION_SECRET_NAMESPACE)
     return (name, ns) if name and ns else None
-
-
-def secret_data(secret: Obj) -> dict[str, str]:
-    """A Secret's `data`, decoded; ValueError (naming the secret, not a value) if one is not base64 UTF-8."""
-    try:
-        return {
-            str(key): base64.b64decode(v, validate=True).decode()
-            for key, v in (secret.get("data") or {}).items()
-        }
-    except (binascii.Error, UnicodeDecodeError, TypeError):
-        raise ValueError(
-            f"secret {k.key_of(secret)} holds a value that is not base64 of UTF-8 text"
-        ) from None
 
 
 # ------------------------------------------------------------------ claims

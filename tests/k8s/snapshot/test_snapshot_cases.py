@@ -243,11 +243,11 @@ async def test_a_secret_value_that_is_not_text_is_reported_in_one_line(
         found = contents(api)
         return str(((found[0].get("status") or {}).get("error") or {}).get("message", "")) if found else ""
 
-    await eventually(lambda: "not UTF-8 text" in content_error(), "error reported on the content")
+    await eventually(lambda: "not base64 of UTF-8 text" in content_error(), "error reported on the content")
     assert "secret default/creds" in content_error() and "s3cret" not in content_error()
     assert "\n" not in content_error()
     assert csi.calls["CreateSnapshot"] == 0
-    await eventually(lambda: "not UTF-8 text" in error_of(api), "mirrored into the snapshot")
+    await eventually(lambda: "not base64 of UTF-8 text" in error_of(api), "mirrored into the snapshot")
 
 
 async def pre_provisioned(api: FakeKubeAPI, handle: str, policy: str = "Delete", uid: str = "") -> Obj:

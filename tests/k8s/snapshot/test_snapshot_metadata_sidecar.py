@@ -583,7 +583,7 @@ async def test_secret_problems_are_unavailable_and_never_show_values(recorded: A
         "missing-class": "no-such-class",
         "half": "Both must be specified",
         "bad-token": "pvc.name",
-        "garbled": "not UTF-8",
+        "garbled": "not base64 of UTF-8",
     }
     for name, words in want.items():
         code, details = await _code(_allocated(stub, name))
