@@ -96,14 +96,21 @@ async def make_volume(
 
 
 async def make_class(
-    api: FakeKubeAPI, name: str = "csi-snap", *, policy: str = "Delete", default: bool = True, **params: str
+    api: FakeKubeAPI,
+    name: str = "csi-snap",
+    *,
+    policy: str = "Delete",
+    default: bool = True,
+    driver: str = DRIVER,
+    **params: str,
 ) -> Obj:
+    """A VolumeSnapshotClass of `driver` (the default class unless `default` is false)."""
     meta: dict[str, Any] = {"name": name}
     if default:
         meta["annotations"] = {"snapshot.storage.kubernetes.io/is-default-class": "true"}
     return await api.create(
         VOLUME_SNAPSHOT_CLASS,
-        {"metadata": meta, "driver": DRIVER, "deletionPolicy": policy, "parameters": dict(params)},
+        {"metadata": meta, "driver": driver, "deletionPolicy": policy, "parameters": dict(params)},
     )
 
 
@@ -340,6 +347,21 @@ class Recording:
     async def delete(self, res: Resource, *a: Any, **kw: Any) -> Any:
         self._note(res, "delete")
         return await self.inner.delete(res, *a, **kw)
+
+
+@contextlib.asynccontextmanager
+async def cli_running(args: Any, endpoint: str, api: Any, *, limit: float = 10.0) -> AsyncIterator[None]:
+    """`run_controllers(args)` over `api` for the body of the `async with`; then it is asked to
+    stop and must end within `limit` seconds (a hang bound, not a measure)."""
+    from csi_kit.k8s.cli import run_controllers
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, limit)
 
 
 def loop_context(args: Any, api: FakeKubeAPI, client: CSIClient, info: Any, namespace: str = "csi") -> Any:

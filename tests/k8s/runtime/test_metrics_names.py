@@ -18,11 +18,11 @@ import urllib.request
 import grpc
 import pytest
 from csi_peer import ScriptedCSI
-from k8s_helpers import DRIVER, eventually, is_ready, make_class, make_snapshot, make_volume
+from k8s_helpers import DRIVER, cli_running, eventually, is_ready, make_class, make_snapshot, make_volume
 from prometheus_client.parser import text_string_to_metric_families
 
 from csi_kit.cli import build_parser, main
-from csi_kit.k8s.cli import run_controllers, selected
+from csi_kit.k8s.cli import selected
 from csi_kit.k8s.runtime.metrics import grpc_code_name
 from csi_kit.testing.fake_k8s import FakeKubeAPI
 
@@ -82,17 +82,12 @@ async def test_scrape_after_loop_work_has_the_sidecar_metric(
             "0",
         ]
     )
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-    try:
+    async with cli_running(args, endpoint, api, limit=60):
         await make_volume(api)
         await make_class(api)
         await make_snapshot(api, "m")
         await eventually(lambda: is_ready(api, "m"), "snapshot ready")
         text = await asyncio.to_thread(scrape, port)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
     families = {f.name: f for f in text_string_to_metric_families(text)}
     family = families[UPSTREAM_NAME]

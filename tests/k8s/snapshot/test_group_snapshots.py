@@ -30,6 +30,7 @@ from k8s_helpers import (
     Recording,
     RestartOnCrash,
     as_user,
+    cli_running,
     create_volume,
     eventually,
     granted,
@@ -42,7 +43,7 @@ from k8s_helpers import (
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
+from csi_kit.k8s.cli import add_controller_options, selected
 from csi_kit.k8s.objects.resources import (
     LEASE,
     PV,
@@ -497,15 +498,10 @@ async def test_cli_runs_the_group_loops(tmp_path: os.PathLike[str]) -> None:
         for name in ("data-0", "data-1"):
             await labelled_volume(api, name, await create_volume(endpoint, name), DRIVER)
         await group_class(api, DRIVER)
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-        try:
+        async with cli_running(args, endpoint, api):
             await group_snapshot(api)
             await eventually(lambda: group_ready(api), "group ready through the CLI", limit=60)
             assert len(members(api)) == 2
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 10)
 
 
 async def test_group_rbac_is_exactly_what_the_group_loops_use(tmp_path: os.PathLike[str]) -> None:
@@ -796,9 +792,7 @@ async def test_cli_group_loops_take_their_own_leases(api: FakeKubeAPI, peer: tup
          "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
          "--leader-election-retry-period", "0.05"]
     )  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-    try:
+    async with cli_running(args, endpoint, api):
         suffix = SCRIPTED_DRIVER.replace(".", "-")
         want = {
             "snapshot-controller-leader",
@@ -807,9 +801,6 @@ async def test_cli_group_loops_take_their_own_leases(api: FakeKubeAPI, peer: tup
             f"external-snapshotter-group-leader-{suffix}",
         }
         await eventually(lambda: {o["metadata"]["name"] for o in api.objects(LEASE)} == want, "four leases")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_lost_content_is_reported_never_cut_again(

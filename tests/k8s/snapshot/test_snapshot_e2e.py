@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 
-from k8s_helpers import contents, create_volume, eventually, is_ready, running, snapshot
+from k8s_helpers import (
+    contents,
+    create_volume,
+    eventually,
+    is_ready,
+    make_class,
+    make_snapshot,
+    running,
+    snapshot,
+)
 
-from csi_kit.k8s.objects.resources import PV, PVC, VOLUME_SNAPSHOT, VOLUME_SNAPSHOT_CLASS
+from csi_kit.k8s.objects.resources import PV, PVC, VOLUME_SNAPSHOT
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.snapshot.controller import SnapshotController
 from csi_kit.k8s.snapshot.snapshotter import Snapshotter
@@ -29,17 +38,7 @@ async def test_snapshot_lifecycle_on_the_hostpath_driver(tmp_path: os.PathLike[s
         )
         pvc["status"] = {"phase": "Bound"}
         await api.update_status(PVC, pvc)
-        await api.create(
-            VOLUME_SNAPSHOT_CLASS,
-            {
-                "metadata": {
-                    "name": "hp",
-                    "annotations": {"snapshot.storage.kubernetes.io/is-default-class": "true"},
-                },
-                "driver": DRIVER,
-                "deletionPolicy": "Delete",
-            },
-        )
+        await make_class(api, "hp", driver=DRIVER)
         client = CSIClient(endpoint)
         info = await client.driver_info()
         assert info.name == DRIVER and "CREATE_DELETE_SNAPSHOT" in info.controller_capabilities
@@ -47,13 +46,7 @@ async def test_snapshot_lifecycle_on_the_hostpath_driver(tmp_path: os.PathLike[s
         snapper = Snapshotter(api, client, info.name, base_delay=0.01, max_delay=0.1)
         try:
             async with running(ctrl, snapper):
-                await api.create(
-                    VOLUME_SNAPSHOT,
-                    {
-                        "metadata": {"name": "snap", "namespace": "default"},
-                        "spec": {"source": {"persistentVolumeClaimName": "data"}},
-                    },
-                )
+                await make_snapshot(api)
                 await eventually(lambda: is_ready(api), "snapshot ready on the real driver", limit=60)
                 [content] = contents(api)
                 handle = content["status"]["snapshotHandle"]

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from k8s_helpers import loop_context
+from k8s_helpers import cli_running, loop_context
 from volume_peer import VolumeCSI, eventually, make_bound, served, stop_tasks
 
 from csi_kit._pb import csi_pb2 as pb
@@ -170,17 +170,11 @@ async def test_serve_runs_it_under_the_upstream_lease_and_only_when_named(
         "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
         "--leader-election-retry-period", "0.05", "--kube-api-qps", "0",
     )  # fmt: skip
-    stop = asyncio.Event()
-    endpoint = client.endpoint
-    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-    try:
+    async with cli_running(args, client.endpoint, api):
         (event,) = await eventually(lambda: events_on(api, claim), "the abnormal Event")
         assert event["reason"] == REASON_ABNORMAL and "is missing" in event["message"]
         leases = {k.name_of(o) for o in api.objects(LEASE)}
         assert leases == {"external-health-monitor-leader-hostpath-csi-kit-io"}
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_a_driver_without_volume_condition_is_told_once_and_left_alone(

@@ -7,7 +7,17 @@ import asyncio
 
 import pytest
 from csi_peer import ScriptedCSI
-from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot, make_volume, settle
+from k8s_helpers import (
+    DRIVER,
+    cli_running,
+    contents,
+    eventually,
+    is_ready,
+    make_class,
+    make_snapshot,
+    make_volume,
+    settle,
+)
 from prometheus_client import REGISTRY
 
 from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
@@ -57,9 +67,7 @@ async def test_run_controllers_with_leader_election_and_leader_loss(
         "--leader-election-retry-period", "0.05",
         "--kube-api-qps", "0", "--retry-interval-start", "0.01", "--retry-interval-max", "0.05",
     )  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-    try:
+    async with cli_running(args, endpoint, api):
         await make_volume(api)
         await make_class(api)
         await make_snapshot(api, "a")
@@ -79,9 +87,6 @@ async def test_run_controllers_with_leader_election_and_leader_loss(
 
         cut[0] = False
         await eventually(lambda: is_ready(api, "b"), "work resumes after re-election")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
     for lease in api.objects(LEASE):
         assert not lease["spec"].get("holderIdentity"), "leases released on clean stop"
 

@@ -15,15 +15,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from volume_peer import ClusterSim, bound, claim, eventually, run_tasks, stop_tasks
+from k8s_helpers import cli_running, http_get, running
+from k8s_helpers import make_class as make_snapshot_class
+from volume_peer import ClusterSim, bound, claim, eventually, make_class
 
 from csi_kit.k8s.objects.quantity import parse_quantity
 from csi_kit.k8s.objects.resources import (
     PV,
     PVC,
-    STORAGE_CLASS,
     VOLUME_SNAPSHOT,
-    VOLUME_SNAPSHOT_CLASS,
     VOLUME_SNAPSHOT_CONTENT,
 )
 from csi_kit.k8s.runtime import api as k
@@ -73,6 +73,13 @@ class Story:
         return pvc
 
 
+async def make_classes(api: FakeKubeAPI, snapshot_class: str) -> None:
+    """What the story's cluster admin made: StorageClass "hostpath" (late binding, expandable)
+    and a default VolumeSnapshotClass, both of the hostPath driver."""
+    await make_class(api, "hostpath", driver=DRIVER, binding="WaitForFirstConsumer")
+    await make_snapshot_class(api, snapshot_class, driver=DRIVER)
+
+
 @pytest.fixture
 async def story(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Story]:
     state = str(tmp_path / "driver")
@@ -90,32 +97,11 @@ async def story(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Story]:
             Snapshotter(api, client, DRIVER, **fast),
             Resizer(api, client, info, **fast),
         ]
-        await api.create(
-            STORAGE_CLASS,
-            {
-                "metadata": {"name": "hostpath"},
-                "provisioner": DRIVER,
-                "reclaimPolicy": "Delete",
-                "volumeBindingMode": "WaitForFirstConsumer",
-                "allowVolumeExpansion": True,
-            },
-        )
-        await api.create(
-            VOLUME_SNAPSHOT_CLASS,
-            {
-                "metadata": {
-                    "name": "hostpath-snap",
-                    "annotations": {"snapshot.storage.kubernetes.io/is-default-class": "true"},
-                },
-                "driver": DRIVER,
-                "deletionPolicy": "Delete",
-            },
-        )
-        tasks = await run_tasks(*loops)
+        await make_classes(api, "hostpath-snap")
         try:
-            yield Story(api, state)
+            async with running(*loops):
+                yield Story(api, state)
         finally:
-            await stop_tasks(tasks)
             await client.close()
 
 
@@ -230,14 +216,12 @@ async def test_one_process_all_controllers_per_node(
 ) -> None:
     """`--controllers all --node-deployment` as the CLI wires it, on the real driver: one DaemonSet pod."""
     import argparse
-    import asyncio
 
     import grpc.aio
-    from test_liveness import http_get
 
     from csi_kit._pb import pluginregistration_pb2 as rpb
     from csi_kit._pb import pluginregistration_pb2_grpc as rpbg
-    from csi_kit.k8s.cli import add_controller_options, run_controllers
+    from csi_kit.k8s.cli import add_controller_options
     from csi_kit.k8s.objects.resources import CSI_STORAGE_CAPACITY
 
     state = str(tmp_path / "driver")
@@ -256,31 +240,9 @@ async def test_one_process_all_controllers_per_node(
         ]
     )  # fmt: skip
     with running_driver(state, backend="hostpath", node_id=NODE, driver_name=DRIVER) as endpoint:
-        sim_tasks = await run_tasks(ClusterSim(api))
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
         story = Story(api, state)
-        try:
-            await api.create(
-                STORAGE_CLASS,
-                {
-                    "metadata": {"name": "hostpath"},
-                    "provisioner": DRIVER,
-                    "volumeBindingMode": "WaitForFirstConsumer",
-                    "allowVolumeExpansion": True,
-                },
-            )
-            await api.create(
-                VOLUME_SNAPSHOT_CLASS,
-                {
-                    "metadata": {
-                        "name": "snap",
-                        "annotations": {"snapshot.storage.kubernetes.io/is-default-class": "true"},
-                    },
-                    "driver": DRIVER,
-                    "deletionPolicy": "Delete",
-                },
-            )
+        async with running(ClusterSim(api)), cli_running(args, endpoint, api, limit=60):
+            await make_classes(api, "snap")
             await story.claim("data")
             with open(os.path.join(story.volume_dir("data"), "f"), "w") as f:
                 f.write("one process\n")
@@ -320,7 +282,3 @@ async def test_one_process_all_controllers_per_node(
                 info = await rpbg.RegistrationStub(ch).GetInfo(rpb.InfoRequest())
             assert (info.name, info.endpoint) == (DRIVER, endpoint.removeprefix("unix://"))
             assert await http_get(unused_tcp_port) == (200, "ok")
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
-            await stop_tasks(sim_tasks)

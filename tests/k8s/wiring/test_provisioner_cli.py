@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 import pytest
-from k8s_helpers import http_get, loop_context
+from k8s_helpers import cli_running, http_get, loop_context, running
 from volume_peer import (
     DRIVER,
     TOPO_KEY,
@@ -76,21 +76,13 @@ async def test_central_loops_under_leader_election(api: FakeKubeAPI, tmp_path: A
             "--kubelet-registration-path", "/var/lib/kubelet/plugins/x/csi.sock",
             "--health-address", "127.0.0.1", "--health-port", "0", *FAST,
         )  # fmt: skip
-        sim = ClusterSim(api)
-        sim_tasks = await run_tasks(sim)
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-        try:
+        async with running(ClusterSim(api)), cli_running(args, endpoint, api, limit=30):
             await make_class(api)
             await make_claim(api)
             await eventually(lambda: bound(api), "claim bound")
             names = {o["metadata"]["name"] for o in api.objects(LEASE)}
             assert names == set(LEASES.values())
             assert os.path.exists(tmp_path / "registry" / f"{DRIVER}-reg.sock")
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await stop_tasks(sim_tasks)
         assert not os.path.exists(tmp_path / "registry" / f"{DRIVER}-reg.sock")
 
 
@@ -101,11 +93,7 @@ async def test_per_node_all_takes_topology_from_node_get_info(api: FakeKubeAPI, 
             "--controllers", "provisioner,liveness", "--node-deployment", "--node-name", "node-9",
             "--health-address", "127.0.0.1", "--health-port", "0", *FAST,
         )  # fmt: skip
-        sim = ClusterSim(api)
-        sim_tasks = await run_tasks(sim)
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-        try:
+        async with running(ClusterSim(api)), cli_running(args, endpoint, api, limit=30):
             await make_class(api, binding="WaitForFirstConsumer")
             await make_claim(api, "mine", node="node-9")
             await make_claim(api, "theirs", node="node-3")
@@ -119,10 +107,6 @@ async def test_per_node_all_takes_topology_from_node_get_info(api: FakeKubeAPI, 
             assert not bound(api, "theirs")
             assert api.objects(LEASE) == []  # per-node loops need no election
             assert api.peek(PVC, "theirs", "default") is not None
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await stop_tasks(sim_tasks)
 
 
 async def test_liveness_served_by_the_cli(api: FakeKubeAPI, tmp_path: Any, unused_tcp_port: int) -> None:
@@ -132,16 +116,11 @@ async def test_liveness_served_by_the_cli(api: FakeKubeAPI, tmp_path: Any, unuse
             "--controllers", "liveness",
             "--health-address", "127.0.0.1", "--health-port", str(unused_tcp_port),
         )  # fmt: skip
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_controllers(args, endpoint, stop, connect=lambda a: api))
-        try:
+        async with cli_running(args, endpoint, api, limit=30):
             await eventually(lambda: _listening(unused_tcp_port), "listening")
             assert await http_get(unused_tcp_port) == (200, "ok")
             peer.ready = False
             assert (await http_get(unused_tcp_port))[0] == 500
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
 
 
 def _listening(port: int) -> bool:
