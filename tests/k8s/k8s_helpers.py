@@ -9,6 +9,7 @@ gRPC (`create_volume`), and the crash injector the recovery tests use
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import contextvars
@@ -72,24 +73,37 @@ async def settle(api: FakeKubeAPI, rounds: int = 40, limit: float = 3.0) -> None
 
 
 async def make_volume(
-    api: FakeKubeAPI, name: str = "data", ns: str = "default", *, bound: bool = True
+    api: FakeKubeAPI,
+    name: str = "data",
+    ns: str = "default",
+    *,
+    bound: bool = True,
+    driver: str = DRIVER,
+    handle: str | None = None,
+    node: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Obj:
+    """A PVC (with `labels`), bound unless told otherwise to PV "pv-<name>" of `driver`
+    (with `node`: a local volume on that node, as the provisioner makes it)."""
     pv_name = f"pv-{name}"
-    pvc: Obj = {"metadata": {"name": name, "namespace": ns}, "spec": {"accessModes": ["ReadWriteOnce"]}}
+    meta: dict[str, Any] = {"name": name, "namespace": ns}
+    if labels:
+        meta["labels"] = dict(labels)
+    pvc: Obj = {"metadata": meta, "spec": {"accessModes": ["ReadWriteOnce"]}}
     if bound:
         pvc["spec"]["volumeName"] = pv_name
     created = await api.create(PVC, pvc)
     if bound:
-        await api.create(
-            PV,
-            {
-                "metadata": {"name": pv_name},
-                "spec": {
-                    "csi": {"driver": DRIVER, "volumeHandle": f"vol-{name}"},
-                    "volumeMode": "Filesystem",
-                },
-            },
-        )
+        spec: dict[str, Any] = {
+            "csi": {"driver": driver, "volumeHandle": handle or f"vol-{name}"},
+            "volumeMode": "Filesystem",
+        }
+        if node is not None:
+            term = {
+                "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]
+            }
+            spec["nodeAffinity"] = {"required": {"nodeSelectorTerms": [term]}}
+        await api.create(PV, {"metadata": {"name": pv_name}, "spec": spec})
         created["status"] = {"phase": "Bound"}
         created = await api.update_status(PVC, created)
     return created
@@ -347,6 +361,15 @@ class Recording:
     async def delete(self, res: Resource, *a: Any, **kw: Any) -> Any:
         self._note(res, "delete")
         return await self.inner.delete(res, *a, **kw)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    """The loops' command-line options (`add_controller_options`) parsed from `argv`."""
+    from csi_kit.k8s.cli import add_controller_options
+
+    parser = argparse.ArgumentParser()
+    add_controller_options(parser)
+    return parser.parse_args(list(argv))
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,6 @@ from the API objects alone, with nothing cut twice.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -36,6 +35,7 @@ from k8s_helpers import (
     granted,
     make_volume,
     manifest_docs,
+    parse,
     running,
     settle,
     stop_tasks,
@@ -43,7 +43,7 @@ from k8s_helpers import (
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s.cli import add_controller_options, selected
+from csi_kit.k8s.cli import selected
 from csi_kit.k8s.objects.resources import (
     LEASE,
     PV,
@@ -78,21 +78,7 @@ FAST = {"base_delay": 0.01, "max_delay": 0.1}
 async def labelled_volume(
     api: FakeKubeAPI, name: str, handle: str, driver: str, app: str = "db", node: str | None = None
 ) -> None:
-    spec: dict[str, Any] = {"csi": {"driver": driver, "volumeHandle": handle}, "volumeMode": "Filesystem"}
-    if node is not None:  # a local volume, as the provisioner makes it
-        term = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}
-        spec["nodeAffinity"] = {"required": {"nodeSelectorTerms": [term]}}
-    await as_user(api.create, PV, {"metadata": {"name": f"pv-{name}"}, "spec": spec})
-    pvc = await as_user(
-        api.create,
-        PVC,
-        {
-            "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
-            "spec": {"volumeName": f"pv-{name}"},
-        },
-    )
-    pvc["status"] = {"phase": "Bound"}
-    await as_user(api.update_status, PVC, pvc)
+    await as_user(make_volume, api, name, NS, driver=driver, handle=handle, node=node, labels={"app": app})
 
 
 async def group_class(api: FakeKubeAPI, driver: str, policy: str = "Delete", **params: str) -> None:
@@ -485,14 +471,12 @@ async def test_restart_at_every_write(tmp_path: os.PathLike[str], flow: str, at:
 
 
 async def test_cli_runs_the_group_loops(tmp_path: os.PathLike[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_controller_options(parser)
-    args = parser.parse_args(
-        ["--controllers", "snapshot,group-snapshot", "--kube-api-qps", "0",
-         "--retry-interval-start", "0.01", "--retry-interval-max", "0.05"]
+    args = parse(
+        "--controllers", "snapshot,group-snapshot", "--kube-api-qps", "0",
+        "--retry-interval-start", "0.01", "--retry-interval-max", "0.05",
     )  # fmt: skip
     assert selected(args) >= {"group-snapshot-controller", "group-snapshotter"}
-    assert "group-snapshotter" not in selected(parser.parse_args(["--controllers", "all"]))
+    assert "group-snapshotter" not in selected(parse("--controllers", "all"))
     api = FakeKubeAPI()
     with running_driver(str(tmp_path), driver_name=DRIVER) as endpoint:
         for name in ("data-0", "data-1"):
@@ -784,13 +768,11 @@ async def test_watch_expiry_and_conflicts_converge(api: FakeKubeAPI, peer: tuple
 
 async def test_cli_group_loops_take_their_own_leases(api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]) -> None:
     _, endpoint = peer
-    parser = argparse.ArgumentParser()
-    add_controller_options(parser)
-    args = parser.parse_args(
-        ["--controllers", "snapshot,group-snapshot", "--leader-election",
-         "--leader-election-namespace", "kube-system", "--kube-api-qps", "0",
-         "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
-         "--leader-election-retry-period", "0.05"]
+    args = parse(
+        "--controllers", "snapshot,group-snapshot", "--leader-election",
+        "--leader-election-namespace", "kube-system", "--kube-api-qps", "0",
+        "--leader-election-lease-duration", "0.6", "--leader-election-renew-deadline", "0.4",
+        "--leader-election-retry-period", "0.05",
     )  # fmt: skip
     async with cli_running(args, endpoint, api):
         suffix = SCRIPTED_DRIVER.replace(".", "-")

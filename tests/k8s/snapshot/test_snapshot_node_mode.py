@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from csi_peer import ScriptedCSI
-from k8s_helpers import DRIVER, contents, eventually, is_ready, make_class, make_snapshot, running
+from k8s_helpers import (
+    DRIVER,
+    contents,
+    eventually,
+    is_ready,
+    make_class,
+    make_snapshot,
+    make_volume,
+    running,
+)
 
-from csi_kit.k8s.objects.resources import PV, PVC
 from csi_kit.k8s.runtime.csi import CSIClient, SnapshotInfo
 from csi_kit.k8s.snapshot import protocol as p
 from csi_kit.k8s.snapshot.controller import SnapshotController
@@ -33,18 +41,6 @@ class Counting:
         return await self.client.list_snapshots(**kw)
 
 
-async def local_volume(api: FakeKubeAPI, name: str, node: str) -> None:
-    affinity = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-        {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}  # fmt: skip
-    spec = {"csi": {"driver": DRIVER, "volumeHandle": f"vol-{name}"}, "nodeAffinity": affinity}
-    await api.create(PV, {"metadata": {"name": f"pv-{name}"}, "spec": spec})
-    pvc = await api.create(
-        PVC, {"metadata": {"name": name, "namespace": "default"}, "spec": {"volumeName": f"pv-{name}"}}
-    )
-    pvc["status"] = {"phase": "Bound"}
-    await api.update_status(PVC, pvc)
-
-
 async def test_contents_are_labelled_and_handled_by_their_node(
     api: FakeKubeAPI, peer: tuple[ScriptedCSI, str]
 ) -> None:
@@ -60,8 +56,8 @@ async def test_contents_are_labelled_and_handled_by_their_node(
     try:
         async with running(*loops):
             await make_class(api)
-            await local_volume(api, "on-a", "node-a")
-            await local_volume(api, "on-b", "node-b")
+            await make_volume(api, "on-a", node="node-a")
+            await make_volume(api, "on-b", node="node-b")
             await make_snapshot(api, "snap-a", pvc="on-a")
             await make_snapshot(api, "snap-b", pvc="on-b")
             await eventually(lambda: is_ready(api, "snap-a") and is_ready(api, "snap-b"), "both ready")

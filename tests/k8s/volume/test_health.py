@@ -9,7 +9,6 @@ the loop's count of conditions looked at (`checks`), never on time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -20,12 +19,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from k8s_helpers import cli_running, loop_context
+from k8s_helpers import cli_running, loop_context, parse
 from volume_peer import VolumeCSI, eventually, make_bound, served, stop_tasks
 
 from csi_kit._pb import csi_pb2 as pb
 from csi_kit._pb import csi_pb2_grpc as pbg
-from csi_kit.k8s.cli import CONTROLLERS, add_controller_options, run_controllers, selected
+from csi_kit.k8s.cli import CONTROLLERS, run_controllers, selected
 from csi_kit.k8s.objects.resources import EVENT, LEASE, PV
 from csi_kit.k8s.runtime import api as k
 from csi_kit.k8s.runtime.api import Obj
@@ -41,12 +40,6 @@ HOSTPATH = "hostpath.csi-kit.io"
 SCRIPTED = "health.csi-kit.io"
 FAST: dict[str, Any] = {"base_delay": 0.01, "max_delay": 0.05}
 CCap = pb.ControllerServiceCapability.RPC
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_controller_options(parser)
-    return parser.parse_args(list(argv))
 
 
 async def bind(

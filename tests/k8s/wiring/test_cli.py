@@ -16,6 +16,7 @@ from k8s_helpers import (
     make_class,
     make_snapshot,
     make_volume,
+    parse,
     settle,
 )
 from prometheus_client import REGISTRY
@@ -24,12 +25,6 @@ from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
 from csi_kit.k8s.objects.resources import LEASE
 from csi_kit.k8s.runtime.api import ApiError, Obj, Resource
 from csi_kit.testing.fake_k8s import FakeKubeAPI
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_controller_options(parser)
-    return parser.parse_args(list(argv))
 
 
 def test_options_take_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from k8s_helpers import cli_running, http_get, running
+from k8s_helpers import cli_running, http_get, parse, running
 from k8s_helpers import make_class as make_snapshot_class
 from volume_peer import ClusterSim, bound, claim, eventually, make_class
 
@@ -215,29 +215,22 @@ async def test_one_process_all_controllers_per_node(
     api: FakeKubeAPI, tmp_path: Any, unused_tcp_port: int
 ) -> None:
     """`--controllers all --node-deployment` as the CLI wires it, on the real driver: one DaemonSet pod."""
-    import argparse
-
     import grpc.aio
 
     from csi_kit._pb import pluginregistration_pb2 as rpb
     from csi_kit._pb import pluginregistration_pb2_grpc as rpbg
-    from csi_kit.k8s.cli import add_controller_options
     from csi_kit.k8s.objects.resources import CSI_STORAGE_CAPACITY
 
     state = str(tmp_path / "driver")
     os.makedirs(state)
-    parser = argparse.ArgumentParser()
-    add_controller_options(parser)
     registry = str(tmp_path / "registry")
-    args = parser.parse_args(
-        [
-            "--controllers", "all", "--node-deployment", "--node-name", NODE, "--distributed-snapshotting",
-            "--leader-election", "--leader-election-namespace", "csi",
-            "--kube-api-qps", "0", "--retry-interval-start", "0.01", "--retry-interval-max", "0.1",
-            "--plugin-registry-dir", registry,
-            "--health-address", "127.0.0.1", "--health-port", str(unused_tcp_port),
-            "--capacity-poll-interval", "0.2",
-        ]
+    args = parse(
+        "--controllers", "all", "--node-deployment", "--node-name", NODE, "--distributed-snapshotting",
+        "--leader-election", "--leader-election-namespace", "csi",
+        "--kube-api-qps", "0", "--retry-interval-start", "0.01", "--retry-interval-max", "0.1",
+        "--plugin-registry-dir", registry,
+        "--health-address", "127.0.0.1", "--health-port", str(unused_tcp_port),
+        "--capacity-poll-interval", "0.2",
     )  # fmt: skip
     with running_driver(state, backend="hostpath", node_id=NODE, driver_name=DRIVER) as endpoint:
         story = Story(api, state)

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 import pytest
-from k8s_helpers import cli_running, http_get, loop_context, running
+from k8s_helpers import cli_running, http_get, loop_context, parse, running
 from volume_peer import (
     DRIVER,
     TOPO_KEY,
@@ -24,7 +24,7 @@ from volume_peer import (
 )
 
 from csi_kit.k8s import registry
-from csi_kit.k8s.cli import add_controller_options, run_controllers, selected
+from csi_kit.k8s.cli import run_controllers, selected
 from csi_kit.k8s.objects.resources import LEASE, PV, PVC
 from csi_kit.k8s.runtime.api import ApiError
 from csi_kit.k8s.runtime.csi import CSIClient
@@ -32,13 +32,6 @@ from csi_kit.k8s.volume import capacity
 from csi_kit.k8s.volume.attacher import Attacher
 from csi_kit.k8s.volume.capacity import CapacityTracker
 from csi_kit.testing.fake_k8s import FakeKubeAPI
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_controller_options(parser)
-    return parser.parse_args(list(argv))
-
 
 # The Lease each upstream sidecar takes for DRIVER (vol.csi-kit.io) (so ours and theirs never both lead).
 LEASES = {
