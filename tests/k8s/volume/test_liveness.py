@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
 from k8s_helpers import http_get
-from volume_peer import VolumeCSI, served
+from volume_peer import VolumeCSI
 
 from csi_kit.k8s.runtime.csi import CSIClient
 from csi_kit.k8s.volume.liveness import LivenessServer
@@ -23,24 +22,20 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Any) -> AsyncIterator[Env]:
-    peer = VolumeCSI()
-    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        client = CSIClient(endpoint, timeout=5)
-        holder: list[Env] = []
+async def env(volume_csi: VolumeCSI, csi_client: CSIClient) -> AsyncIterator[Env]:
+    holder: list[Env] = []
 
-        def extra() -> tuple[bool, str]:
-            return holder[0].extra[-1] if holder and holder[0].extra else (True, "")
+    def extra() -> tuple[bool, str]:
+        return holder[0].extra[-1] if holder and holder[0].extra else (True, "")
 
-        server = LivenessServer(client.probe, host="127.0.0.1", port=0, probe_timeout=0.5, checks=[extra])
-        await server.start()
-        e = Env(peer, server)
-        holder.append(e)
-        try:
-            yield e
-        finally:
-            await server.stop()
-            await client.close()
+    server = LivenessServer(csi_client.probe, host="127.0.0.1", port=0, probe_timeout=0.5, checks=[extra])
+    await server.start()
+    e = Env(volume_csi, server)
+    holder.append(e)
+    try:
+        yield e
+    finally:
+        await server.stop()
 
 
 async def test_healthy_driver_answers_ok(env: Env) -> None:

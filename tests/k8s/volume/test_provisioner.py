@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from k8s_helpers import running
 from volume_peer import (
     DRIVER,
     TOPO_KEY,
@@ -22,7 +23,6 @@ from volume_peer import (
     make_node,
     make_ready_snapshot,
     run_tasks,
-    served,
     settle,
     stop_tasks,
 )
@@ -49,11 +49,10 @@ GiB = 1 << 30
 
 
 class Env:
-    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, endpoint: str) -> None:
+    def __init__(self, api: FakeKubeAPI, peer: VolumeCSI, client: CSIClient) -> None:
         self.api = api
         self.peer = peer
-        self.endpoint = endpoint
-        self.client = CSIClient(endpoint, timeout=5)
+        self.client = client
         self.sim = ClusterSim(api)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.provisioners: dict[str, Provisioner] = {}
@@ -72,23 +71,19 @@ class Env:
 
     async def close(self) -> None:
         await stop_tasks(list(self.tasks.values()))
-        await self.client.close()
 
     def events(self, reason: str) -> list[Obj]:
         return [e for e in self.api.objects(EVENT) if e.get("reason") == reason]
 
 
 @pytest.fixture
-async def env(api: FakeKubeAPI, tmp_path: Any) -> AsyncIterator[Env]:
-    peer = VolumeCSI()
-    async with served(peer, str(tmp_path / "csi.sock")) as endpoint:
-        e = Env(api, peer, endpoint)
-        (sim_task,) = await run_tasks(e.sim)
+async def env(api: FakeKubeAPI, volume_csi: VolumeCSI, csi_client: CSIClient) -> AsyncIterator[Env]:
+    e = Env(api, volume_csi, csi_client)
+    async with running(e.sim):
         try:
             yield e
         finally:
             await e.close()
-            await stop_tasks([sim_task])
 
 
 async def provisioned(env: Env, name: str = "data", ns: str = "default") -> Obj:
