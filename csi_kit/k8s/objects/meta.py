@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 Obj = dict[str, Any]
@@ -103,7 +104,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def set_finalizers_patch(obj: Obj, add: Any = (), remove: Any = ()) -> Obj | None:
+def set_finalizers_patch(obj: Obj, add: Iterable[str] = (), remove: Iterable[str] = ()) -> Obj | None:
     """A merge patch setting the finalizer list (guarded by resourceVersion); None if unchanged.
 
     Finalizers keep their order; added ones go last, sorted, so two writers

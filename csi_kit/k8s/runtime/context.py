@@ -4,9 +4,10 @@ Every loop module ends with `async def build(ctx) -> list[Planned]`, written
 once per loop: it reads its options from `ctx.args`, takes its API from
 `ctx.clients.api_for("<loop>")` (its own budget and User-Agent), its
 informers from `ctx.clients.informers` (shared by the whole process), its
-Events recorder from `ctx.recorder(...)` and the one CSI client `ctx.csi`, and
-says what to run and under which Lease.  `k8s/registry.py` lists the
-factories; the wiring (`k8s/cli.py`) builds a context and runs the plans.
+Events recorder from `ctx.clients.recorder(...)` (a no-op with `--no-events`:
+the wiring builds `Clients` with `events=args.events`) and the one CSI client
+`ctx.csi`, and says what to run and under which Lease.  `k8s/registry.py`
+lists the factories; the wiring (`k8s/cli.py`) builds a context and runs the plans.
 
 Rule: this module holds values and the few questions several factories ask
 alike (retry timing, per-node mode); no loop, no option parsing.
@@ -23,7 +24,6 @@ import attrs
 
 from csi_kit.k8s.runtime.clients import Clients
 from csi_kit.k8s.runtime.csi import CSIClient, DriverInfo
-from csi_kit.k8s.runtime.events import EventRecorder
 
 
 class Timing(TypedDict):
@@ -91,10 +91,6 @@ class LoopContext:
     def timing(self) -> Timing:
         """A loop's retry backoff (`--retry-interval-start`, `--retry-interval-max`) as keywords."""
         return {"base_delay": self.args.retry_interval_start, "max_delay": self.args.retry_interval_max}
-
-    def recorder(self, component: str) -> EventRecorder | None:
-        """An Events recorder reporting as `component`, or None with `--no-events`."""
-        return self.clients.recorder(component) if self.args.events else None
 
     def node_name(self) -> str | None:
         """Per-node mode's node (`--node-deployment`), None when central; a missing name is a ValueError."""

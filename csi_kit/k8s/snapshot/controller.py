@@ -540,7 +540,7 @@ async def build(ctx: LoopContext) -> list[Planned]:
         workers=a.k8s_workers,
         resync_period=a.resync_period,
         distributed=a.distributed_snapshotting,
-        events=ctx.recorder("csi-kit-snapshot"),
+        events=ctx.clients.recorder("csi-kit-snapshot"),
         **ctx.timing,
     )
     return [Planned(loop, "snapshot-controller-leader")]

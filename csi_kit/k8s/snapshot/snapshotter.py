@@ -250,7 +250,7 @@ async def build(ctx: LoopContext) -> list[Planned]:
         list_snapshots="LIST_SNAPSHOTS" in info.controller_capabilities,
         snapshot_name_prefix=a.snapshot_name_prefix,
         snapshot_name_uuid_length=a.snapshot_name_uuid_length,
-        events=ctx.recorder("csi-kit-snapshot"),
+        events=ctx.clients.recorder("csi-kit-snapshot"),
         **ctx.timing,
     )
     # Per-node snapshotters each own their node's contents: no election among them.

@@ -305,7 +305,7 @@ async def build(ctx: LoopContext) -> list[Planned]:
         info,
         informers=ctx.clients.informers,
         interval=ctx.args.monitor_interval,
-        events=ctx.recorder(COMPONENT_PREFIX + info.name),
+        events=ctx.clients.recorder(COMPONENT_PREFIX + info.name),
         node_topology=topology,
         workers=ctx.args.k8s_workers,
         **ctx.timing,

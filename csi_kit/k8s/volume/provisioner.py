@@ -588,7 +588,7 @@ async def build(ctx: LoopContext) -> list[Planned]:
         volume_name_uuid_length=a.volume_name_uuid_length,
         default_fstype=a.default_fstype,
         cross_namespace=a.cross_namespace_data_sources,
-        events=ctx.clients.recorder(event_source(info.name)),  # no requests with --no-events
+        events=ctx.clients.recorder(event_source(info.name)),
         workers=a.k8s_workers,
         resync_period=a.resync_period,
         **ctx.timing,

@@ -401,7 +401,7 @@ async def build(ctx: LoopContext) -> list[Planned]:
         informers=ctx.clients.informers,
         # The node's labels as a PV's node affinity may name them (ours add the hostname).
         node_topology=None if node is None else {**node[1], HOSTNAME_LABEL: node[0]},
-        events=ctx.clients.recorder(event_source(ctx.info.name)),  # no requests with --no-events
+        events=ctx.clients.recorder(event_source(ctx.info.name)),
         workers=ctx.args.k8s_workers,
         **ctx.timing,
     )
